@@ -1,0 +1,224 @@
+//! Hands tests a real broker, or says clearly why there is none.
+//!
+//! Where a broker comes from, in order:
+//! 1. the environment: `RELIABLE_AMQP_URL`, `RELIABLE_KAFKA_BOOTSTRAP`;
+//! 2. the defaults of `scripts/brokers up` (RabbitMQ on 127.0.0.1:5672, Kafka on
+//!    127.0.0.1:19092-19094), when something answers there;
+//! 3. with the `testcontainers` feature and a reachable Docker engine, a container started for
+//!    this test process (one RabbitMQ, one single-broker Apache Kafka).
+//!
+//! When none answers: with `CI` set the test fails, saying how to start the brokers; locally
+//! it prints why it skips and the test returns early. Use the [`require!`] macro for that.
+//!
+//! ```no_run
+//! # fn main() {
+//! let url = reliable_test_support::require!(reliable_test_support::amqp_url());
+//! # let _ = url;
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+#[cfg(feature = "testcontainers")]
+mod containers;
+
+/// Environment variable naming the AMQP URL of the RabbitMQ broker the tests use.
+pub const AMQP_URL_ENV: &str = "RELIABLE_AMQP_URL";
+/// Environment variable naming the Kafka bootstrap servers the tests use.
+pub const KAFKA_BOOTSTRAP_ENV: &str = "RELIABLE_KAFKA_BOOTSTRAP";
+/// The AMQP URL of the RabbitMQ node that `scripts/brokers up` starts.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The bootstrap servers of the Kafka cluster that `scripts/brokers up` starts.
+pub const DEFAULT_KAFKA_BOOTSTRAP: &str = "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094";
+
+const HOW_TO_START: &str = "start the project's brokers with `scripts/brokers up` \
+     (or set RELIABLE_AMQP_URL / RELIABLE_KAFKA_BOOTSTRAP)";
+
+/// Why a test cannot have the broker it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing(pub String);
+
+/// Returns the value of `Ok`, or, for `Err(Missing)`: fails the test when `CI` is set, and
+/// otherwise prints the reason and returns from the test.
+#[macro_export]
+macro_rules! require {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(missing) => {
+                $crate::skip_or_fail(&missing);
+                return;
+            }
+        }
+    };
+}
+
+/// Fails (panics) when the `CI` environment variable is set; otherwise prints why the test is
+/// skipped. Called by [`require!`].
+pub fn skip_or_fail(missing: &Missing) {
+    if std::env::var_os("CI").is_some() {
+        panic!("broker needed but missing in CI: {}; {HOW_TO_START}", missing.0);
+    }
+    eprintln!("SKIPPED: {}; {HOW_TO_START}", missing.0);
+}
+
+/// The AMQP URL of a reachable RabbitMQ broker.
+pub fn amqp_url() -> Result<String, Missing> {
+    let configured = std::env::var(AMQP_URL_ENV).ok();
+    let url = configured.clone().unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+    match amqp_host_port(&url).and_then(|hp| reachable(&hp)) {
+        Ok(()) => Ok(url),
+        Err(why) => {
+            #[cfg(feature = "testcontainers")]
+            if configured.is_none() {
+                if let Some(url) = containers::rabbitmq_url() {
+                    return Ok(url);
+                }
+            }
+            Err(Missing(format!("no RabbitMQ at {}: {why}", redact(&url))))
+        }
+    }
+}
+
+/// A reachable Kafka cluster.
+#[derive(Debug, Clone)]
+pub struct KafkaCluster {
+    /// Bootstrap servers, comma separated.
+    pub bootstrap: String,
+    /// The ids of the brokers the cluster's metadata lists.
+    pub brokers: Vec<i32>,
+}
+
+/// A reachable Kafka cluster with at least `min_brokers` brokers registered.
+pub fn kafka(min_brokers: usize) -> Result<KafkaCluster, Missing> {
+    let configured = std::env::var(KAFKA_BOOTSTRAP_ENV).ok();
+    let bootstrap = configured
+        .clone()
+        .unwrap_or_else(|| DEFAULT_KAFKA_BOOTSTRAP.to_owned());
+    let found = kafka_brokers(&bootstrap);
+    #[cfg(feature = "testcontainers")]
+    if found.is_err() && configured.is_none() {
+        if let Some(bootstrap) = containers::kafka_bootstrap() {
+            return check_count(bootstrap.clone(), kafka_brokers(&bootstrap), min_brokers);
+        }
+    }
+    let _ = configured;
+    check_count(bootstrap, found, min_brokers)
+}
+
+fn check_count(
+    bootstrap: String,
+    found: Result<Vec<i32>, String>,
+    min_brokers: usize,
+) -> Result<KafkaCluster, Missing> {
+    match found {
+        Ok(brokers) if brokers.len() >= min_brokers => Ok(KafkaCluster { bootstrap, brokers }),
+        Ok(brokers) => Err(Missing(format!(
+            "Kafka at {bootstrap} has {} broker(s), this test needs {min_brokers} \
+             (scripts/brokers up starts 3)",
+            brokers.len()
+        ))),
+        Err(why) => Err(Missing(format!("no Kafka at {bootstrap}: {why}"))),
+    }
+}
+
+fn kafka_brokers(bootstrap: &str) -> Result<Vec<i32>, String> {
+    let first = bootstrap.split(',').next().unwrap_or_default();
+    reachable(first)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let meta = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    Ok(meta.brokers().iter().map(|b| b.id()).collect())
+}
+
+fn amqp_host_port(url: &str) -> Result<String, String> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| "not an amqp:// URL".to_owned())?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    if host_port.contains(':') {
+        Ok(host_port.to_owned())
+    } else {
+        Ok(format!("{host_port}:5672"))
+    }
+}
+
+fn reachable(host_port: &str) -> Result<(), String> {
+    let addrs: Vec<SocketAddr> = host_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host_port}: {e}"))?
+        .collect();
+    let mut last = format!("{host_port} has no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// The URL with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A name unique to this test run, for queues and topics: `prefix-<pid>-<nanos>`.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_the_password_and_keeps_the_rest() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+    }
+
+    #[test]
+    fn amqp_host_port_defaults_the_port() {
+        assert_eq!(amqp_host_port("amqp://u:p@h/%2f").unwrap(), "h:5672");
+        assert_eq!(amqp_host_port("amqp://h:1234").unwrap(), "h:1234");
+        assert!(amqp_host_port("h:1234").is_err());
+    }
+
+    #[test]
+    fn a_closed_port_is_reported_missing() {
+        // Port 1 on loopback: nothing listens there.
+        assert!(reachable("127.0.0.1:1").is_err());
+    }
+}

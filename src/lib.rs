@@ -1,0 +1,23 @@
+//! `reliable`: loss-proof message delivery over RabbitMQ and Kafka.
+//!
+//! This facade re-exports the workspace's crates behind cargo features, in the way sqlx does:
+//!
+//! | module  | crate            | feature (default on) |
+//! |---------|------------------|----------------------|
+//! | [`core`]  | `reliable-core`  | always               |
+//! | `amqp`  | `reliable-amqp`  | `amqp`               |
+//! | `kafka` | `reliable-kafka` | `kafka`              |
+//!
+//! See the README for the loss matrix: every way a message gets lost between a producer and a
+//! consumer, and which part of the SDK answers it.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub use reliable_core as core;
+
+#[cfg(feature = "amqp")]
+pub use reliable_amqp as amqp;
+
+#[cfg(feature = "kafka")]
+pub use reliable_kafka as kafka;
