@@ -1,0 +1,140 @@
+//! Where the adapter's channels come from: a URL (the adapter owns and re-opens the
+//! connection), an existing `lapin::Connection` (the adapter opens channels on it), or an
+//! existing `lapin::Channel` (used as it is).
+//!
+//! Re-opening is retried with exponential backoff and jitter (backon), bounded by the
+//! settings' [`ReconnectPolicy`](crate::settings::ReconnectPolicy).
+
+use std::fmt;
+use std::sync::Arc;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use crate::error::redacted_target;
+use crate::settings::ReconnectPolicy;
+
+/// An AMQP URL whose credentials are never displayed (invariant 8).
+#[derive(Clone)]
+pub(crate) struct SecretUrl(Arc<str>);
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "amqp://***@{}", redacted_target(&self.0))
+    }
+}
+
+/// Where channels come from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    Url(SecretUrl),
+    Connection(Arc<Connection>),
+    Channel(Channel),
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Url(url) => f.debug_tuple("Url").field(url).finish(),
+            Source::Connection(_) => f.write_str("Connection(wrapped)"),
+            Source::Channel(c) => write!(f, "Channel({})", c.id()),
+        }
+    }
+}
+
+/// A live channel, with the connection the adapter owns (URL sources only).
+pub(crate) struct Link {
+    pub(crate) channel: Channel,
+    pub(crate) connection: Option<Connection>,
+}
+
+impl Source {
+    pub(crate) fn url(url: &str) -> Self {
+        Source::Url(SecretUrl(Arc::from(url)))
+    }
+
+    /// Host, port and vhost for messages (no credentials).
+    pub(crate) fn target(&self) -> String {
+        match self {
+            Source::Url(url) => redacted_target(&url.0),
+            Source::Connection(_) => "a wrapped connection".to_owned(),
+            Source::Channel(_) => "a wrapped channel".to_owned(),
+        }
+    }
+
+    /// Opens one channel, once.
+    async fn open_once(&self) -> Result<Link, lapin::Error> {
+        match self {
+            Source::Url(url) => {
+                let connection =
+                    Connection::connect(&url.0, ConnectionProperties::default()).await?;
+                let channel = connection.create_channel().await?;
+                Ok(Link {
+                    channel,
+                    connection: Some(connection),
+                })
+            }
+            Source::Connection(connection) => Ok(Link {
+                channel: connection.create_channel().await?,
+                connection: None,
+            }),
+            Source::Channel(channel) => {
+                if channel.status().connected() {
+                    Ok(Link {
+                        channel: channel.clone(),
+                        connection: None,
+                    })
+                } else {
+                    // The adapter cannot re-open a channel it was handed; its owner must.
+                    Err(lapin::ErrorKind::InvalidChannel(channel.id()).into())
+                }
+            }
+        }
+    }
+
+    /// Opens a channel, retrying with backoff as the policy allows; each attempt runs
+    /// `setup` on the new channel (confirm.select, basic.qos, ...).
+    pub(crate) async fn open<F, Fut>(
+        &self,
+        policy: ReconnectPolicy,
+        setup: F,
+    ) -> Result<Link, lapin::Error>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<(), lapin::Error>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(policy.min_delay)
+            .with_max_delay(policy.max_delay)
+            .with_max_times(policy.max_attempts.saturating_sub(1))
+            .with_jitter();
+        let target = self.target();
+        (|| async {
+            let link = self.open_once().await?;
+            setup(link.channel.clone()).await?;
+            Ok(link)
+        })
+        .retry(backoff)
+        .when(|e: &lapin::Error| !matches!(self, Source::Channel(_)) && retryable(e))
+        .notify(|e: &lapin::Error, delay| {
+            tracing::warn!(target_broker = %target, error = %e, ?delay, "opening an AMQP channel failed; retrying");
+        })
+        .await
+    }
+}
+
+/// Whether re-opening after this error may help (I/O, lost connection, closed channel).
+pub(crate) fn retryable(error: &lapin::Error) -> bool {
+    use lapin::ErrorKind as K;
+    match error.kind() {
+        K::IOError(_)
+        | K::InvalidChannelState(..)
+        | K::InvalidConnectionState(_)
+        | K::InvalidChannel(_)
+        | K::MissingHeartbeatError => true,
+        // Hard protocol errors close the connection (e.g. connection-forced on shutdown);
+        // soft ones (access refused, not found) are configuration problems.
+        K::ProtocolError(e) => matches!(e.kind(), lapin::protocol::AMQPErrorKind::Hard(_)),
+        _ => false,
+    }
+}

@@ -1,0 +1,581 @@
+//! The confirming publisher: implements the core's [`Transport`] over a lapin channel
+//! (loss-matrix rows L1, L2).
+//!
+//! * Every channel it opens is in confirm mode (or, with [`PublishMode::Transactions`], in
+//!   transaction mode); every message is persistent (delivery mode 2) and published with
+//!   `mandatory`; the message id travels as the AMQP `message-id` property and, with the
+//!   idempotency key, as headers in the core's wire format.
+//! * A publish resolves `Ok` only on the broker's `basic.ack` (invariant 1).
+//! * An unroutable message is returned by the broker *and then acked*. lapin attaches a
+//!   return to whichever confirm resolves next, and a multiple-ack resolves its confirms in no
+//!   fixed order, so a per-channel confirm driver collects every return of a batch, keyed by
+//!   the message id the return carries, before it decides any confirm of that batch: a
+//!   returned message resolves [`PublishError::Unroutable`], never `Ok`.
+//! * When the channel or connection goes away, pending publishes fail with the retryable
+//!   [`PublishError::ConnectionLost`] and the next publish re-opens a channel (backoff per
+//!   [`ReconnectPolicy`](crate::settings::ReconnectPolicy)). The caller — usually the core's
+//!   reliable producer — resends the same [`Message`], so the resend carries the original id.
+//!
+//! ```no_run
+//! use reliable_amqp::publisher::AmqpPublisher;
+//! use reliable_amqp::settings::AmqpSettings;
+//! use reliable_core::{Message, Transport};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let publisher = AmqpPublisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f", AmqpSettings::safe()).await?;
+//! let msg = Message::new(&b"hello"[..]).with_routing_key("orders.eu"); // default exchange
+//! publisher.publish(&msg).await?; // Ok only once the broker confirmed it
+//!
+//! // Or wrap a connection the application already has:
+//! let conn = reliable_amqp::lapin::Connection::connect(
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//!     Default::default(),
+//! ).await?;
+//! let publisher = AmqpPublisher::from_connection(conn, AmqpSettings::safe()).await?;
+//! # let _ = publisher;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
+use reliable_core::message::headers;
+use reliable_core::{Message, PublishError, Transport};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tracing::Instrument;
+
+use crate::connect::{retryable, Link, Source};
+use crate::error::{soft_error, AmqpError};
+use crate::settings::{AmqpSettings, PublishMode};
+
+/// A publish refused, with the message handed back to the caller (invariant 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Refused {
+    /// Why it was not confirmed; [`PublishError::is_retryable`] says whether resending helps.
+    pub error: PublishError,
+    /// The message, unchanged: resend it (same id) or hand it on.
+    pub message: Message,
+}
+
+/// A RabbitMQ publisher that resolves each publish only on the broker's confirm.
+///
+/// Cheap to clone (shared state); safe to use from many tasks at once. Implements the core's
+/// [`Transport`], so the core's reliable producer can drive it.
+#[derive(Clone)]
+pub struct AmqpPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Source,
+    settings: AmqpSettings,
+    exchange: String,
+    live: Mutex<Option<Arc<LiveChannel>>>,
+    generation: AtomicU64,
+}
+
+/// One open publisher channel, with its confirm driver.
+struct LiveChannel {
+    generation: u64,
+    channel: Channel,
+    /// Kept alive (and closed on drop) when the adapter owns the connection.
+    connection: Option<Connection>,
+    driver: mpsc::UnboundedSender<Pending>,
+    /// Serialises transactions on the channel (transaction mode only).
+    tx: Mutex<()>,
+}
+
+impl Drop for LiveChannel {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            // Best effort: the connection is usually already gone when a channel is dropped.
+            tokio::spawn(async move {
+                let _ = connection
+                    .close(200, "reliable publisher reconnecting".into())
+                    .await;
+            });
+        }
+    }
+}
+
+impl fmt::Debug for AmqpPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpPublisher")
+            .field("source", &self.inner.source)
+            .field("exchange", &self.inner.exchange)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+impl AmqpPublisher {
+    /// Connects to `url` and opens a confirm-mode channel. The adapter owns the connection and
+    /// re-opens it after a loss. The URL's credentials never appear in logs or errors.
+    pub async fn connect(url: &str, settings: AmqpSettings) -> Result<Self, AmqpError> {
+        Self::start(Source::url(url), settings).await
+    }
+
+    /// Publishes on channels opened on an existing connection. After a channel loss the
+    /// adapter opens a new channel on it; after a connection loss the owner must reconnect
+    /// (publishes fail with the retryable [`PublishError::ConnectionLost`] meanwhile).
+    pub async fn from_connection(
+        connection: Connection,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        Self::start(Source::Connection(Arc::new(connection)), settings).await
+    }
+
+    /// Publishes on an existing channel, which is put in confirm (or transaction) mode. The
+    /// adapter cannot re-open a channel it was handed: once it closes, publishes fail with
+    /// [`PublishError::ConnectionLost`]. Prefer [`from_connection`](Self::from_connection).
+    pub async fn from_channel(channel: Channel, settings: AmqpSettings) -> Result<Self, AmqpError> {
+        Self::start(Source::Channel(channel), settings).await
+    }
+
+    async fn start(source: Source, settings: AmqpSettings) -> Result<Self, AmqpError> {
+        let publisher = Self {
+            inner: Arc::new(Inner {
+                source,
+                settings,
+                exchange: String::new(),
+                live: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            }),
+        };
+        publisher
+            .live()
+            .await
+            .map_err(|source| AmqpError::Connect {
+                target: publisher.inner.source.target(),
+                source,
+            })?;
+        Ok(publisher)
+    }
+
+    /// Sets the exchange used for messages without a destination (default: the AMQP default
+    /// exchange `""`, which routes by queue name).
+    pub fn with_default_exchange(self, exchange: impl Into<String>) -> Self {
+        let exchange = exchange.into();
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.exchange = exchange;
+                inner
+            }
+            // Shared with clones: those keep their exchange and channel; this one opens its own.
+            Err(shared) => Inner {
+                source: shared.source.clone(),
+                settings: shared.settings.clone(),
+                exchange,
+                live: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            },
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.inner.settings
+    }
+
+    /// Publishes an owned message; on failure the message is handed back inside [`Refused`].
+    pub async fn send(&self, message: Message) -> Result<(), Refused> {
+        match self.publish(&message).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(Refused { error, message }),
+        }
+    }
+
+    /// Transaction mode: publishes `batch` in one transaction (`tx.commit` once) and returns
+    /// one result per message, in order. On a failed commit the transaction is rolled back
+    /// and every message gets the (retryable) error; resend the batch with the same messages.
+    /// Returned (unroutable) messages get [`PublishError::Unroutable`]. Slower than confirms;
+    /// fails with [`PublishError::Fatal`] unless the settings use [`PublishMode::Transactions`].
+    pub async fn publish_batch(&self, batch: &[Message]) -> Vec<Result<(), PublishError>> {
+        if self.inner.settings.publish_mode() != PublishMode::Transactions {
+            let error = PublishError::Fatal {
+                reason:
+                    "publish_batch needs PublishMode::Transactions (AmqpSettings::transactional())"
+                        .to_owned(),
+            };
+            return batch.iter().map(|_| Err(error.clone())).collect();
+        }
+        match self.publish_tx(batch).await {
+            Ok(results) => results,
+            Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
+    /// The current channel, or a freshly opened one.
+    async fn live(&self) -> Result<Arc<LiveChannel>, lapin::Error> {
+        let mut live = self.inner.live.lock().await;
+        if let Some(current) = live.as_ref() {
+            if current.channel.status().connected() && !current.driver.is_closed() {
+                return Ok(current.clone());
+            }
+        }
+        *live = None;
+        let settings = &self.inner.settings;
+        let mode = settings.publish_mode();
+        let confirms = settings.publisher_confirms();
+        let link: Link = self
+            .inner
+            .source
+            .open(settings.reconnect(), |channel| async move {
+                match mode {
+                    PublishMode::Transactions => channel.tx_select().await,
+                    PublishMode::Confirms if confirms => {
+                        channel
+                            .confirm_select(ConfirmSelectOptions::default())
+                            .await
+                    }
+                    PublishMode::Confirms => Ok(()),
+                }
+            })
+            .await?;
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let (driver, pending) = mpsc::unbounded_channel();
+        tokio::spawn(
+            drive_confirms(link.channel.clone(), pending)
+                .instrument(tracing::debug_span!("amqp_confirm_driver", generation)),
+        );
+        tracing::info!(
+            generation,
+            channel = link.channel.id(),
+            target_broker = %self.inner.source.target(),
+            "AMQP publisher channel open"
+        );
+        let current = Arc::new(LiveChannel {
+            generation,
+            channel: link.channel,
+            connection: link.connection,
+            driver,
+            tx: Mutex::new(()),
+        });
+        *live = Some(current.clone());
+        Ok(current)
+    }
+
+    /// Drops the channel of `generation` so the next publish re-opens one.
+    async fn invalidate(&self, generation: u64) {
+        let mut live = self.inner.live.lock().await;
+        if live.as_ref().is_some_and(|l| l.generation == generation) {
+            *live = None;
+        }
+    }
+
+    fn properties(&self, msg: &Message) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (name, value) in msg.wire_headers() {
+            table.insert(
+                ShortString::from(name),
+                AMQPValue::LongString(LongString::from(value.as_bytes())),
+            );
+        }
+        let mode = if self.inner.settings.persistent_messages() {
+            2
+        } else {
+            1
+        };
+        BasicProperties::default()
+            .with_message_id(ShortString::from(msg.id_text()))
+            .with_delivery_mode(mode)
+            .with_headers(table)
+    }
+
+    async fn basic_publish(
+        &self,
+        channel: &Channel,
+        msg: &Message,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        let exchange = msg.destination().unwrap_or(&self.inner.exchange);
+        let routing_key = msg.routing_key().unwrap_or_default();
+        channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: self.inner.settings.mandatory(),
+                    immediate: false,
+                },
+                msg.payload(),
+                self.properties(msg),
+            )
+            .await
+    }
+
+    async fn publish_confirmed(&self, msg: &Message) -> Result<(), PublishError> {
+        let live = self.live().await.map_err(|e| classify(&e))?;
+        let result = self.publish_on(&live, msg).await;
+        if matches!(result, Err(PublishError::ConnectionLost { .. })) {
+            self.invalidate(live.generation).await;
+        }
+        result
+    }
+
+    async fn publish_on(&self, live: &LiveChannel, msg: &Message) -> Result<(), PublishError> {
+        let confirm = self
+            .basic_publish(&live.channel, msg)
+            .await
+            .map_err(|e| classify(&e))?;
+        if !self.inner.settings.publisher_confirms() {
+            // Explicit opt-out (DataLoss::NoPublisherConfirms): written to the socket is all
+            // we know.
+            drop(confirm);
+            return Ok(());
+        }
+        let (reply, outcome) = oneshot::channel();
+        live.driver
+            .send(Pending {
+                id: msg.id_text().to_owned(),
+                confirm,
+                reply,
+            })
+            .map_err(|_| lost("the confirm driver stopped with its channel"))?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(lost("the channel closed before the confirm")))
+    }
+
+    async fn publish_tx(
+        &self,
+        batch: &[Message],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
+        let live = self.live().await.map_err(|e| classify(&e))?;
+        let result = self.commit_on(&live, batch).await;
+        if matches!(result, Err(PublishError::ConnectionLost { .. })) {
+            self.invalidate(live.generation).await;
+        }
+        result
+    }
+
+    async fn commit_on(
+        &self,
+        live: &LiveChannel,
+        batch: &[Message],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
+        let _transaction = live.tx.lock().await;
+        let attempt = async {
+            for msg in batch {
+                self.basic_publish(&live.channel, msg).await?;
+            }
+            live.channel.tx_commit().await?;
+            // Returns arrive before commit-ok; outside confirm mode lapin keeps them here.
+            live.channel.wait_for_confirms().await
+        };
+        match attempt.await {
+            Ok(returned) => {
+                let mut returns = Returns::default();
+                returned.into_iter().for_each(|r| returns.add(r));
+                Ok(batch
+                    .iter()
+                    .map(|msg| match returns.take(msg.id_text()) {
+                        Some(r) => Err(unroutable(&r)),
+                        None => Ok(()),
+                    })
+                    .collect())
+            }
+            Err(e) => {
+                let error = classify(&e);
+                if !matches!(error, PublishError::ConnectionLost { .. }) {
+                    let _ = live.channel.tx_rollback().await;
+                }
+                tracing::warn!(%error, messages = batch.len(), "AMQP transaction rolled back");
+                Err(error)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpPublisher {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let span = tracing::debug_span!(
+            "amqp_publish",
+            message_id = %msg.id(),
+            idempotency_key = %msg.idempotency_key(),
+        );
+        async {
+            let result = match self.inner.settings.publish_mode() {
+                PublishMode::Confirms => self.publish_confirmed(msg).await,
+                PublishMode::Transactions => self
+                    .publish_tx(std::slice::from_ref(msg))
+                    .await
+                    .and_then(|mut r| r.pop().unwrap_or(Ok(()))),
+            };
+            if let Err(error) = &result {
+                tracing::debug!(%error, retryable = error.is_retryable(), "publish not confirmed");
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Returns kept for publishes not yet handed to the driver, at most.
+const MAX_UNMATCHED_RETURNS: usize = 4096;
+
+/// A publish waiting for its confirm, held by the channel's driver.
+struct Pending {
+    id: String,
+    confirm: PublisherConfirm,
+    reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// Returned messages not yet matched to their publish, by message id (several per id when
+/// the same message was published more than once).
+#[derive(Default)]
+struct Returns(HashMap<String, VecDeque<BasicReturnMessage>>);
+
+impl Returns {
+    fn add(&mut self, message: BasicReturnMessage) {
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .or_else(|| header(&message.delivery.properties, headers::MESSAGE_ID))
+            .unwrap_or_default();
+        self.0.entry(id).or_default().push_back(message);
+    }
+
+    fn take(&mut self, id: &str) -> Option<BasicReturnMessage> {
+        let queue = self.0.get_mut(id)?;
+        let message = queue.pop_front();
+        if queue.is_empty() {
+            self.0.remove(id);
+        }
+        message
+    }
+}
+
+/// A text header of `properties`.
+pub(crate) fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    let value = properties.headers().as_ref()?.inner().get(name)?.clone();
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// The per-channel confirm driver: awaits every pending confirm and decides each one only
+/// after the returns of its batch are collected (see the module docs).
+async fn drive_confirms(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Pending>) {
+    type Resolved = (
+        String,
+        oneshot::Sender<Result<(), PublishError>>,
+        lapin::Result<Confirmation>,
+    );
+    let mut waiting = FuturesUnordered::new();
+    let mut returns = Returns::default();
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        tokio::select! {
+            next = incoming.recv(), if open => match next {
+                Some(Pending { id, confirm, reply }) => {
+                    waiting.push(async move { (id, reply, confirm.await) });
+                }
+                None => open = false,
+            },
+            Some(first) = waiting.next(), if !waiting.is_empty() => {
+                let first: Resolved = first;
+                // A multiple-ack resolves its confirms one by one under lapin's lock; taking
+                // that lock (wait_for_confirms does, synchronously) waits until the whole
+                // batch is resolved. Then every confirm of the batch is ready to collect.
+                if let Some(Ok(returned)) = channel.wait_for_confirms().now_or_never() {
+                    returned.into_iter().for_each(|r| returns.add(r));
+                }
+                let mut batch = vec![first];
+                while let Some(Some(resolved)) = waiting.next().now_or_never() {
+                    batch.push(resolved);
+                }
+                let mut decided = Vec::with_capacity(batch.len());
+                for (id, reply, result) in batch {
+                    let outcome = match result {
+                        Ok(confirmation) => {
+                            let acked = confirmation.is_ack();
+                            if let Some(r) = confirmation.take_message() {
+                                returns.add(r);
+                            }
+                            Ok(acked)
+                        }
+                        Err(e) => Err(classify(&e)),
+                    };
+                    decided.push((id, reply, outcome));
+                }
+                for (id, reply, outcome) in decided {
+                    let result = match outcome {
+                        Ok(acked) => match returns.take(&id) {
+                            Some(r) => Err(unroutable(&r)),
+                            None if acked => Ok(()),
+                            None => Err(PublishError::Nacked {
+                                reason: "basic.nack: the queue refused it (full with \
+                                         reject-publish, or a broker-side error)"
+                                    .to_owned(),
+                            }),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    tracing::trace!(message_id = %id, ?result, "confirm decided");
+                    let _ = reply.send(result);
+                }
+                if returns.0.len() > MAX_UNMATCHED_RETURNS {
+                    // Returns of publishes that were cancelled before reaching the driver
+                    // (their caller resends them); bounded so they cannot pile up.
+                    tracing::warn!(count = returns.0.len(), "dropping returns no publish claimed");
+                    returns.0.clear();
+                }
+            }
+        }
+    }
+}
+
+fn unroutable(r: &BasicReturnMessage) -> PublishError {
+    PublishError::Unroutable {
+        reason: format!(
+            "{} {} (exchange `{}`, routing key `{}`)",
+            r.reply_code, r.reply_text, r.delivery.exchange, r.delivery.routing_key
+        ),
+    }
+}
+
+fn lost(reason: &str) -> PublishError {
+    PublishError::ConnectionLost {
+        reason: reason.to_owned(),
+    }
+}
+
+/// Classifies a lapin error of a publish: lost connection/channel is retryable; a channel
+/// closed by the broker for a configuration reason is fatal.
+pub(crate) fn classify(error: &lapin::Error) -> PublishError {
+    match soft_error(error) {
+        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Fatal {
+            reason: format!("{text}: declare the exchange first"),
+        },
+        Some((AMQPSoftError::ACCESSREFUSED, text)) => PublishError::Fatal {
+            reason: format!("{text}: grant the user write access"),
+        },
+        Some((AMQPSoftError::PRECONDITIONFAILED, text)) => PublishError::Fatal { reason: text },
+        _ if retryable(error) => lost(&error.to_string()),
+        _ => PublishError::Fatal {
+            reason: error.to_string(),
+        },
+    }
+}

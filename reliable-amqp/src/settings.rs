@@ -1,0 +1,504 @@
+//! Safe settings for RabbitMQ: presets, and the refusal of overrides that lose data.
+//!
+//! [`AmqpSettings::safe`] (also the [`Default`]) is the preset every other preset starts
+//! from: quorum queues, durable exchanges, persistent messages (delivery mode 2), publisher
+//! confirms, `mandatory` on every publish, manual acks and a bounded prefetch. The named
+//! variants change only settings that keep messages safe ([`AmqpSettings::classic_durable`],
+//! [`AmqpSettings::transactional`], [`AmqpSettings::high_throughput`]).
+//!
+//! Overriding a setting so that it loses data is a typed error ([`UnsafeSetting`]) that names
+//! the setting, the value and why it loses data. The only way to get such a setting is the
+//! loudly named [`AmqpSettings::unsafe_allow_data_loss`], which logs a warning.
+//!
+//! ```
+//! use reliable_amqp::settings::{AmqpSettings, DataLoss, QueueType};
+//!
+//! let settings = AmqpSettings::safe().with_prefetch(200)?;
+//! assert_eq!(settings.queue_type(), QueueType::Quorum);
+//!
+//! let refused = AmqpSettings::safe().with_persistent_messages(false).unwrap_err();
+//! assert_eq!(refused.setting, "persistent_messages");
+//!
+//! // Only a loud, explicit opt-out gets a lossy setting:
+//! let lossy = AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::TransientMessages);
+//! assert!(!lossy.persistent_messages());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+/// The kind of queue the topology helpers declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QueueType {
+    /// Replicated, durable, fsyncs before confirming (`x-queue-type: quorum`). The default.
+    Quorum,
+    /// A durable classic queue (`x-queue-type: classic`, `durable: true`). Survives a broker
+    /// restart with persistent messages, but is not replicated.
+    ClassicDurable,
+    /// A non-durable classic queue: it and every message in it vanish when the broker
+    /// restarts. Only reachable through [`AmqpSettings::unsafe_allow_data_loss`].
+    ClassicTransient,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn x_queue_type(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::ClassicDurable | QueueType::ClassicTransient => "classic",
+        }
+    }
+
+    /// Whether the queue survives a broker restart.
+    pub fn durable(self) -> bool {
+        !matches!(self, QueueType::ClassicTransient)
+    }
+}
+
+/// A setting that loses data, for [`AmqpSettings::unsafe_allow_data_loss`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DataLoss {
+    /// Declare non-durable classic queues: the queue and its messages vanish on restart.
+    NonDurableQueues,
+    /// Publish with delivery mode 1: messages are kept only in memory and lost on restart.
+    TransientMessages,
+    /// Publish without publisher confirms: a publish counts as done once written to the
+    /// socket, and messages lost in flight go unnoticed.
+    NoPublisherConfirms,
+    /// Publish without `mandatory`: the broker drops unroutable messages and still acks them.
+    NoMandatory,
+    /// Consume with auto-ack: messages are acked before the handler ran, and lost if it fails.
+    AutoAck,
+}
+
+impl DataLoss {
+    fn setting(self) -> &'static str {
+        match self {
+            DataLoss::NonDurableQueues => "queue_type",
+            DataLoss::TransientMessages => "persistent_messages",
+            DataLoss::NoPublisherConfirms => "publisher_confirms",
+            DataLoss::NoMandatory => "mandatory",
+            DataLoss::AutoAck => "manual_ack",
+        }
+    }
+
+    fn value(self) -> &'static str {
+        match self {
+            DataLoss::NonDurableQueues => "ClassicTransient",
+            _ => "false",
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            DataLoss::NonDurableQueues => {
+                "a non-durable queue and every message in it are deleted when the broker restarts"
+            }
+            DataLoss::TransientMessages => {
+                "transient messages (delivery mode 1) are kept only in memory and lost when the \
+                 broker restarts"
+            }
+            DataLoss::NoPublisherConfirms => {
+                "without publisher confirms a publish counts as done once written to the socket; \
+                 messages lost on the way or in a broker crash go unnoticed"
+            }
+            DataLoss::NoMandatory => {
+                "without mandatory the broker acks and drops a message no queue is bound for"
+            }
+            DataLoss::AutoAck => {
+                "with auto-ack the broker forgets a message when it is sent, so a consumer that \
+                 crashes or fails in its handler loses it"
+            }
+        }
+    }
+}
+
+/// A settings override refused because it loses data (invariant 7).
+///
+/// Keep the preset's value; if losing data is really acceptable (a throw-away test queue, a
+/// negative control), opt out with [`AmqpSettings::unsafe_allow_data_loss`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refused `{setting} = {value}`: {why}; keep the safe value, or opt out explicitly with \
+     AmqpSettings::unsafe_allow_data_loss(DataLoss::{opt_out:?})"
+)]
+pub struct UnsafeSetting {
+    /// The setting's name, as its `with_*` method spells it.
+    pub setting: &'static str,
+    /// The refused value.
+    pub value: &'static str,
+    /// Why the value loses data.
+    pub why: &'static str,
+    /// The [`DataLoss`] to pass to the opt-out, if the caller accepts the loss.
+    pub opt_out: DataLoss,
+}
+
+impl From<DataLoss> for UnsafeSetting {
+    fn from(loss: DataLoss) -> Self {
+        Self {
+            setting: loss.setting(),
+            value: loss.value(),
+            why: loss.why(),
+            opt_out: loss,
+        }
+    }
+}
+
+/// A settings value out of range (not a data-loss question).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{setting} = {value}` is out of range: {expected}")]
+pub struct InvalidSetting {
+    /// The setting's name.
+    pub setting: &'static str,
+    /// The refused value.
+    pub value: String,
+    /// The accepted range, in words.
+    pub expected: &'static str,
+}
+
+/// Refusal of a settings override: it loses data, or it is out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// The override loses data.
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeSetting),
+    /// The value is out of range.
+    #[error(transparent)]
+    Invalid(#[from] InvalidSetting),
+}
+
+/// How the publisher makes a publish durable: publisher confirms, or AMQP transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishMode {
+    /// Publisher confirms (the default): many publishes in flight, each confirmed on its own.
+    Confirms,
+    /// AMQP transactions (`tx.select` / `tx.commit`): one commit round trip per publish or
+    /// batch. Slower than confirms (a synchronous round trip, and fsync per commit); use it
+    /// when a batch must be committed as a whole.
+    Transactions,
+}
+
+/// The publisher's reconnect policy: exponential backoff with jitter between attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// Delay before the first retry.
+    pub min_delay: Duration,
+    /// Largest delay between two attempts.
+    pub max_delay: Duration,
+    /// Attempts per reopen before the publish fails with a retryable connection-lost error
+    /// (the caller, usually the core's reliable producer, retries later with the same id).
+    pub max_attempts: usize,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+            max_attempts: 8,
+        }
+    }
+}
+
+/// RabbitMQ settings for publishers, consumers and topology. Start from a preset.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpSettings {
+    preset: &'static str,
+    queue_type: QueueType,
+    persistent_messages: bool,
+    publisher_confirms: bool,
+    mandatory: bool,
+    manual_ack: bool,
+    prefetch: u16,
+    publish_mode: PublishMode,
+    reconnect: ReconnectPolicy,
+    opted_out: Vec<DataLoss>,
+}
+
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("preset", &self.preset)
+            .field("queue_type", &self.queue_type)
+            .field("persistent_messages", &self.persistent_messages)
+            .field("publisher_confirms", &self.publisher_confirms)
+            .field("mandatory", &self.mandatory)
+            .field("manual_ack", &self.manual_ack)
+            .field("prefetch", &self.prefetch)
+            .field("publish_mode", &self.publish_mode)
+            .field("reconnect", &self.reconnect)
+            .field("unsafe_allow_data_loss", &self.opted_out)
+            .finish()
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self::safe()
+    }
+}
+
+/// The default prefetch of the presets (unacked deliveries per consumer channel).
+pub const DEFAULT_PREFETCH: u16 = 200;
+
+impl AmqpSettings {
+    /// The safe default: quorum queues, durable exchanges, persistent messages, publisher
+    /// confirms, `mandatory`, manual acks, prefetch [`DEFAULT_PREFETCH`].
+    pub fn safe() -> Self {
+        Self {
+            preset: "safe",
+            queue_type: QueueType::Quorum,
+            persistent_messages: true,
+            publisher_confirms: true,
+            mandatory: true,
+            manual_ack: true,
+            prefetch: DEFAULT_PREFETCH,
+            publish_mode: PublishMode::Confirms,
+            reconnect: ReconnectPolicy::default(),
+            opted_out: Vec::new(),
+        }
+    }
+
+    /// Like [`safe`](Self::safe) with durable classic queues: for single-node brokers or
+    /// features quorum queues lack (priorities, exclusive consumers). Not replicated.
+    pub fn classic_durable() -> Self {
+        Self {
+            preset: "classic_durable",
+            queue_type: QueueType::ClassicDurable,
+            ..Self::safe()
+        }
+    }
+
+    /// Like [`safe`](Self::safe), publishing inside AMQP transactions instead of with
+    /// confirms: the slower alternative, for when a batch must commit as a whole.
+    pub fn transactional() -> Self {
+        Self {
+            preset: "transactional",
+            publish_mode: PublishMode::Transactions,
+            ..Self::safe()
+        }
+    }
+
+    /// Like [`safe`](Self::safe) with a larger prefetch (300) for fast handlers.
+    pub fn high_throughput() -> Self {
+        Self {
+            preset: "high_throughput",
+            prefetch: 300,
+            ..Self::safe()
+        }
+    }
+
+    /// Sets the queue type. [`QueueType::ClassicTransient`] is refused: it loses data.
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Result<Self, UnsafeSetting> {
+        if !queue_type.durable() {
+            return Err(DataLoss::NonDurableQueues.into());
+        }
+        self.queue_type = queue_type;
+        Ok(self)
+    }
+
+    /// Persistent messages (delivery mode 2). `false` is refused: it loses data.
+    pub fn with_persistent_messages(self, persistent: bool) -> Result<Self, UnsafeSetting> {
+        self.require(persistent, DataLoss::TransientMessages)
+    }
+
+    /// Publisher confirms. `false` is refused: it loses data.
+    pub fn with_publisher_confirms(self, confirms: bool) -> Result<Self, UnsafeSetting> {
+        self.require(confirms, DataLoss::NoPublisherConfirms)
+    }
+
+    /// `mandatory` on every publish. `false` is refused: it loses data.
+    pub fn with_mandatory(self, mandatory: bool) -> Result<Self, UnsafeSetting> {
+        self.require(mandatory, DataLoss::NoMandatory)
+    }
+
+    /// Manual acks on consumers. `false` (auto-ack) is refused: it loses data.
+    pub fn with_manual_ack(self, manual: bool) -> Result<Self, UnsafeSetting> {
+        self.require(manual, DataLoss::AutoAck)
+    }
+
+    fn require(self, value: bool, loss: DataLoss) -> Result<Self, UnsafeSetting> {
+        if value {
+            Ok(self)
+        } else {
+            Err(loss.into())
+        }
+    }
+
+    /// Unacked deliveries per consumer channel (`basic.qos`). Must be 1..=10000: 0 means
+    /// unbounded in AMQP, which buffers without limit.
+    pub fn with_prefetch(mut self, prefetch: u16) -> Result<Self, InvalidSetting> {
+        if !(1..=10_000).contains(&prefetch) {
+            return Err(InvalidSetting {
+                setting: "prefetch",
+                value: prefetch.to_string(),
+                expected: "1..=10000 (0 would be unbounded)",
+            });
+        }
+        self.prefetch = prefetch;
+        Ok(self)
+    }
+
+    /// Sets how publishes are made durable.
+    pub fn with_publish_mode(mut self, mode: PublishMode) -> Self {
+        self.publish_mode = mode;
+        self
+    }
+
+    /// Sets the publisher's reconnect policy. `max_attempts` must be at least 1 and
+    /// `min_delay <= max_delay`.
+    pub fn with_reconnect(mut self, policy: ReconnectPolicy) -> Result<Self, InvalidSetting> {
+        if policy.max_attempts == 0 || policy.min_delay > policy.max_delay {
+            return Err(InvalidSetting {
+                setting: "reconnect",
+                value: format!("{policy:?}"),
+                expected: "max_attempts >= 1 and min_delay <= max_delay",
+            });
+        }
+        self.reconnect = policy;
+        Ok(self)
+    }
+
+    /// Applies a setting that LOSES DATA, on purpose. Logs a warning naming it. Meant for
+    /// throw-away queues and for tests that must show loss (negative controls); a production
+    /// service should never call this.
+    pub fn unsafe_allow_data_loss(mut self, loss: DataLoss) -> Self {
+        tracing::warn!(
+            setting = loss.setting(),
+            value = loss.value(),
+            why = loss.why(),
+            "unsafe_allow_data_loss: a setting that loses data is enabled"
+        );
+        match loss {
+            DataLoss::NonDurableQueues => self.queue_type = QueueType::ClassicTransient,
+            DataLoss::TransientMessages => self.persistent_messages = false,
+            DataLoss::NoPublisherConfirms => self.publisher_confirms = false,
+            DataLoss::NoMandatory => self.mandatory = false,
+            DataLoss::AutoAck => self.manual_ack = false,
+        }
+        if !self.opted_out.contains(&loss) {
+            self.opted_out.push(loss);
+        }
+        self
+    }
+
+    /// The preset these settings started from.
+    pub fn preset(&self) -> &'static str {
+        self.preset
+    }
+    /// The queue type the topology helpers declare.
+    pub fn queue_type(&self) -> QueueType {
+        self.queue_type
+    }
+    /// Whether messages are published persistent (delivery mode 2).
+    pub fn persistent_messages(&self) -> bool {
+        self.persistent_messages
+    }
+    /// Whether publisher channels are in confirm mode.
+    pub fn publisher_confirms(&self) -> bool {
+        self.publisher_confirms
+    }
+    /// Whether every publish sets `mandatory`.
+    pub fn mandatory(&self) -> bool {
+        self.mandatory
+    }
+    /// Whether consumers ack manually.
+    pub fn manual_ack(&self) -> bool {
+        self.manual_ack
+    }
+    /// The consumer prefetch.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+    }
+    /// Confirms or transactions.
+    pub fn publish_mode(&self) -> PublishMode {
+        self.publish_mode
+    }
+    /// The publisher's reconnect policy.
+    pub fn reconnect(&self) -> ReconnectPolicy {
+        self.reconnect
+    }
+    /// The data-loss opt-outs applied, in order; empty for a safe configuration.
+    pub fn data_loss_opt_outs(&self) -> &[DataLoss] {
+        &self.opted_out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_lossy_override_is_refused_with_its_name_and_reason() {
+        let cases: [(Result<AmqpSettings, UnsafeSetting>, &str); 5] = [
+            (
+                AmqpSettings::safe().with_queue_type(QueueType::ClassicTransient),
+                "queue_type",
+            ),
+            (
+                AmqpSettings::safe().with_persistent_messages(false),
+                "persistent_messages",
+            ),
+            (
+                AmqpSettings::safe().with_publisher_confirms(false),
+                "publisher_confirms",
+            ),
+            (AmqpSettings::safe().with_mandatory(false), "mandatory"),
+            (AmqpSettings::safe().with_manual_ack(false), "manual_ack"),
+        ];
+        for (result, setting) in cases {
+            let err = result.unwrap_err();
+            assert_eq!(err.setting, setting);
+            let text = err.to_string();
+            assert!(text.contains(setting), "{text}");
+            assert!(text.contains("unsafe_allow_data_loss"), "{text}");
+            assert!(!err.why.is_empty());
+        }
+    }
+
+    #[test]
+    fn safe_overrides_are_accepted() {
+        let s = AmqpSettings::transactional()
+            .with_queue_type(QueueType::ClassicDurable)
+            .unwrap()
+            .with_persistent_messages(true)
+            .unwrap()
+            .with_prefetch(150)
+            .unwrap();
+        assert_eq!(s.publish_mode(), PublishMode::Transactions);
+        assert_eq!(s.queue_type(), QueueType::ClassicDurable);
+        assert_eq!(s.prefetch(), 150);
+        assert!(s.data_loss_opt_outs().is_empty());
+    }
+
+    #[test]
+    fn presets_are_safe_and_prefetch_is_bounded() {
+        for s in [
+            AmqpSettings::safe(),
+            AmqpSettings::classic_durable(),
+            AmqpSettings::transactional(),
+            AmqpSettings::high_throughput(),
+        ] {
+            assert!(s.queue_type().durable());
+            assert!(s.persistent_messages() && s.publisher_confirms() && s.mandatory());
+            assert!(s.manual_ack());
+            assert!((100..=300).contains(&s.prefetch()), "{s:?}");
+        }
+        assert!(AmqpSettings::safe().with_prefetch(0).is_err());
+    }
+
+    #[test]
+    fn the_opt_out_applies_the_lossy_value_and_records_it() {
+        let s = AmqpSettings::safe()
+            .unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
+            .unsafe_allow_data_loss(DataLoss::NonDurableQueues);
+        assert!(!s.publisher_confirms());
+        assert_eq!(s.queue_type(), QueueType::ClassicTransient);
+        assert_eq!(
+            s.data_loss_opt_outs(),
+            &[DataLoss::NoPublisherConfirms, DataLoss::NonDurableQueues]
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! Helpers shared by the broker tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use reliable_amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use reliable_amqp::lapin::types::FieldTable;
+use reliable_amqp::lapin::{Channel, Connection, ConnectionProperties};
+
+/// A connection and channel for test setup and inspection.
+pub async fn open(url: &str) -> (Connection, Channel) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Ready messages in `queue` (passive declare on a fresh channel).
+pub async fn count(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = ch.close(200, "count".into()).await;
+    q.message_count()
+}
+
+/// Waits (bounded) until `queue` holds `expected` ready messages; returns the last count.
+pub async fn wait_for_count(conn: &Connection, queue: &str, expected: u32) -> u32 {
+    let mut last = 0;
+    for _ in 0..50 {
+        last = count(conn, queue).await;
+        if last == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// Takes one message from `queue` with basic.get (acked), if any.
+pub async fn get_one(
+    ch: &Channel,
+    queue: &str,
+) -> Option<reliable_amqp::lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+}
+
+/// Deletes queues, ignoring errors (cleanup).
+pub async fn delete(conn: &Connection, queues: &[&str]) {
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            let _ = ch
+                .queue_delete((*q).into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! An in-memory broker implementing both sides of the transport traits, with fault injection.
+//!
+//! Meant for tests — ours and yours: run your handlers and producers against it, inject the
+//! faults real brokers produce and check that nothing is lost or applied twice. It behaves like
+//! a queue broker with confirms and manual acks:
+//!
+//! * queues are declared with [`InMemoryBroker::declare_queue`]; a message goes to the queue
+//!   named by its [destination](crate::Message::destination) (or [`DEFAULT_QUEUE`] when it has
+//!   none); a message for an undeclared queue is refused as
+//!   [`PublishError::Unroutable`] (like AMQP `mandatory`);
+//! * [`InMemoryTransport::publish`] stores the message and confirms at once unless a fault is
+//!   injected;
+//! * [`InMemoryConsumer`] hands out deliveries competing with other consumers of the queue;
+//!   unacked deliveries come back (flagged redelivered) when nacked with requeue or when the
+//!   consumer's session crashes.
+//!
+//! # Faults
+//!
+//! | fault | how to inject | what happens |
+//! |---|---|---|
+//! | drop the confirm | [`PublishFault::DropConfirm`] | message stored, `publish` never resolves |
+//! | lose the message | [`PublishFault::LoseMessage`] | message not stored, `publish` never resolves |
+//! | nack | [`PublishFault::Nack`] | not stored, [`PublishError::Nacked`] |
+//! | any refusal | [`PublishFault::Fail`] | not stored, the given error |
+//! | delay | [`PublishFault::Delay`] | stored, confirmed after the delay |
+//! | connection lost during publish | [`PublishFault::ConnectionLost`] | stored or not, [`PublishError::ConnectionLost`] |
+//! | message size limit | [`InMemoryBroker::set_max_message_size`] | [`PublishError::TooLarge`] |
+//! | duplicate delivery | [`DeliveryFault::Duplicate`] | the next delivery is also requeued as a redelivery |
+//! | consumer crash mid-handler | [`DeliveryFault::CrashMidHandler`] or [`InMemoryBroker::crash_consumers`] | unacked deliveries are requeued as redeliveries; the crashed session's acks fail with [`AckError::ConnectionLost`] |
+//! | connection loss | [`InMemoryBroker::lose_connection`] | publishes waiting for a confirm fail with `ConnectionLost`, every consumer session crashes |
+//!
+//! Publish faults are queued and consumed one per publish, in order.
+//!
+//! ```
+//! use reliable_core::memory::{InMemoryBroker, PublishFault};
+//! use reliable_core::{Message, PublishError, Transport};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let broker = InMemoryBroker::new();
+//! broker.declare_queue("orders");
+//! let transport = broker.transport();
+//! broker.inject_publish_fault(PublishFault::Nack);
+//!
+//! let msg = Message::new("x").with_destination("orders");
+//! assert!(matches!(transport.publish(&msg).await, Err(PublishError::Nacked { .. })));
+//! assert_eq!(transport.publish(&msg).await, Ok(()));
+//! assert_eq!(broker.queue_len("orders"), 1);
+//! # }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::message::{Message, MessageId};
+use crate::transport::{
+    AckError, Acker, ConsumeError, Delivery, DeliverySource, PublishError, Transport,
+};
+
+/// The queue a message without a destination goes to.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A fault applied to one publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishFault {
+    /// Store the message but never confirm it.
+    DropConfirm,
+    /// Neither store nor confirm the message.
+    LoseMessage,
+    /// Refuse with [`PublishError::Nacked`] (not stored).
+    Nack,
+    /// Refuse with the given error (not stored).
+    Fail(PublishError),
+    /// Store the message and confirm after the delay.
+    Delay(Duration),
+    /// Fail with [`PublishError::ConnectionLost`]; `stored` says whether the broker kept the
+    /// message anyway (the confirm was lost, not the message).
+    ConnectionLost {
+        /// Whether the message reached the queue.
+        stored: bool,
+    },
+}
+
+/// A fault applied to one delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryFault {
+    /// Deliver the next message and also requeue a copy flagged redelivered.
+    Duplicate,
+    /// Deliver the next message, then crash the consumer session at once: the delivery is
+    /// requeued as a redelivery while the handler still runs, and its ack fails.
+    CrashMidHandler,
+}
+
+/// The in-memory broker. Cheap to clone; clones share the state.
+#[derive(Clone, Default)]
+pub struct InMemoryBroker {
+    inner: Arc<BrokerInner>,
+}
+
+#[derive(Default)]
+struct BrokerInner {
+    state: Mutex<State>,
+    /// Woken on every change consumers may wait for.
+    changed: Notify,
+    /// Woken when the connection is lost, failing publishes that wait for a confirm.
+    connection_lost: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    publish_faults: VecDeque<PublishFault>,
+    max_message_size: Option<usize>,
+    publish_log: Vec<MessageId>,
+    next_tag: u64,
+    /// Bumped on each consumer crash; unacked deliveries of older sessions are void.
+    session: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<(Message, bool)>,
+    unacked: HashMap<u64, Message>,
+    faults: VecDeque<DeliveryFault>,
+    acked: u64,
+    rejected: Vec<Message>,
+}
+
+impl std::fmt::Debug for InMemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("InMemoryBroker")
+            .field("queues", &st.queues.keys().collect::<Vec<_>>())
+            .field("publishes", &st.publish_log.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InMemoryBroker {
+    /// An empty broker with no queues.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (each update is a few field
+        // writes), so poisoning is ignored.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Declares a queue (idempotent).
+    pub fn declare_queue(&self, name: &str) {
+        self.lock().queues.entry(name.to_owned()).or_default();
+    }
+
+    /// A producer-side transport for this broker.
+    pub fn transport(&self) -> InMemoryTransport {
+        InMemoryTransport {
+            broker: self.clone(),
+        }
+    }
+
+    /// A consumer of `queue`. Its `next` waits for messages until the pipeline stops it.
+    pub fn consumer(&self, queue: &str) -> InMemoryConsumer {
+        self.declare_queue(queue);
+        InMemoryConsumer {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            end_when_drained: false,
+            closed: false,
+        }
+    }
+
+    /// Queues a fault for a coming publish (one fault per publish, in order).
+    pub fn inject_publish_fault(&self, fault: PublishFault) {
+        self.lock().publish_faults.push_back(fault);
+    }
+
+    /// Queues a fault for a coming delivery from `queue` (one fault per delivery, in order).
+    pub fn inject_delivery_fault(&self, queue: &str, fault: DeliveryFault) {
+        self.lock()
+            .queues
+            .entry(queue.to_owned())
+            .or_default()
+            .faults
+            .push_back(fault);
+    }
+
+    /// Refuses messages larger than `limit` bytes with [`PublishError::TooLarge`].
+    pub fn set_max_message_size(&self, limit: Option<usize>) {
+        self.lock().max_message_size = limit;
+    }
+
+    /// Crashes every consumer session: all unacked deliveries of all queues are requeued as
+    /// redeliveries and their later acks fail. Consumers keep consuming (a reconnect).
+    pub fn crash_consumers(&self) {
+        let mut st = self.lock();
+        st.session += 1;
+        for q in st.queues.values_mut() {
+            requeue_unacked(q);
+        }
+        drop(st);
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Loses the connection: publishes waiting for a confirm fail with
+    /// [`PublishError::ConnectionLost`] and every consumer session crashes.
+    pub fn lose_connection(&self) {
+        self.inner.connection_lost.notify_waiters();
+        self.crash_consumers();
+    }
+
+    /// Messages ready for delivery in `queue`.
+    pub fn queue_len(&self, queue: &str) -> usize {
+        self.lock().queues.get(queue).map_or(0, |q| q.ready.len())
+    }
+
+    /// Messages delivered from `queue` and not settled yet.
+    pub fn unacked_len(&self, queue: &str) -> usize {
+        self.lock().queues.get(queue).map_or(0, |q| q.unacked.len())
+    }
+
+    /// Snapshot of the messages ready in `queue`, in delivery order.
+    pub fn messages(&self, queue: &str) -> Vec<Message> {
+        self.lock()
+            .queues
+            .get(queue)
+            .map(|q| q.ready.iter().map(|(m, _)| m.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Deliveries from `queue` acknowledged so far.
+    pub fn acked_count(&self, queue: &str) -> u64 {
+        self.lock().queues.get(queue).map_or(0, |q| q.acked)
+    }
+
+    /// Messages rejected (or nacked without requeue) from `queue`.
+    pub fn rejected(&self, queue: &str) -> Vec<Message> {
+        self.lock()
+            .queues
+            .get(queue)
+            .map(|q| q.rejected.clone())
+            .unwrap_or_default()
+    }
+
+    /// The id of every publish attempt the broker saw, in order (faulted ones included).
+    pub fn publish_log(&self) -> Vec<MessageId> {
+        self.lock().publish_log.clone()
+    }
+
+    fn settle(&self, queue: &str, tag: u64, session: u64, how: Settle) -> Result<(), AckError> {
+        let mut st = self.lock();
+        let current = st.session;
+        let q = st.queues.get_mut(queue).ok_or_else(|| AckError::Other {
+            reason: format!("queue {queue} does not exist"),
+        })?;
+        if session != current {
+            return Err(AckError::ConnectionLost {
+                reason: "consumer session crashed".into(),
+            });
+        }
+        let msg = q.unacked.remove(&tag).ok_or_else(|| AckError::Stale {
+            reason: format!("delivery tag {tag} is not outstanding"),
+        })?;
+        match how {
+            Settle::Ack => q.acked += 1,
+            Settle::Requeue => q.ready.push_front((msg, true)),
+            Settle::Drop => q.rejected.push(msg),
+        }
+        drop(st);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+fn requeue_unacked(q: &mut Queue) {
+    let mut tags: Vec<u64> = q.unacked.keys().copied().collect();
+    tags.sort_unstable_by(|a, b| b.cmp(a));
+    for tag in tags {
+        if let Some(m) = q.unacked.remove(&tag) {
+            q.ready.push_front((m, true));
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Requeue,
+    Drop,
+}
+
+/// The producer side of [`InMemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct InMemoryTransport {
+    broker: InMemoryBroker,
+}
+
+enum Then {
+    Confirm,
+    Fail(PublishError),
+    Never,
+    ConfirmAfter(Duration),
+}
+
+#[async_trait]
+impl Transport for InMemoryTransport {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let inner = &self.broker.inner;
+        let lost = inner.connection_lost.notified();
+        tokio::pin!(lost);
+        lost.as_mut().enable();
+        let then = {
+            let mut st = self.broker.lock();
+            st.publish_log.push(msg.id());
+            let fault = st.publish_faults.pop_front();
+            let queue = msg.destination().unwrap_or(DEFAULT_QUEUE);
+            let size = msg.payload().len();
+            let (store, then) = match fault {
+                None => (true, Then::Confirm),
+                Some(PublishFault::DropConfirm) => (true, Then::Never),
+                Some(PublishFault::LoseMessage) => (false, Then::Never),
+                Some(PublishFault::Nack) => (
+                    false,
+                    Then::Fail(PublishError::Nacked {
+                        reason: "injected nack".into(),
+                    }),
+                ),
+                Some(PublishFault::Fail(e)) => (false, Then::Fail(e)),
+                Some(PublishFault::Delay(d)) => (true, Then::ConfirmAfter(d)),
+                Some(PublishFault::ConnectionLost { stored }) => (
+                    stored,
+                    Then::Fail(PublishError::ConnectionLost {
+                        reason: "injected connection loss".into(),
+                    }),
+                ),
+            };
+            if let Some(limit) = st.max_message_size.filter(|l| size > *l) {
+                return Err(PublishError::TooLarge { size, limit });
+            }
+            let Some(q) = st.queues.get_mut(queue) else {
+                return Err(PublishError::Unroutable {
+                    reason: format!("no queue named {queue:?}"),
+                });
+            };
+            if store {
+                q.ready.push_back((msg.clone(), false));
+            }
+            then
+        };
+        inner.changed.notify_waiters();
+        let lost_err = || PublishError::ConnectionLost {
+            reason: "connection lost while waiting for the confirm".into(),
+        };
+        match then {
+            Then::Confirm => Ok(()),
+            Then::Fail(e) => Err(e),
+            Then::Never => {
+                lost.await;
+                Err(lost_err())
+            }
+            Then::ConfirmAfter(d) => tokio::select! {
+                _ = tokio::time::sleep(d) => Ok(()),
+                _ = lost => Err(lost_err()),
+            },
+        }
+    }
+}
+
+/// The consumer side of [`InMemoryBroker`]: a [`DeliverySource`] for one queue.
+#[derive(Debug)]
+pub struct InMemoryConsumer {
+    broker: InMemoryBroker,
+    queue: String,
+    end_when_drained: bool,
+    closed: bool,
+}
+
+impl InMemoryConsumer {
+    /// Makes `next` return `Ok(None)` once the queue has nothing ready and nothing unacked —
+    /// handy for tests and benchmarks that publish first and then consume everything.
+    pub fn end_when_drained(mut self) -> Self {
+        self.end_when_drained = true;
+        self
+    }
+
+    /// The queue this consumer reads.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn try_take(&self) -> Option<Option<Delivery>> {
+        let mut st = self.broker.lock();
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        let session = st.session;
+        let q = st.queues.get_mut(&self.queue)?;
+        let Some((msg, redelivered)) = q.ready.pop_front() else {
+            return (self.end_when_drained && q.unacked.is_empty()).then_some(None);
+        };
+        let fault = q.faults.pop_front();
+        q.unacked.insert(tag, msg.clone());
+        match fault {
+            Some(DeliveryFault::Duplicate) => q.ready.push_back((msg.clone(), true)),
+            Some(DeliveryFault::CrashMidHandler) => {
+                st.session += 1;
+                for q in st.queues.values_mut() {
+                    requeue_unacked(q);
+                }
+            }
+            None => {}
+        }
+        let acker = InMemoryAcker {
+            broker: self.broker.clone(),
+            queue: self.queue.clone(),
+            tag,
+            session,
+        };
+        Some(Some(
+            Delivery::new(msg, Box::new(acker)).with_redelivered(redelivered),
+        ))
+    }
+}
+
+#[async_trait]
+impl DeliverySource for InMemoryConsumer {
+    async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError> {
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            let changed = self.broker.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(d) = self.try_take() {
+                if d.is_some() {
+                    self.broker.inner.changed.notify_waiters();
+                }
+                return Ok(d);
+            }
+            changed.await;
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), ConsumeError> {
+        self.closed = true;
+        Ok(())
+    }
+}
+
+/// Settles one in-memory delivery.
+struct InMemoryAcker {
+    broker: InMemoryBroker,
+    queue: String,
+    tag: u64,
+    session: u64,
+}
+
+#[async_trait]
+impl Acker for InMemoryAcker {
+    async fn ack(&self) -> Result<(), AckError> {
+        self.broker
+            .settle(&self.queue, self.tag, self.session, Settle::Ack)
+    }
+
+    async fn nack(&self, requeue: bool) -> Result<(), AckError> {
+        let how = if requeue {
+            Settle::Requeue
+        } else {
+            Settle::Drop
+        };
+        self.broker.settle(&self.queue, self.tag, self.session, how)
+    }
+
+    async fn reject(&self) -> Result<(), AckError> {
+        self.broker
+            .settle(&self.queue, self.tag, self.session, Settle::Drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unroutable_and_too_large_are_refused() {
+        let broker = InMemoryBroker::new();
+        let t = broker.transport();
+        let msg = Message::new("abc").with_destination("nowhere");
+        assert!(matches!(
+            t.publish(&msg).await,
+            Err(PublishError::Unroutable { .. })
+        ));
+        broker.declare_queue("q");
+        broker.set_max_message_size(Some(2));
+        let msg = Message::new("abc").with_destination("q");
+        assert_eq!(
+            t.publish(&msg).await,
+            Err(PublishError::TooLarge { size: 3, limit: 2 })
+        );
+        assert_eq!(broker.queue_len("q"), 0);
+    }
+
+    #[tokio::test]
+    async fn crash_mid_handler_requeues_and_fails_the_ack() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        broker
+            .transport()
+            .publish(&Message::new("a").with_destination("q"))
+            .await?;
+        broker.inject_delivery_fault("q", DeliveryFault::CrashMidHandler);
+        let mut c = broker.consumer("q");
+        let first = c.next().await?.ok_or("no delivery")?;
+        assert!(!first.redelivered());
+        assert_eq!(broker.queue_len("q"), 1);
+        assert!(matches!(
+            first.ack().await,
+            Err(AckError::ConnectionLost { .. })
+        ));
+        let again = c.next().await?.ok_or("no redelivery")?;
+        assert!(again.redelivered());
+        again.ack().await?;
+        assert_eq!(broker.acked_count("q"), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn duplicate_delivers_twice_and_nack_requeues() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        let msg = Message::new("a").with_destination("q");
+        broker.transport().publish(&msg).await?;
+        broker.inject_delivery_fault("q", DeliveryFault::Duplicate);
+        let mut c = broker.consumer("q").end_when_drained();
+        let d1 = c.next().await?.ok_or("none")?;
+        d1.nack(true).await?;
+        let d2 = c.next().await?.ok_or("none")?;
+        let d3 = c.next().await?.ok_or("none")?;
+        assert_eq!(d2.message().id(), msg.id());
+        assert_eq!(d3.message().id(), msg.id());
+        d2.ack().await?;
+        d3.reject().await?;
+        assert!(c.next().await?.is_none());
+        assert_eq!(broker.rejected("q").len(), 1);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lose_connection_fails_waiting_publishes() {
+        let broker = InMemoryBroker::new();
+        broker.declare_queue(DEFAULT_QUEUE);
+        broker.inject_publish_fault(PublishFault::DropConfirm);
+        let t = broker.transport();
+        let msg = Message::new("a");
+        let b = broker.clone();
+        let waiting = tokio::spawn(async move { t.publish(&msg).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        b.lose_connection();
+        let r = waiting.await.map_err(|e| e.to_string());
+        assert!(matches!(r, Ok(Err(PublishError::ConnectionLost { .. }))));
+        assert_eq!(broker.queue_len(DEFAULT_QUEUE), 1);
+    }
+}

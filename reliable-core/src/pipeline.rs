@@ -1,0 +1,779 @@
+//! The reliable consumer pipeline: idempotency check → handler → outcome → ack (loss-matrix
+//! rows L4, L5 and L8; invariant 4).
+//!
+//! A [`Pipeline`] pulls [`Delivery`]s from a [`DeliverySource`], runs them through a
+//! [`Handler`] with bounded concurrency and settles each one only after the outcome is final:
+//!
+//! | handler outcome | what the pipeline does |
+//! |---|---|
+//! | `Ok` (including a duplicate skipped by [`DedupeLayer`]) | ack |
+//! | `Err` (permanent, retries exhausted, or a panic) | dead letter (publish awaited to its confirm), then ack |
+//! | dead-letter publish failed | nack with requeue: the message comes back, nothing is lost |
+//!
+//! Behaviour around the user's handler is built from tower-style [`Layer`]s; the built-in ones
+//! are [`TimeoutLayer`] (per-attempt time limit), [`RetryLayer`] (transient errors retried with
+//! backoff) and [`DedupeLayer`] (idempotency store). Add your own by implementing [`Layer`].
+//! [`HandlerBuilder::layer`] wraps what it has so far, so add layers innermost first:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use reliable_core::idempotency::InMemoryIdempotencyStore;
+//! use reliable_core::memory::InMemoryBroker;
+//! use reliable_core::pipeline::*;
+//! use reliable_core::producer::{Producer, ProducerConfig};
+//! use reliable_core::{Message, Transport};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = InMemoryBroker::new();
+//! broker.declare_queue("orders");
+//! broker.declare_queue("orders.dlq");
+//! broker.transport().publish(&Message::new("paid").with_destination("orders")).await?;
+//!
+//! let handler = HandlerBuilder::new(handler_fn(|msg: Message| async move {
+//!     if msg.payload().is_empty() {
+//!         return Err(HandlerError::permanent("empty order"));
+//!     }
+//!     Ok(())
+//! }))
+//! .layer(TimeoutLayer::new(Duration::from_secs(30)))
+//! .layer(RetryLayer::new(RetryPolicy::default()))
+//! .layer(DedupeLayer::new(Arc::new(InMemoryIdempotencyStore::default())))
+//! .build();
+//!
+//! let dead_letter = DeadLetter::publish(
+//!     Producer::new(broker.transport(), ProducerConfig::default()),
+//!     "orders.dlq",
+//! );
+//! let source = broker.consumer("orders").end_when_drained();
+//! let stats = Pipeline::new(source, handler, dead_letter).run().await?;
+//! assert_eq!(stats.succeeded, 1);
+//! assert_eq!(broker.acked_count("orders"), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Shutdown
+//!
+//! [`Pipeline::run_until`] stops taking deliveries when its signal fires, waits for the handlers
+//! in flight, settles them, and then calls [`DeliverySource::close`] for the final ack/commit.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::backoff::BackoffPolicy;
+use crate::idempotency::{IdempotencyStore, Reservation};
+use crate::message::{headers, Message};
+use crate::producer::{Producer, SendError};
+use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource};
+
+/// The user's message handler (and every layer around it).
+#[async_trait]
+pub trait Handler: Send + Sync {
+    /// Applies the message's effect. Must be idempotent per key unless wrapped in a
+    /// [`DedupeLayer`].
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        (**self).handle(msg).await
+    }
+}
+
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for Box<H> {
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        (**self).handle(msg).await
+    }
+}
+
+/// A [`Handler`] from an async closure taking the message by value; see [`handler_fn`].
+#[derive(Clone)]
+pub struct HandlerFn<F>(F);
+
+/// Wraps an async closure `Fn(Message) -> Future<Output = Result<(), HandlerError>>` as a
+/// [`Handler`]. The message is cloned per call (the payload is shared, not copied).
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    HandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        (self.0)(msg.clone()).await
+    }
+}
+
+/// Whether a handler failure may go away on retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// May succeed later (a database timeout, a busy dependency): retried by [`RetryLayer`].
+    Transient,
+    /// Will never succeed (malformed payload, violated business rule): dead-lettered at once.
+    Permanent,
+}
+
+/// A handler failure, classified by [`ErrorKind`].
+#[derive(Debug)]
+pub struct HandlerError {
+    kind: ErrorKind,
+    source: Box<dyn StdError + Send + Sync>,
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn transient(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            kind: ErrorKind::Transient,
+            source: source.into(),
+        }
+    }
+
+    /// A failure no retry can fix; the message goes to the dead letter.
+    pub fn permanent(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            source: source.into(),
+        }
+    }
+
+    /// The failure's kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether the failure is transient.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Permanent => "permanent",
+        };
+        write!(f, "{kind} handler error: {}", self.source)
+    }
+}
+
+impl StdError for HandlerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Wraps a handler in more behaviour (tower-style middleware).
+pub trait Layer<H> {
+    /// The wrapped handler.
+    type Handler: Handler;
+    /// Wraps `inner`.
+    fn layer(&self, inner: H) -> Self::Handler;
+}
+
+/// Stacks [`Layer`]s around a handler: each [`layer`](Self::layer) call wraps everything added
+/// before it, so the last layer added runs first.
+#[derive(Clone, Debug)]
+pub struct HandlerBuilder<H>(H);
+
+impl<H: Handler> HandlerBuilder<H> {
+    /// Starts from the user's handler.
+    pub fn new(handler: H) -> Self {
+        Self(handler)
+    }
+
+    /// Wraps the current handler in `layer`.
+    pub fn layer<L: Layer<H>>(self, layer: L) -> HandlerBuilder<L::Handler> {
+        HandlerBuilder(layer.layer(self.0))
+    }
+
+    /// The finished handler.
+    pub fn build(self) -> H {
+        self.0
+    }
+}
+
+/// How [`RetryLayer`] retries transient failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1). Default 5.
+    pub max_attempts: u32,
+    /// Delay between attempts. Default: 100 ms doubling to 10 s, with jitter.
+    pub backoff: BackoffPolicy,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff: BackoffPolicy {
+                min_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(10),
+                factor: 2.0,
+                jitter: true,
+            },
+        }
+    }
+}
+
+/// Retries transient handler failures with backoff, a bounded number of times; permanent
+/// failures and the last transient one pass through (to the dead letter).
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    policy: RetryPolicy,
+}
+
+impl RetryLayer {
+    /// A retry layer with `policy`.
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl<H: Handler> Layer<H> for RetryLayer {
+    type Handler = Retry<H>;
+    fn layer(&self, inner: H) -> Retry<H> {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// The handler made by [`RetryLayer`].
+#[derive(Clone, Debug)]
+pub struct Retry<H> {
+    inner: H,
+    policy: RetryPolicy,
+}
+
+#[async_trait]
+impl<H: Handler> Handler for Retry<H> {
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        let mut delays = self.policy.backoff.delays();
+        let mut attempt = 1;
+        loop {
+            match self.inner.handle(msg).await {
+                Err(e) if e.is_transient() && attempt < self.policy.max_attempts => {
+                    let delay = delays.next().unwrap_or(self.policy.backoff.max_delay);
+                    tracing::debug!(error = %e, attempt, ?delay, "retrying handler");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Bounds each handler attempt in time; an attempt that runs over fails as transient.
+#[derive(Clone, Debug)]
+pub struct TimeoutLayer {
+    timeout: Duration,
+}
+
+impl TimeoutLayer {
+    /// A per-attempt time limit.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<H: Handler> Layer<H> for TimeoutLayer {
+    type Handler = Timeout<H>;
+    fn layer(&self, inner: H) -> Timeout<H> {
+        Timeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The handler made by [`TimeoutLayer`].
+#[derive(Clone, Debug)]
+pub struct Timeout<H> {
+    inner: H,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl<H: Handler> Handler for Timeout<H> {
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        tokio::time::timeout(self.timeout, self.inner.handle(msg))
+            .await
+            .unwrap_or_else(|_| {
+                Err(HandlerError::transient(format!(
+                    "handler did not finish within {:?}",
+                    self.timeout
+                )))
+            })
+    }
+}
+
+/// Runs the handler at most once per idempotency key (loss-matrix row L8).
+///
+/// Reserves the key first: a duplicate is skipped (`Ok`, so it is acked). A key held by another
+/// worker is polled with backoff until that worker completes it (then it is a duplicate) or
+/// releases it (then this copy runs), for at most [`with_in_progress_wait`](Self::with_in_progress_wait);
+/// set that to the store's lease so the wait always ends in an answer. After the handler, the key
+/// is completed on success and released on failure. Put it outside the [`RetryLayer`] so the key
+/// stays reserved across retries.
+pub struct DedupeLayer<S: ?Sized> {
+    store: Arc<S>,
+    duplicates: Arc<AtomicU64>,
+    in_progress_wait: Duration,
+}
+
+impl<S: ?Sized> Clone for DedupeLayer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            duplicates: self.duplicates.clone(),
+            in_progress_wait: self.in_progress_wait,
+        }
+    }
+}
+
+impl<S: IdempotencyStore + ?Sized> DedupeLayer<S> {
+    /// Deduplicates against `store`.
+    pub fn new(store: Arc<S>) -> Self {
+        Self {
+            store,
+            duplicates: Arc::default(),
+            in_progress_wait: Duration::from_secs(300),
+        }
+    }
+
+    /// How long a copy waits for another worker holding its key before failing as transient.
+    /// Default 5 minutes (the in-memory store's default lease).
+    pub fn with_in_progress_wait(mut self, wait: Duration) -> Self {
+        self.in_progress_wait = wait;
+        self
+    }
+
+    /// Duplicates skipped so far by handlers made from this layer (and its clones).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: IdempotencyStore + ?Sized, H: Handler> Layer<H> for DedupeLayer<S> {
+    type Handler = Dedupe<H, S>;
+    fn layer(&self, inner: H) -> Dedupe<H, S> {
+        Dedupe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Polling of a key held by another worker.
+const IN_PROGRESS_POLL: BackoffPolicy = BackoffPolicy {
+    min_delay: Duration::from_millis(20),
+    max_delay: Duration::from_secs(2),
+    factor: 2.0,
+    jitter: true,
+};
+
+/// The handler made by [`DedupeLayer`].
+pub struct Dedupe<H, S: ?Sized> {
+    inner: H,
+    layer: DedupeLayer<S>,
+}
+
+#[async_trait]
+impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
+    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
+        let key = msg.idempotency_key();
+        let store = &self.layer.store;
+        let give_up = tokio::time::Instant::now() + self.layer.in_progress_wait;
+        let mut delays = IN_PROGRESS_POLL.delays();
+        loop {
+            match store.reserve(key).await.map_err(HandlerError::transient)? {
+                Reservation::New => break,
+                Reservation::Duplicate => {
+                    self.layer.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%key, "duplicate skipped");
+                    return Ok(());
+                }
+                Reservation::InProgress if tokio::time::Instant::now() < give_up => {
+                    let delay = delays.next().unwrap_or(IN_PROGRESS_POLL.max_delay);
+                    tokio::time::sleep(delay).await;
+                }
+                Reservation::InProgress => {
+                    return Err(HandlerError::transient(format!(
+                        "idempotency key {key} is still held by another worker"
+                    )));
+                }
+            }
+        }
+        match self.inner.handle(msg).await {
+            Ok(()) => {
+                if let Err(e) = store.complete(key).await {
+                    // The effect happened; failing now would apply it again on retry.
+                    tracing::error!(%key, error = %e, "effect applied but key not recorded; a redelivery may repeat it");
+                }
+                Ok(())
+            }
+            Err(err) => {
+                if let Err(e) = store.release(key).await {
+                    tracing::warn!(%key, error = %e, "could not release key; it frees when its lease ends");
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Where messages go when their handler fails for good.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum DeadLetter {
+    /// Publish a copy (same id and key, plus the `x-dead-letter-reason` header) to
+    /// `destination` through `producer`, and ack the original only after that publish is
+    /// confirmed.
+    Publish {
+        /// The confirmed-publish producer.
+        producer: Producer,
+        /// The dead-letter queue's exchange or topic.
+        destination: String,
+    },
+    /// Reject the delivery and let the broker dead-letter it. Only loss-free when the broker
+    /// routes rejected messages to a dead-letter exchange (AMQP DLX, ideally at-least-once on a
+    /// quorum queue); Kafka has no such thing, so use [`DeadLetter::Publish`] there.
+    BrokerReject,
+}
+
+impl DeadLetter {
+    /// Dead-letters through `producer` to `destination`.
+    pub fn publish(producer: Producer, destination: impl Into<String>) -> Self {
+        Self::Publish {
+            producer,
+            destination: destination.into(),
+        }
+    }
+
+    /// The copy of `msg` that goes to the dead letter.
+    fn copy(msg: &Message, destination: &str, err: &HandlerError) -> Message {
+        let mut reason = err.to_string();
+        if reason.len() > 1024 {
+            let mut end = 1024;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        let mut copy = msg.clone().with_destination(destination);
+        copy.set_header(headers::DEAD_LETTER_REASON, reason);
+        copy
+    }
+}
+
+/// Pipeline limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineConfig {
+    /// Deliveries handled at once (at least 1). Keep the broker's prefetch at or above this.
+    /// Default 16.
+    pub concurrency: usize,
+    /// Delay between attempts to pull from a source that lost its connection.
+    pub reconnect_backoff: BackoffPolicy,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            reconnect_backoff: BackoffPolicy::default(),
+        }
+    }
+}
+
+/// What a pipeline run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Deliveries taken from the source.
+    pub received: u64,
+    /// Deliveries whose handler succeeded (duplicates skipped included), then acked.
+    pub succeeded: u64,
+    /// Deliveries dead-lettered, then acked (or rejected to the broker's DLX).
+    pub dead_lettered: u64,
+    /// Deliveries nacked back to the broker because the dead-letter publish failed.
+    pub requeued: u64,
+    /// Settle calls (ack / nack / reject) that failed; the broker redelivers those messages.
+    pub settle_failures: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    succeeded: AtomicU64,
+    dead_lettered: AtomicU64,
+    requeued: AtomicU64,
+    settle_failures: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> PipelineStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PipelineStats {
+            received: l(&self.received),
+            succeeded: l(&self.succeeded),
+            dead_lettered: l(&self.dead_lettered),
+            requeued: l(&self.requeued),
+            settle_failures: l(&self.settle_failures),
+        }
+    }
+}
+
+/// Why a pipeline run ended in error. Deliveries already taken were drained and settled first.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The source failed for good; fix what the source error names and restart.
+    #[error("delivery source failed: {0}")]
+    Source(#[source] ConsumeError),
+    /// The final close/commit failed; unsettled or uncommitted messages will be redelivered.
+    #[error("closing the delivery source failed: {0}")]
+    Close(#[source] ConsumeError),
+}
+
+/// The consumer pipeline; see the module docs.
+pub struct Pipeline<S, H> {
+    source: S,
+    handler: Arc<H>,
+    dead_letter: Arc<DeadLetter>,
+    config: PipelineConfig,
+    counters: Arc<Counters>,
+}
+
+impl<S, H> fmt::Debug for Pipeline<S, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("config", &self.config)
+            .field("stats", &self.counters.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
+    /// A pipeline pulling from `source`, handling with `handler` (build it with
+    /// [`HandlerBuilder`]) and dead-lettering through `dead_letter`.
+    pub fn new(source: S, handler: H, dead_letter: DeadLetter) -> Self {
+        Self {
+            source,
+            handler: Arc::new(handler),
+            dead_letter: Arc::new(dead_letter),
+            config: PipelineConfig::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Replaces the limits.
+    pub fn with_config(mut self, config: PipelineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// A live view of the counters, readable while the pipeline runs.
+    pub fn stats(&self) -> PipelineStatsHandle {
+        PipelineStatsHandle(self.counters.clone())
+    }
+
+    /// Runs until the source ends, then drains and closes it.
+    pub async fn run(self) -> Result<PipelineStats, PipelineError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Runs until `shutdown` resolves or the source ends: then stops taking deliveries, waits for
+    /// the handlers in flight, settles them, and closes the source (final ack/commit).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<PipelineStats, PipelineError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut reconnect: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+        let mut failure = None;
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                log_join(done);
+            }
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                n = self.source.next() => n,
+            };
+            match next {
+                Ok(Some(delivery)) => {
+                    reconnect = None;
+                    self.counters.received.fetch_add(1, Ordering::Relaxed);
+                    let span = tracing::debug_span!(
+                        "reliable.consume",
+                        message_id = %delivery.message().id(),
+                        redelivered = delivery.redelivered(),
+                    );
+                    let handler = self.handler.clone();
+                    let dead_letter = self.dead_letter.clone();
+                    let counters = self.counters.clone();
+                    tasks.spawn(
+                        async move {
+                            process(&*handler, &dead_letter, &counters, delivery).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Ok(None) => break,
+                Err(e) if e.is_retryable() => {
+                    let delays = reconnect
+                        .get_or_insert_with(|| Box::new(self.config.reconnect_backoff.delays()));
+                    let delay = delays
+                        .next()
+                        .unwrap_or(self.config.reconnect_backoff.max_delay);
+                    tracing::warn!(error = %e, ?delay, "delivery source failed; retrying");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    failure = Some(PipelineError::Source(e));
+                    break;
+                }
+            }
+        }
+        tracing::debug!(in_flight = tasks.len(), "pipeline draining");
+        while let Some(done) = tasks.join_next().await {
+            log_join(done);
+        }
+        let closed = self.source.close().await;
+        let stats = self.counters.snapshot();
+        match (failure, closed) {
+            (Some(e), _) => Err(e),
+            (None, Err(e)) => Err(PipelineError::Close(e)),
+            (None, Ok(())) => Ok(stats),
+        }
+    }
+}
+
+/// A live view of a running pipeline's counters.
+#[derive(Clone)]
+pub struct PipelineStatsHandle(Arc<Counters>);
+
+impl PipelineStatsHandle {
+    /// The counters now.
+    pub fn snapshot(&self) -> PipelineStats {
+        self.0.snapshot()
+    }
+}
+
+impl fmt::Debug for PipelineStatsHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.snapshot().fmt(f)
+    }
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        // `process` catches handler panics; reaching this is a bug in a settle call.
+        tracing::error!(error = %e, "pipeline task failed; the broker will redeliver its message");
+    }
+}
+
+/// Handles one delivery and settles it once its outcome is final.
+async fn process<H: Handler + ?Sized>(
+    handler: &H,
+    dead_letter: &DeadLetter,
+    counters: &Counters,
+    delivery: Delivery,
+) {
+    let outcome = AssertUnwindSafe(handler.handle(delivery.message()))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")));
+    let settled = match outcome {
+        Ok(()) => {
+            counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            delivery.ack().await
+        }
+        Err(err) => match send_dead_letter(dead_letter, delivery.message(), &err).await {
+            Ok(DeadLettered::Published) => {
+                counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "message dead-lettered");
+                delivery.ack().await
+            }
+            Ok(DeadLettered::Reject) => {
+                counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "message rejected to the broker's dead letter");
+                delivery.reject().await
+            }
+            Err(dl) => {
+                counters.requeued.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, dead_letter_error = %dl, "dead-letter publish failed; requeueing");
+                delivery.nack(true).await
+            }
+        },
+    };
+    if let Err(e) = settled {
+        counters.settle_failures.fetch_add(1, Ordering::Relaxed);
+        let e: AckError = e;
+        tracing::warn!(error = %e, "could not settle delivery");
+    }
+}
+
+enum DeadLettered {
+    Published,
+    Reject,
+}
+
+async fn send_dead_letter(
+    dead_letter: &DeadLetter,
+    msg: &Message,
+    err: &HandlerError,
+) -> Result<DeadLettered, SendError> {
+    match dead_letter {
+        DeadLetter::BrokerReject => Ok(DeadLettered::Reject),
+        DeadLetter::Publish {
+            producer,
+            destination,
+        } => {
+            producer
+                .send_confirmed(DeadLetter::copy(msg, destination, err))
+                .await?;
+            Ok(DeadLettered::Published)
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The traits broker adapters implement: [`Transport`] on the producer side, [`DeliverySource`]
+//! and [`Acker`] on the consumer side.
+//!
+//! The core knows nothing of any broker client. An adapter (AMQP, Kafka, the in-memory broker in
+//! [`crate::memory`]) implements:
+//!
+//! * [`Transport::publish`]: send one message and resolve when the broker *confirmed* it (AMQP
+//!   `basic.ack` of a persistent message; Kafka delivery report under `acks=all`) or refused it,
+//!   with the refusal classified as a [`PublishError`] so the [`Producer`](crate::producer::Producer)
+//!   knows whether to resend. The producer adds timeouts, resends and the in-flight window: a
+//!   transport does one attempt and does not retry on its own.
+//! * [`DeliverySource::next`]: hand the pipeline the next [`Delivery`], each carrying an [`Acker`]
+//!   that settles it (ack / nack / reject). Offset-based transports settle by marking the offset
+//!   finished in an [`OffsetTracker`](crate::offsets::OffsetTracker) and commit its watermark.
+//!
+//! All traits are object safe; the SDK stores them as `Arc<dyn Transport>` and
+//! `Box<dyn Acker>`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::message::Message;
+
+/// Producer side of a broker adapter: one publish attempt, resolved by the broker's answer.
+///
+/// Implementations must resolve `Ok(())` only after the broker confirmed the message durably
+/// (invariant 1) and must not retry by themselves; the [`Producer`](crate::producer::Producer)
+/// does that with the same message id (invariant 6). They may take arbitrarily long: the producer
+/// bounds every attempt with a timeout and drops the future on expiry, so `publish` must be
+/// cancel safe (dropping it must not corrupt the transport).
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Publishes `msg` and waits for the broker's confirm or refusal.
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError>;
+}
+
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        (**self).publish(msg).await
+    }
+}
+
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        (**self).publish(msg).await
+    }
+}
+
+/// Why a broker did not confirm a publish. [`is_retryable`](Self::is_retryable) tells the
+/// producer whether resending the same message can succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The broker refused the message for now (AMQP `basic.nack`, Kafka retriable delivery
+    /// error). Retryable: the producer resends after a backoff.
+    #[error("broker nacked the message ({reason}); it will be resent")]
+    Nacked {
+        /// What the broker or client said.
+        reason: String,
+    },
+    /// No queue or partition takes the message (AMQP `basic.return` under `mandatory`; Kafka
+    /// unknown topic). Not retryable: bind a queue for the routing key or create the topic.
+    #[error(
+        "message is unroutable ({reason}); bind a queue for its routing key or create the topic"
+    )]
+    Unroutable {
+        /// What the broker said.
+        reason: String,
+    },
+    /// The connection or channel went away before the confirm. Retryable: the transport
+    /// reconnects and the producer resends.
+    #[error("connection lost before the confirm ({reason}); it will be resent after reconnecting")]
+    ConnectionLost {
+        /// What the client reported.
+        reason: String,
+    },
+    /// The attempt timed out without a confirm. Retryable. Set by the producer's confirm
+    /// timeout; transports with their own deadline may return it too.
+    #[error("no confirm within the attempt timeout; it will be resent")]
+    Timeout,
+    /// The client's local queue is full (e.g. librdkafka `QueueFull`). Retryable after a backoff.
+    #[error("transport is busy ({reason}); it will be resent after a backoff")]
+    Busy {
+        /// What the client reported.
+        reason: String,
+    },
+    /// The message is larger than the broker accepts. Not retryable: shrink the payload or raise
+    /// the broker's limit (AMQP `max_message_size`, Kafka `message.max.bytes`).
+    #[error(
+        "message is {size} bytes, the broker accepts at most {limit}; shrink it or raise the limit"
+    )]
+    TooLarge {
+        /// The message's size in bytes.
+        size: usize,
+        /// The broker's limit in bytes.
+        limit: usize,
+    },
+    /// A configuration or authorization problem no resend can fix (access refused, unsafe
+    /// setting, missing exchange). Not retryable: fix the configuration named in `reason`.
+    #[error("fatal transport error: {reason}; fix the configuration, resending cannot help")]
+    Fatal {
+        /// What is wrong. Must never contain credentials (invariant 8).
+        reason: String,
+    },
+}
+
+impl PublishError {
+    /// Whether resending the same message may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Nacked { .. }
+            | Self::ConnectionLost { .. }
+            | Self::Timeout
+            | Self::Busy { .. } => true,
+            Self::Unroutable { .. } | Self::TooLarge { .. } | Self::Fatal { .. } => false,
+        }
+    }
+}
+
+/// Where a delivery sits in an offset-based log (Kafka): topic, partition and offset.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The partition the delivery came from.
+    pub partition: TopicPartition,
+    /// The delivery's offset in that partition.
+    pub offset: i64,
+}
+
+/// A topic (or stream) and one of its partitions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic's name.
+    pub topic: Arc<str>,
+    /// The partition number.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// A topic-partition pair.
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// Settles one delivery with the broker. Implemented by adapters; the pipeline calls exactly one
+/// method exactly once per delivery, after the handler's outcome is final (invariant 4).
+///
+/// For offset-based transports `ack`, `reject` and `nack(false)` mark the offset finished (the
+/// commit watermark may pass it); `nack(true)` must make the message come back (seek back or
+/// keep the watermark below it).
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message was handled (or dead-lettered with a confirm): remove it from the broker.
+    async fn ack(&self) -> Result<(), AckError>;
+    /// The message was not handled: requeue it (`requeue = true`) or drop it / route it to the
+    /// broker's dead-letter exchange (`requeue = false`).
+    async fn nack(&self, requeue: bool) -> Result<(), AckError>;
+    /// The message is unacceptable: drop it or route it to the broker's dead-letter exchange.
+    async fn reject(&self) -> Result<(), AckError>;
+}
+
+/// Why a delivery could not be settled. The broker then redelivers it (at-least-once), and the
+/// idempotency check keeps the effect single.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The channel or consumer session that received the delivery is gone; the broker
+    /// redelivers the message to another consumer. Nothing to do: deduplication absorbs it.
+    #[error(
+        "connection lost before the delivery was settled ({reason}); the broker will redeliver it"
+    )]
+    ConnectionLost {
+        /// What the client reported.
+        reason: String,
+    },
+    /// The delivery was already settled or its partition was revoked; nothing to do.
+    #[error("delivery is stale ({reason}); it was already settled or its partition was revoked")]
+    Stale {
+        /// Why it is stale.
+        reason: String,
+    },
+    /// Anything else; the broker will redeliver the message after the session ends.
+    #[error("could not settle the delivery: {reason}")]
+    Other {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// One consumed message plus the means to settle it.
+///
+/// Settling consumes the delivery, so it is settled at most once.
+pub struct Delivery {
+    message: Message,
+    redelivered: bool,
+    position: Option<Position>,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery of `message`, settled through `acker`.
+    pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
+        Self {
+            message,
+            redelivered: false,
+            position: None,
+            acker,
+        }
+    }
+
+    /// Marks the delivery as a redelivery (AMQP `redelivered` flag).
+    pub fn with_redelivered(mut self, redelivered: bool) -> Self {
+        self.redelivered = redelivered;
+        self
+    }
+
+    /// Sets the delivery's log position (offset-based transports).
+    pub fn with_position(mut self, position: Position) -> Self {
+        self.position = Some(position);
+        self
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Whether the broker says it delivered this message before.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// The log position, for offset-based transports.
+    pub fn position(&self) -> Option<&Position> {
+        self.position.as_ref()
+    }
+
+    /// Acknowledges the delivery.
+    pub async fn ack(self) -> Result<(), AckError> {
+        self.acker.ack().await
+    }
+
+    /// Negatively acknowledges the delivery, requeueing it or not.
+    pub async fn nack(self, requeue: bool) -> Result<(), AckError> {
+        self.acker.nack(requeue).await
+    }
+
+    /// Rejects the delivery.
+    pub async fn reject(self) -> Result<(), AckError> {
+        self.acker.reject().await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message_id", &self.message.id())
+            .field("redelivered", &self.redelivered)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Consumer side of a broker adapter: the stream of deliveries the pipeline pulls from.
+///
+/// Adapters must not acknowledge anything on their own (no auto-ack, no auto-commit): the
+/// pipeline settles each delivery through its [`Acker`] after the handler (invariant 4).
+#[async_trait]
+pub trait DeliverySource: Send {
+    /// The next delivery; `Ok(None)` when the source has ended for good. Must be cancel safe:
+    /// the pipeline drops this future when it shuts down, and no delivery may be lost then
+    /// (an unsettled delivery is redelivered by the broker).
+    async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError>;
+
+    /// Called once after the pipeline has drained and settled every delivery: stop consuming and
+    /// make the final commit (offset-based transports commit their watermark here).
+    async fn close(&mut self) -> Result<(), ConsumeError>;
+}
+
+/// Why a delivery source failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// The connection dropped; the pipeline backs off and calls `next` again while the adapter
+    /// reconnects. Unsettled deliveries are redelivered by the broker.
+    #[error("consumer connection lost ({reason}); retrying after a backoff")]
+    ConnectionLost {
+        /// What the client reported.
+        reason: String,
+    },
+    /// A problem no retry can fix (access refused, missing queue or topic, unsafe setting).
+    #[error("fatal consumer error: {reason}; fix the configuration and restart")]
+    Fatal {
+        /// What is wrong. Must never contain credentials (invariant 8).
+        reason: String,
+    },
+    /// The final commit at close failed; the uncommitted messages will be delivered again.
+    #[error("final commit failed ({reason}); the uncommitted messages will be redelivered")]
+    Commit {
+        /// What the client reported.
+        reason: String,
+    },
+}
+
+impl ConsumeError {
+    /// Whether calling [`DeliverySource::next`] again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::ConnectionLost { .. })
+    }
+}
