@@ -25,8 +25,7 @@ use reliable::core::Message;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
 
@@ -49,7 +48,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut handles = Vec::new();
     for i in 1..=10 {
-        let payload = if i == 7 { "poison".to_string() } else { format!("order-{i}") };
+        let payload = if i == 7 {
+            "poison".to_string()
+        } else {
+            format!("order-{i}")
+        };
         let msg = Message::new(payload)
             .with_destination("orders")
             .with_idempotency_key(format!("order-{i}"))?;
@@ -58,7 +61,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for h in handles {
         let confirmed = h.await?; // Ok only after the broker confirmed
         if confirmed.attempts > 1 {
-            println!("{} confirmed after {} attempts", confirmed.id, confirmed.attempts);
+            println!(
+                "{} confirmed after {} attempts",
+                confirmed.id, confirmed.attempts
+            );
         }
     }
     producer.flush().await;

@@ -16,6 +16,22 @@
 //!   [`ReconnectPolicy`](crate::settings::ReconnectPolicy)). The caller — usually the core's
 //!   reliable producer — resends the same [`Message`], so the resend carries the original id.
 //!
+//! # Transactions, the slower alternative
+//!
+//! With [`AmqpSettings::transactional`] the channel is in transaction mode instead:
+//! [`Transport::publish`] commits each message on its own (`tx.commit` waits for the broker to
+//! have it durably), and [`AmqpPublisher::publish_batch`] commits a batch at once, rolling back
+//! on failure so the whole batch can be retried. Each commit is a synchronous round trip with
+//! an fsync, and only one transaction runs per channel at a time, so throughput is far below
+//! confirms (which keep many publishes in flight); use it when a batch must commit as a whole.
+//!
+//! # Resend across recovery
+//!
+//! Put the publisher under the core's reliable producer
+//! (`reliable_core::producer::Producer::new(publisher, config)`): it times out, backs off and
+//! resends the same message after a `ConnectionLost`, and this publisher re-opens the channel
+//! (and, for URL publishers, the connection) on the next attempt.
+//!
 //! ```no_run
 //! use reliable_amqp::publisher::AmqpPublisher;
 //! use reliable_amqp::settings::AmqpSettings;
@@ -99,11 +115,15 @@ struct LiveChannel {
 
 impl Drop for LiveChannel {
     fn drop(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            // Best effort: the connection is usually already gone when a channel is dropped.
-            tokio::spawn(async move {
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        // Best effort: the connection is usually already gone when a channel is dropped.
+        // Outside a runtime there is nothing to close it on; dropping it ends its I/O loop.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
                 let _ = connection
-                    .close(200, "reliable publisher reconnecting".into())
+                    .close(200, "reliable publisher closing".into())
                     .await;
             });
         }
@@ -140,6 +160,9 @@ impl AmqpPublisher {
     /// Publishes on an existing channel, which is put in confirm (or transaction) mode. The
     /// adapter cannot re-open a channel it was handed: once it closes, publishes fail with
     /// [`PublishError::ConnectionLost`]. Prefer [`from_connection`](Self::from_connection).
+    ///
+    /// Do not publish on the channel elsewhere, nor call its `wait_for_confirms`: the adapter
+    /// owns its confirms and returns (it uses `wait_for_confirms` itself to collect returns).
     pub async fn from_channel(channel: Channel, settings: AmqpSettings) -> Result<Self, AmqpError> {
         Self::start(Source::Channel(channel), settings).await
     }
@@ -506,33 +529,7 @@ async fn drive_confirms(channel: Channel, mut incoming: mpsc::UnboundedReceiver<
                 while let Some(Some(resolved)) = waiting.next().now_or_never() {
                     batch.push(resolved);
                 }
-                let mut decided = Vec::with_capacity(batch.len());
-                for (id, reply, result) in batch {
-                    let outcome = match result {
-                        Ok(confirmation) => {
-                            let acked = confirmation.is_ack();
-                            if let Some(r) = confirmation.take_message() {
-                                returns.add(r);
-                            }
-                            Ok(acked)
-                        }
-                        Err(e) => Err(classify(&e)),
-                    };
-                    decided.push((id, reply, outcome));
-                }
-                for (id, reply, outcome) in decided {
-                    let result = match outcome {
-                        Ok(acked) => match returns.take(&id) {
-                            Some(r) => Err(unroutable(&r)),
-                            None if acked => Ok(()),
-                            None => Err(PublishError::Nacked {
-                                reason: "basic.nack: the queue refused it (full with \
-                                         reject-publish, or a broker-side error)"
-                                    .to_owned(),
-                            }),
-                        },
-                        Err(e) => Err(e),
-                    };
+                for (id, reply, result) in decide_batch(batch, &mut returns) {
                     tracing::trace!(message_id = %id, ?result, "confirm decided");
                     let _ = reply.send(result);
                 }
@@ -545,6 +542,48 @@ async fn drive_confirms(channel: Channel, mut incoming: mpsc::UnboundedReceiver<
             }
         }
     }
+}
+
+/// Decides a batch of resolved confirms. Every return the batch carries is collected first
+/// (lapin may have attached it to any confirm of the batch, or to an earlier one), then each
+/// publish is decided by its own message id: returned -> Unroutable, else ack -> Ok, nack ->
+/// Nacked, error -> classified.
+fn decide_batch<T>(
+    batch: Vec<(String, T, lapin::Result<Confirmation>)>,
+    returns: &mut Returns,
+) -> Vec<(String, T, Result<(), PublishError>)> {
+    let mut collected = Vec::with_capacity(batch.len());
+    for (id, extra, result) in batch {
+        let outcome = match result {
+            Ok(confirmation) => {
+                let acked = confirmation.is_ack();
+                if let Some(r) = confirmation.take_message() {
+                    returns.add(r);
+                }
+                Ok(acked)
+            }
+            Err(e) => Err(classify(&e)),
+        };
+        collected.push((id, extra, outcome));
+    }
+    collected
+        .into_iter()
+        .map(|(id, extra, outcome)| {
+            let result = match outcome {
+                Ok(acked) => match returns.take(&id) {
+                    Some(r) => Err(unroutable(&r)),
+                    None if acked => Ok(()),
+                    None => Err(PublishError::Nacked {
+                        reason: "basic.nack: the queue refused it (full with reject-publish, \
+                                 or a broker-side error)"
+                            .to_owned(),
+                    }),
+                },
+                Err(e) => Err(e),
+            };
+            (id, extra, result)
+        })
+        .collect()
 }
 
 fn unroutable(r: &BasicReturnMessage) -> PublishError {
@@ -577,5 +616,77 @@ pub(crate) fn classify(error: &lapin::Error) -> PublishError {
         _ => PublishError::Fatal {
             reason: error.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::message::Delivery;
+
+    fn returned(id: &str) -> BasicReturnMessage {
+        let mut delivery = Delivery::mock(0, "".into(), "nowhere".into(), false, b"x".to_vec());
+        delivery.properties = BasicProperties::default().with_message_id(id.into());
+        BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        }
+    }
+
+    #[test]
+    fn a_return_attached_to_another_confirm_goes_to_its_own_publish() {
+        // A multiple-ack resolved W and X together and lapin attached X's return to W.
+        let batch = vec![
+            (
+                "w".to_owned(),
+                (),
+                Ok(Confirmation::Ack(Some(returned("x")))),
+            ),
+            ("x".to_owned(), (), Ok(Confirmation::Ack(None))),
+        ];
+        let decided = decide_batch(batch, &mut Returns::default());
+        assert_eq!(decided[0].2, Ok(()), "w was routed");
+        assert!(matches!(decided[1].2, Err(PublishError::Unroutable { .. })));
+    }
+
+    #[test]
+    fn a_return_that_arrived_before_its_publish_was_decided_is_kept_for_it() {
+        let mut returns = Returns::default();
+        let first = decide_batch(
+            vec![(
+                "w".to_owned(),
+                (),
+                Ok(Confirmation::Ack(Some(returned("x")))),
+            )],
+            &mut returns,
+        );
+        assert_eq!(first[0].2, Ok(()));
+        let later = decide_batch(
+            vec![("x".to_owned(), (), Ok(Confirmation::Ack(None)))],
+            &mut returns,
+        );
+        assert!(matches!(later[0].2, Err(PublishError::Unroutable { .. })));
+        assert!(returns.0.is_empty());
+    }
+
+    #[test]
+    fn nack_and_connection_loss_are_classified() {
+        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let decided = decide_batch(
+            vec![
+                ("n".to_owned(), (), Ok(Confirmation::Nack(None))),
+                ("l".to_owned(), (), Err(io)),
+            ],
+            &mut Returns::default(),
+        );
+        assert!(matches!(decided[0].2, Err(PublishError::Nacked { .. })));
+        assert!(matches!(
+            decided[1].2,
+            Err(PublishError::ConnectionLost { .. })
+        ));
+        assert!(decided
+            .iter()
+            .all(|d| d.2.as_ref().unwrap_err().is_retryable()));
     }
 }

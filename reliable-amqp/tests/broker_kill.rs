@@ -238,7 +238,16 @@ async fn every_confirmed_publish_survives_a_kill_9_and_restart_and_the_control_s
          in queue after restart {lossy_count}, lost {lossy_lost}",
         lossy_ok.len()
     );
+    println!(
+        "kill -9 test: consumer: {CONSUMED} messages, acked {acked} distinct, consumer errors \
+         {consumer_errors} (then consumed again), redelivered {redeliveries}"
+    );
 
+    assert_eq!(
+        acked, CONSUMED,
+        "the consumer came back and acked everything"
+    );
+    assert!(consumer_errors > 0, "the consumer saw the outage");
     assert!(
         sent_before_kill > 0 && (sent_before_kill as usize) < MESSAGES,
         "the kill was mid-stream"

@@ -639,7 +639,7 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                 Ok(Some(delivery)) => {
                     reconnect = None;
                     self.counters.received.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::debug_span!(
+                    let span = tracing::info_span!(
                         "reliable.consume",
                         message_id = %delivery.message().id(),
                         redelivered = delivery.redelivered(),

@@ -413,7 +413,7 @@ impl Producer {
         );
         inner.counters.sent.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "reliable.publish",
             message_id = %id,
             idempotency_key = %msg.idempotency_key(),
