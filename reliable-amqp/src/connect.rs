@@ -14,6 +14,9 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use crate::error::redacted_target;
 use crate::settings::ReconnectPolicy;
 
+/// The longest one attempt to open a connection and channel may take.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An AMQP URL whose credentials are never displayed (invariant 8).
 #[derive(Clone)]
 pub(crate) struct SecretUrl(Arc<str>);
@@ -110,9 +113,22 @@ impl Source {
             .with_jitter();
         let target = self.target();
         (|| async {
-            let link = self.open_once().await?;
-            setup(link.channel.clone()).await?;
-            Ok(link)
+            let attempt = async {
+                let link = self.open_once().await?;
+                setup(link.channel.clone()).await?;
+                Ok(link)
+            };
+            // A broker that accepts TCP but does not answer (still starting) must not hold
+            // the caller for ever.
+            tokio::time::timeout(OPEN_TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer from the broker within {OPEN_TIMEOUT:?}"),
+                    )
+                    .into())
+                })
         })
         .retry(backoff)
         .when(|e: &lapin::Error| !matches!(self, Source::Channel(_)) && retryable(e))

@@ -241,19 +241,33 @@ impl DeliverySource for AmqpConsumer {
     async fn close(&mut self) -> Result<(), ConsumeError> {
         self.closed = true;
         if let Some((link, consumer)) = self.current.take() {
-            let _ = link
-                .channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            // Closing the channel hands any unacked delivery back to the queue.
-            let _ = link.channel.close(200, "consumer closed".into()).await;
+            // Each step is bounded: after a broker loss the answers may never come, and the
+            // broker requeues unacked deliveries when the channel goes anyway.
+            let _ = tokio::time::timeout(
+                SETTLE_TIMEOUT,
+                link.channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+            )
+            .await;
+            let _ = tokio::time::timeout(
+                SETTLE_TIMEOUT,
+                link.channel.close(200, "consumer closed".into()),
+            )
+            .await;
             if let Some(connection) = link.connection {
-                let _ = connection.close(200, "consumer closed".into()).await;
+                let _ = tokio::time::timeout(
+                    SETTLE_TIMEOUT,
+                    connection.close(200, "consumer closed".into()),
+                )
+                .await;
             }
         }
         Ok(())
     }
 }
+
+/// The longest an ack, nack, reject or close step may wait for the connection.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Settles one AMQP delivery; checks lapin's `Ok(false)` (already settled, or channel gone).
 struct AmqpAcker {
@@ -261,7 +275,17 @@ struct AmqpAcker {
 }
 
 impl AmqpAcker {
-    fn settled(&self, operation: &str, result: lapin::Result<bool>) -> Result<(), AckError> {
+    /// Runs one settle call, bounded by [`SETTLE_TIMEOUT`], and checks lapin's answer.
+    async fn settle(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = lapin::Result<bool>>,
+    ) -> Result<(), AckError> {
+        let result = tokio::time::timeout(SETTLE_TIMEOUT, call)
+            .await
+            .map_err(|_| AckError::ConnectionLost {
+                reason: format!("{operation}: no progress within {SETTLE_TIMEOUT:?}"),
+            })?;
         match result {
             Ok(true) => Ok(()),
             Ok(false) if self.acker.poisoned() => Err(AckError::ConnectionLost {
@@ -283,8 +307,8 @@ impl AmqpAcker {
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), AckError> {
-        let result = self.acker.ack(BasicAckOptions::default()).await;
-        self.settled("basic.ack", result)
+        self.settle("basic.ack", self.acker.ack(BasicAckOptions::default()))
+            .await
     }
 
     async fn nack(&self, requeue: bool) -> Result<(), AckError> {
@@ -292,15 +316,14 @@ impl Acker for AmqpAcker {
             multiple: false,
             requeue,
         };
-        let result = self.acker.nack(options).await;
-        self.settled("basic.nack", result)
+        self.settle("basic.nack", self.acker.nack(options)).await
     }
 
     async fn reject(&self) -> Result<(), AckError> {
-        let result = self
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await;
-        self.settled("basic.reject", result)
+        self.settle(
+            "basic.reject",
+            self.acker.reject(BasicRejectOptions { requeue: false }),
+        )
+        .await
     }
 }

@@ -59,6 +59,18 @@ pub enum AmqpError {
     },
 }
 
+impl From<crate::settings::UnsafeSetting> for AmqpError {
+    fn from(e: crate::settings::UnsafeSetting) -> Self {
+        AmqpError::Settings(e.into())
+    }
+}
+
+impl From<crate::settings::InvalidSetting> for AmqpError {
+    fn from(e: crate::settings::InvalidSetting) -> Self {
+        AmqpError::Settings(e.into())
+    }
+}
+
 impl AmqpError {
     /// Wraps a lapin error of `operation`, mapping NOT_FOUND and PRECONDITION_FAILED on
     /// `kind` `name` to their plain-words variants.

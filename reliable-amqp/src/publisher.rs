@@ -58,6 +58,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::{BoxFuture, Shared};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::BasicReturnMessage;
@@ -98,8 +99,64 @@ struct Inner {
     source: Source,
     settings: AmqpSettings,
     exchange: String,
-    live: Mutex<Option<Arc<LiveChannel>>>,
+    live: std::sync::Mutex<State>,
     generation: AtomicU64,
+}
+
+impl Inner {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is replaced whole, never left half-written: a poisoned lock is usable.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+type Opening = Shared<BoxFuture<'static, Result<Arc<LiveChannel>, lapin::Error>>>;
+
+/// The publisher's channel: none, being opened (shared by all waiting callers), or open.
+enum State {
+    Idle,
+    Opening(Opening),
+    Live(Arc<LiveChannel>),
+}
+
+/// Opens a channel in the configured mode and starts its confirm driver.
+async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
+    let settings = &inner.settings;
+    let mode = settings.publish_mode();
+    let confirms = settings.publisher_confirms();
+    let link: Link = inner
+        .source
+        .open(settings.reconnect(), |channel| async move {
+            match mode {
+                PublishMode::Transactions => channel.tx_select().await,
+                PublishMode::Confirms if confirms => {
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                }
+                PublishMode::Confirms => Ok(()),
+            }
+        })
+        .await?;
+    let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let (driver, pending) = mpsc::unbounded_channel();
+    tokio::spawn(
+        drive_confirms(link.channel.clone(), pending)
+            .instrument(tracing::debug_span!("amqp_confirm_driver", generation)),
+    );
+    tracing::info!(
+        generation,
+        channel = link.channel.id(),
+        target_broker = %inner.source.target(),
+        "AMQP publisher channel open"
+    );
+    Ok(Arc::new(LiveChannel {
+        generation,
+        channel: link.channel,
+        connection: link.connection,
+        driver,
+        tx: Mutex::new(()),
+    }))
 }
 
 /// One open publisher channel, with its confirm driver.
@@ -111,6 +168,12 @@ struct LiveChannel {
     driver: mpsc::UnboundedSender<Pending>,
     /// Serialises transactions on the channel (transaction mode only).
     tx: Mutex<()>,
+}
+
+impl LiveChannel {
+    fn usable(&self) -> bool {
+        self.channel.status().connected() && !self.driver.is_closed()
+    }
 }
 
 impl Drop for LiveChannel {
@@ -173,7 +236,7 @@ impl AmqpPublisher {
                 source,
                 settings,
                 exchange: String::new(),
-                live: Mutex::new(None),
+                live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
             }),
         };
@@ -201,7 +264,7 @@ impl AmqpPublisher {
                 source: shared.source.clone(),
                 settings: shared.settings.clone(),
                 exchange,
-                live: Mutex::new(None),
+                live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
             },
         };
@@ -244,60 +307,47 @@ impl AmqpPublisher {
     }
 
     /// The current channel, or a freshly opened one.
+    ///
+    /// Opening runs in a task of its own, shared by every caller waiting for it: a caller
+    /// that gives up (the core's attempt timeout drops its future) does not abort the open,
+    /// so a slow broker start cannot make every attempt start over.
     async fn live(&self) -> Result<Arc<LiveChannel>, lapin::Error> {
-        let mut live = self.inner.live.lock().await;
-        if let Some(current) = live.as_ref() {
-            if current.channel.status().connected() && !current.driver.is_closed() {
-                return Ok(current.clone());
-            }
-        }
-        *live = None;
-        let settings = &self.inner.settings;
-        let mode = settings.publish_mode();
-        let confirms = settings.publisher_confirms();
-        let link: Link = self
-            .inner
-            .source
-            .open(settings.reconnect(), |channel| async move {
-                match mode {
-                    PublishMode::Transactions => channel.tx_select().await,
-                    PublishMode::Confirms if confirms => {
-                        channel
-                            .confirm_select(ConfirmSelectOptions::default())
-                            .await
-                    }
-                    PublishMode::Confirms => Ok(()),
+        let opening = {
+            let mut state = self.inner.lock_state();
+            match &*state {
+                State::Live(current) if current.usable() => return Ok(current.clone()),
+                State::Opening(opening) => opening.clone(),
+                State::Idle | State::Live(_) => {
+                    let inner = self.inner.clone();
+                    let task = tokio::spawn(async move {
+                        let result = open_live(&inner).await;
+                        *inner.lock_state() = match &result {
+                            Ok(live) => State::Live(live.clone()),
+                            Err(_) => State::Idle,
+                        };
+                        result
+                    });
+                    let opening = task
+                        .map(|joined| {
+                            joined.unwrap_or_else(|e| {
+                                Err(std::io::Error::other(e.to_string()).into())
+                            })
+                        })
+                        .boxed()
+                        .shared();
+                    *state = State::Opening(opening.clone());
+                    opening
                 }
-            })
-            .await?;
-        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (driver, pending) = mpsc::unbounded_channel();
-        tokio::spawn(
-            drive_confirms(link.channel.clone(), pending)
-                .instrument(tracing::debug_span!("amqp_confirm_driver", generation)),
-        );
-        tracing::info!(
-            generation,
-            channel = link.channel.id(),
-            target_broker = %self.inner.source.target(),
-            "AMQP publisher channel open"
-        );
-        let current = Arc::new(LiveChannel {
-            generation,
-            channel: link.channel,
-            connection: link.connection,
-            driver,
-            tx: Mutex::new(()),
-        });
-        *live = Some(current.clone());
-        Ok(current)
+            }
+        };
+        opening.await
     }
 
     /// Drops the channel of `generation` so the next publish re-opens one.
-    async fn invalidate(&self, generation: u64) {
-        let mut live = self.inner.live.lock().await;
-        if live.as_ref().is_some_and(|l| l.generation == generation) {
-            *live = None;
+    fn invalidate(&self, generation: u64) {
+        let mut state = self.inner.lock_state();
+        if matches!(&*state, State::Live(l) if l.generation == generation) {
+            *state = State::Idle;
         }
     }
 
@@ -345,7 +395,7 @@ impl AmqpPublisher {
         let live = self.live().await.map_err(|e| classify(&e))?;
         let result = self.publish_on(&live, msg).await;
         if matches!(result, Err(PublishError::ConnectionLost { .. })) {
-            self.invalidate(live.generation).await;
+            self.invalidate(live.generation);
         }
         result
     }
@@ -381,7 +431,7 @@ impl AmqpPublisher {
         let live = self.live().await.map_err(|e| classify(&e))?;
         let result = self.commit_on(&live, batch).await;
         if matches!(result, Err(PublishError::ConnectionLost { .. })) {
-            self.invalidate(live.generation).await;
+            self.invalidate(live.generation);
         }
         result
     }

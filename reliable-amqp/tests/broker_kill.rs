@@ -92,7 +92,7 @@ fn consume_across_outage(
         let (mut errors, mut redelivered) = (0, 0);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         while acked.len() < total && tokio::time::Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+            match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
                 Ok(Ok(Some(d))) => {
                     redelivered += usize::from(d.redelivered());
                     tokio::time::sleep(Duration::from_millis(20)).await; // the handler
@@ -123,7 +123,7 @@ async fn drain(url: &str, queue: &str, expected: u32) -> HashSet<MessageId> {
     let mut ids = HashSet::new();
     let mut taken = 0;
     while taken < expected {
-        match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+        match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
             Ok(Ok(Some(d))) => {
                 ids.insert(d.message().id());
                 taken += 1;
@@ -138,6 +138,10 @@ async fn drain(url: &str, queue: &str, expected: u32) -> HashSet<MessageId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_confirmed_publish_survives_a_kill_9_and_restart_and_the_control_shows_loss() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let url = require!(reliable_test_support::amqp_url());
     let (conn, ch) = common::open(&url).await;
     let safe_queue = unique_name("amqp-kill-safe");

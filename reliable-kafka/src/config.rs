@@ -1,0 +1,385 @@
+//! Safe client settings (loss-matrix rows L5 and L7; invariant 7): the presets, and the
+//! validation that completes a user's [`ClientConfig`] and refuses any setting that loses data.
+//!
+//! | client | setting | enforced value | why |
+//! |---|---|---|---|
+//! | producer | `enable.idempotence` | `true` | librdkafka's internal retries reorder and duplicate without it |
+//! | producer | `acks` (`request.required.acks`) | `all` / `-1` | the leader confirms before followers have the data |
+//! | producer | `retries` (`message.send.max.retries`) | `2147483647` | librdkafka gives up on transient errors after the count |
+//! | producer | `max.in.flight.requests.per.connection` | `1..=5` | above 5 the idempotent producer cannot keep order |
+//! | producer | `message.timeout.ms` (`delivery.timeout.ms`) | `1..=confirm timeout` | `0` keeps messages forever; above the core's confirm timeout the core resends copies librdkafka still holds |
+//! | consumer | `enable.auto.commit` | `false` | offsets are committed before the handler has finished |
+//! | consumer | `enable.auto.offset.store` | `false` | offsets are stored for messages still in an in-memory buffer |
+//! | consumer | `auto.offset.reset` | `earliest` unless set (`latest` refused) | a new group skips everything produced before it joined |
+//!
+//! A missing setting is filled in with the safe value; a weaker one is an
+//! [`UnsafeConfigError`] naming each setting, its value and how it loses data. The explicit
+//! opt-out is [`Safety::accept_data_loss_for`], logged at `warn` level every time it is used.
+//!
+//! ```
+//! use std::time::Duration;
+//! use reliable_kafka::config::{harden_producer_config, Safety};
+//! use reliable_kafka::rdkafka::ClientConfig;
+//!
+//! let mut config = ClientConfig::new();
+//! config.set("bootstrap.servers", "127.0.0.1:9092").set("acks", "1");
+//! let err = harden_producer_config(&mut config, Duration::from_secs(5), &Safety::strict())
+//!     .unwrap_err();
+//! assert_eq!(err.violations[0].setting, "acks");
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// The largest retry count librdkafka accepts; the preset's "unbounded".
+pub const UNBOUNDED_RETRIES: i64 = 2_147_483_647;
+
+/// Which unsafe settings the caller knowingly accepts. [`Safety::strict`] (the default)
+/// accepts none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Safety {
+    accepted: BTreeSet<String>,
+}
+
+impl Safety {
+    /// Refuse every unsafe setting.
+    pub fn strict() -> Self {
+        Self::default()
+    }
+
+    /// Lets `setting` (its canonical name, e.g. `"acks"` or `"enable.auto.commit"`) keep a value
+    /// that can lose messages. Each use is logged at `warn` level; prefer fixing the setting.
+    pub fn accept_data_loss_for(mut self, setting: impl Into<String>) -> Self {
+        self.accepted.insert(setting.into());
+        self
+    }
+
+    fn accepts(&self, setting: &str) -> bool {
+        self.accepted.contains(setting)
+    }
+}
+
+/// One setting whose value loses (or risks) data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The canonical setting name.
+    pub setting: &'static str,
+    /// The value found (as configured, possibly under an alias).
+    pub value: String,
+    /// What the SDK requires instead.
+    pub required: &'static str,
+    /// How the value loses data.
+    pub why: &'static str,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` = `{}` (required: {}): {}",
+            self.setting, self.value, self.required, self.why
+        )
+    }
+}
+
+/// A client configuration weakens the safe preset. Fix every listed setting (or, knowing the
+/// cost, accept it with [`Safety::accept_data_loss_for`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unsafe Kafka {client} settings: {}; fix them or opt out explicitly with Safety::accept_data_loss_for", join(violations))]
+pub struct UnsafeConfigError {
+    /// `"producer"` or `"consumer"`.
+    pub client: &'static str,
+    /// Every unsafe setting found.
+    pub violations: Vec<Violation>,
+}
+
+fn join(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One rule: canonical name, aliases, the safe default and the check.
+struct Rule {
+    setting: &'static str,
+    aliases: &'static [&'static str],
+    required: &'static str,
+    why: &'static str,
+    is_safe: fn(&str, &Limits) -> bool,
+    default: fn(&Limits) -> String,
+}
+
+/// Values rules depend on.
+struct Limits {
+    confirm_timeout_ms: u128,
+}
+
+fn bool_is(v: &str, want: bool) -> bool {
+    v.trim()
+        .eq_ignore_ascii_case(if want { "true" } else { "false" })
+}
+
+fn int(v: &str) -> Option<i64> {
+    v.trim().parse().ok()
+}
+
+const PRODUCER_RULES: &[Rule] = &[
+    Rule {
+        setting: "enable.idempotence",
+        aliases: &[],
+        required: "true",
+        why: "without idempotence librdkafka's own retries can duplicate and reorder messages, and a retried batch can be lost behind a failed one",
+        is_safe: |v, _| bool_is(v, true),
+        default: |_| "true".into(),
+    },
+    Rule {
+        setting: "acks",
+        aliases: &["request.required.acks"],
+        required: "all (or -1)",
+        why: "the leader confirms before the followers have the data; a leader crash then loses confirmed messages",
+        is_safe: |v, _| matches!(v.trim(), "all" | "-1"),
+        default: |_| "all".into(),
+    },
+    Rule {
+        setting: "retries",
+        aliases: &["message.send.max.retries"],
+        required: "2147483647 (unbounded)",
+        why: "librdkafka gives up on transient broker errors (leader election, network) after this many retries",
+        is_safe: |v, _| int(v).is_some_and(|n| n >= UNBOUNDED_RETRIES),
+        default: |_| UNBOUNDED_RETRIES.to_string(),
+    },
+    Rule {
+        setting: "max.in.flight.requests.per.connection",
+        aliases: &["max.in.flight"],
+        required: "1 to 5",
+        why: "the idempotent producer keeps order and exactly-once per partition only up to 5 requests in flight",
+        is_safe: |v, _| int(v).is_some_and(|n| (1..=5).contains(&n)),
+        default: |_| "5".into(),
+    },
+    Rule {
+        setting: "message.timeout.ms",
+        aliases: &["delivery.timeout.ms"],
+        required: "1 to the core's confirm timeout",
+        why: "0 keeps a message queued forever, and a timeout longer than the core's confirm timeout makes the core resend copies librdkafka still holds (duplicates, unbounded queue)",
+        is_safe: |v, l| int(v).is_some_and(|n| n >= 1 && (n as u128) <= l.confirm_timeout_ms),
+        // Slightly below the core's timeout, so librdkafka reports the timeout itself and no
+        // stale copy is left in its queue when the core resends.
+        default: |l| (l.confirm_timeout_ms * 9 / 10).max(1).to_string(),
+    },
+];
+
+const CONSUMER_RULES: &[Rule] = &[
+    Rule {
+        setting: "enable.auto.commit",
+        aliases: &[],
+        required: "false",
+        why: "offsets are committed on a timer, before the handler has finished; a crash then skips those messages",
+        is_safe: |v, _| bool_is(v, false),
+        default: |_| "false".into(),
+    },
+    Rule {
+        setting: "enable.auto.offset.store",
+        aliases: &[],
+        required: "false",
+        why: "librdkafka stores the offset of every message it hands out, including those still in an in-memory buffer; a commit then skips them after a crash",
+        is_safe: |v, _| bool_is(v, false),
+        default: |_| "false".into(),
+    },
+    Rule {
+        setting: "auto.offset.reset",
+        aliases: &[],
+        required: "earliest (or error)",
+        why: "a new consumer group (or one whose offsets expired) starts at the end and never sees the messages produced before it joined",
+        is_safe: |v, _| matches!(v.trim(), "earliest" | "smallest" | "beginning" | "error"),
+        default: |_| "earliest".into(),
+    },
+];
+
+fn harden(
+    client: &'static str,
+    rules: &[Rule],
+    config: &mut ClientConfig,
+    limits: &Limits,
+    safety: &Safety,
+) -> Result<(), UnsafeConfigError> {
+    let mut violations = Vec::new();
+    for rule in rules {
+        let names = std::iter::once(rule.setting).chain(rule.aliases.iter().copied());
+        let mut found = false;
+        for name in names {
+            let Some(value) = config.get(name) else {
+                continue;
+            };
+            found = true;
+            if (rule.is_safe)(value, limits) {
+                continue;
+            }
+            if safety.accepts(rule.setting) {
+                tracing::warn!(
+                    setting = rule.setting,
+                    value,
+                    why = rule.why,
+                    "unsafe Kafka {client} setting accepted by explicit opt-out; messages can be lost"
+                );
+                continue;
+            }
+            violations.push(Violation {
+                setting: rule.setting,
+                value: value.to_owned(),
+                required: rule.required,
+                why: rule.why,
+            });
+        }
+        if !found {
+            config.set(rule.setting, (rule.default)(limits));
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(UnsafeConfigError { client, violations })
+    }
+}
+
+/// Completes `config` with the safe producer settings and refuses any that are weaker (see the
+/// module docs). `confirm_timeout` is the core producer's
+/// [`confirm_timeout`](reliable_core::producer::ProducerConfig::confirm_timeout): librdkafka's
+/// `message.timeout.ms` is kept at or below it.
+pub fn harden_producer_config(
+    config: &mut ClientConfig,
+    confirm_timeout: Duration,
+    safety: &Safety,
+) -> Result<(), UnsafeConfigError> {
+    let limits = Limits {
+        confirm_timeout_ms: confirm_timeout.as_millis().max(1),
+    };
+    harden("producer", PRODUCER_RULES, config, &limits, safety)
+}
+
+/// Completes `config` with the safe consumer settings and refuses any that are weaker (see the
+/// module docs).
+pub fn harden_consumer_config(
+    config: &mut ClientConfig,
+    safety: &Safety,
+) -> Result<(), UnsafeConfigError> {
+    let limits = Limits {
+        confirm_timeout_ms: 0,
+    };
+    harden("consumer", CONSUMER_RULES, config, &limits, safety)
+}
+
+/// The safe producer preset for `bootstrap_servers` (see the module docs for every value).
+pub fn producer_preset(bootstrap_servers: &str, confirm_timeout: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap_servers);
+    // An empty config with the defaults filled in cannot violate anything.
+    let _ = harden_producer_config(&mut config, confirm_timeout, &Safety::strict());
+    config
+}
+
+/// The safe consumer preset for `bootstrap_servers` and consumer group `group_id`.
+pub fn consumer_preset(bootstrap_servers: &str, group_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", group_id);
+    let _ = harden_consumer_config(&mut config, &Safety::strict());
+    config
+}
+
+/// Setting names whose values are secrets (invariant 8).
+fn is_secret(name: &str) -> bool {
+    const MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config", "key.pem"];
+    MARKERS.iter().any(|m| name.contains(m))
+}
+
+/// `text` with every secret value of `config` replaced by `***`, for errors and logs that quote
+/// client messages (invariant 8).
+pub(crate) fn redact(config: &ClientConfig, text: impl Into<String>) -> String {
+    let mut text = text.into();
+    // `config_map` masks librdkafka's known secrets; read the real values to find them.
+    for name in config.config_map().into_keys() {
+        match config.get(name) {
+            Some(value) if is_secret(name) && !value.is_empty() => {
+                text = text.replace(value, "***");
+            }
+            _ => {}
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_is_complete_and_safe() {
+        let c = producer_preset("b:1", Duration::from_secs(10));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("retries"), Some("2147483647"));
+        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("5"));
+        assert_eq!(c.get("message.timeout.ms"), Some("9000"));
+        let c = consumer_preset("b:1", "g");
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+    }
+
+    #[test]
+    fn every_weakening_is_named_including_aliases() {
+        let mut c = ClientConfig::new();
+        c.set("request.required.acks", "1")
+            .set("message.send.max.retries", "3")
+            .set("enable.idempotence", "false")
+            .set("max.in.flight", "10")
+            .set("message.timeout.ms", "0");
+        let err =
+            harden_producer_config(&mut c, Duration::from_secs(5), &Safety::strict()).unwrap_err();
+        let named: Vec<_> = err.violations.iter().map(|v| v.setting).collect();
+        assert_eq!(
+            named,
+            [
+                "enable.idempotence",
+                "acks",
+                "retries",
+                "max.in.flight.requests.per.connection",
+                "message.timeout.ms"
+            ]
+        );
+        assert!(err.to_string().contains("`acks` = `1`"));
+    }
+
+    #[test]
+    fn timeout_above_confirm_timeout_is_refused_and_opt_out_works() {
+        let mut c = ClientConfig::new();
+        c.set("message.timeout.ms", "300000");
+        assert!(harden_producer_config(&mut c, Duration::from_secs(5), &Safety::strict()).is_err());
+        let safety = Safety::strict().accept_data_loss_for("message.timeout.ms");
+        assert!(harden_producer_config(&mut c, Duration::from_secs(5), &safety).is_ok());
+    }
+
+    #[test]
+    fn consumer_auto_commit_and_latest_are_refused() {
+        let mut c = ClientConfig::new();
+        c.set("enable.auto.commit", "true")
+            .set("auto.offset.reset", "latest");
+        let err = harden_consumer_config(&mut c, &Safety::strict()).unwrap_err();
+        let named: Vec<_> = err.violations.iter().map(|v| v.setting).collect();
+        assert_eq!(named, ["enable.auto.commit", "auto.offset.reset"]);
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = ClientConfig::new();
+        c.set("sasl.password", "hunter2");
+        assert_eq!(redact(&c, "bad login hunter2"), "bad login ***");
+    }
+}
