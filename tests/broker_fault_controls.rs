@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -138,10 +138,12 @@ async fn killed_rabbitmq_node_restarts_with_its_persistent_messages() {
     brokers(&["rabbit-restart"]);
 
     // A quorum queue recovers its log after the node is up; until then basic.consume fails
-    // (INTERNAL_ERROR, a channel timeout inside the broker). Consume again, as a client would.
+    // (INTERNAL_ERROR, a channel timeout inside the broker) while the consumer may already be
+    // registered: with auto-ack the messages it was handed would be gone. Consume again with
+    // manual ack, as a client that loses nothing does.
     let start = Instant::now();
     let (_conn, channel, mut consumer) = loop {
-        match consume_no_ack(&url, &queue).await {
+        match consume_manual_ack(&url, &queue).await {
             Ok(ready) => break ready,
             Err(e) if start.elapsed() < Duration::from_secs(90) => {
                 eprintln!("consume after restart failed, trying again: {e}");
@@ -158,6 +160,7 @@ async fn killed_rabbitmq_node_restarts_with_its_persistent_messages() {
             .expect("stream open")
             .expect("delivery");
         got.push(next.data[0]);
+        next.ack(BasicAckOptions::default()).await.expect("ack");
     }
     got.sort_unstable();
     assert_eq!(got, (0..10).collect::<Vec<u8>>());
@@ -167,7 +170,7 @@ async fn killed_rabbitmq_node_restarts_with_its_persistent_messages() {
         .expect("delete queue");
 }
 
-async fn consume_no_ack(
+async fn consume_manual_ack(
     url: &str,
     queue: &str,
 ) -> Result<(Connection, lapin::Channel, lapin::Consumer), lapin::Error> {
@@ -177,10 +180,7 @@ async fn consume_no_ack(
         .basic_consume(
             queue.into(),
             "fault".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;

@@ -292,6 +292,24 @@ pub fn consumer_preset(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
     config
 }
 
+/// Debug view of a [`ClientConfig`] with every secret masked (invariant 8). rdkafka's own
+/// `Debug` masks only a fixed list (not `ssl.key.pem` or `sasl.oauthbearer.config`).
+pub(crate) struct RedactedConfig<'a>(pub(crate) &'a ClientConfig);
+
+impl fmt::Debug for RedactedConfig<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in self.0.config_map() {
+            if is_secret(name) {
+                map.entry(&name, &"***");
+            } else {
+                map.entry(&name, &value);
+            }
+        }
+        map.finish()
+    }
+}
+
 /// Setting names whose values are secrets (invariant 8).
 fn is_secret(name: &str) -> bool {
     const MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config", "key.pem"];
@@ -380,6 +398,12 @@ mod tests {
     fn secrets_are_redacted() {
         let mut c = ClientConfig::new();
         c.set("sasl.password", "hunter2");
+        c.set("ssl.key.pem", "PEMDATA");
         assert_eq!(redact(&c, "bad login hunter2"), "bad login ***");
+        let debug = format!("{:?}", RedactedConfig(&c));
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("PEMDATA"),
+            "{debug}"
+        );
     }
 }

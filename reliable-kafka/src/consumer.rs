@@ -65,7 +65,7 @@ use reliable_core::{
 };
 use tokio::task::JoinHandle;
 
-use crate::config::{consumer_preset, harden_consumer_config, redact, Safety};
+use crate::config::{consumer_preset, harden_consumer_config, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -164,12 +164,13 @@ impl ConsumerContext for ConsumerCtx {
     }
 }
 
-type Inner = StreamConsumer<ConsumerCtx>;
+/// The rdkafka consumer with the SDK's context.
+type RawConsumer = StreamConsumer<ConsumerCtx>;
 
 /// A manual-commit Kafka consumer implementing the core [`DeliverySource`]; see the module
 /// docs.
 pub struct KafkaConsumer {
-    consumer: Arc<Inner>,
+    consumer: Arc<RawConsumer>,
     shared: Arc<Shared>,
     commit_task: Option<JoinHandle<()>>,
 }
@@ -177,13 +178,12 @@ pub struct KafkaConsumer {
 impl fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaConsumer")
-            .field("config", &self.shared.config)
+            .field("config", &RedactedConfig(&self.shared.config))
             .finish_non_exhaustive()
     }
 }
 
 /// Builds a [`KafkaConsumer`] from the safe preset or a user's [`ClientConfig`].
-#[derive(Debug)]
 #[must_use]
 pub struct KafkaConsumerBuilder {
     config: ClientConfig,
@@ -192,6 +192,18 @@ pub struct KafkaConsumerBuilder {
     check_topics: bool,
     commit_interval: Duration,
     revoke_drain_timeout: Duration,
+}
+
+impl fmt::Debug for KafkaConsumerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumerBuilder")
+            .field("config", &RedactedConfig(&self.config))
+            .field("topics", &self.topics)
+            .field("check_topics", &self.check_topics)
+            .field("commit_interval", &self.commit_interval)
+            .field("revoke_drain_timeout", &self.revoke_drain_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KafkaConsumerBuilder {
@@ -261,7 +273,7 @@ impl KafkaConsumerBuilder {
             client: "consumer",
             reason: redact(&config, e.to_string()),
         };
-        let consumer: Inner = config
+        let consumer: RawConsumer = config
             .create_with_context(ConsumerCtx {
                 shared: shared.clone(),
             })
@@ -282,7 +294,7 @@ impl KafkaConsumerBuilder {
     }
 }
 
-async fn commit_periodically(consumer: Arc<Inner>, shared: Arc<Shared>, interval: Duration) {
+async fn commit_periodically(consumer: Arc<RawConsumer>, shared: Arc<Shared>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -294,7 +306,10 @@ async fn commit_periodically(consumer: Arc<Inner>, shared: Arc<Shared>, interval
 }
 
 /// Commits every partition's finished watermark that moved; returns how many were committed.
-async fn commit_pending(consumer: &Arc<Inner>, shared: &Arc<Shared>) -> Result<usize, String> {
+async fn commit_pending(
+    consumer: &Arc<RawConsumer>,
+    shared: &Arc<Shared>,
+) -> Result<usize, String> {
     let pending = shared.tracker.pending_commits();
     if pending.is_empty() {
         return Ok(0);
@@ -317,7 +332,7 @@ async fn commit_pending(consumer: &Arc<Inner>, shared: &Arc<Shared>) -> Result<u
 }
 
 impl KafkaConsumer {
-    /// A builder from the safe preset ([`consumer_preset`](crate::config::consumer_preset)).
+    /// A builder from the safe preset ([`consumer_preset`]).
     pub fn builder(bootstrap_servers: &str, group_id: &str) -> KafkaConsumerBuilder {
         Self::builder_from_config(consumer_preset(bootstrap_servers, group_id))
     }
@@ -485,7 +500,7 @@ impl Drop for KafkaConsumer {
 
 /// Settles one delivery by finishing its offset in the tracker (or seeking back to it).
 struct KafkaAcker {
-    consumer: Arc<Inner>,
+    consumer: Arc<RawConsumer>,
     shared: Arc<Shared>,
     partition: TopicPartition,
     offset: i64,

@@ -57,7 +57,7 @@ use reliable_core::producer::ProducerConfig;
 use reliable_core::{Message, PublishError, Transport};
 use tracing::Instrument;
 
-use crate::config::{harden_producer_config, producer_preset, redact, Safety};
+use crate::config::{harden_producer_config, producer_preset, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -85,9 +85,8 @@ struct Inner {
 
 impl fmt::Debug for KafkaTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // ClientConfig's own Debug leaves out secret settings (invariant 8).
         f.debug_struct("KafkaTransport")
-            .field("config", &self.inner.config)
+            .field("config", &RedactedConfig(&self.inner.config))
             .field("default_topic", &self.inner.default_topic)
             .field("confirm_timeout", &self.inner.confirm_timeout)
             .finish_non_exhaustive()
@@ -96,7 +95,6 @@ impl fmt::Debug for KafkaTransport {
 
 /// Builds a [`KafkaTransport`] from the safe preset or a user's [`ClientConfig`], checking the
 /// topics it will write to at start-up.
-#[derive(Debug)]
 #[must_use]
 pub struct KafkaTransportBuilder {
     config: ClientConfig,
@@ -105,6 +103,18 @@ pub struct KafkaTransportBuilder {
     default_topic: Option<String>,
     topics: Vec<TopicSpec>,
     check_topics: bool,
+}
+
+impl fmt::Debug for KafkaTransportBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaTransportBuilder")
+            .field("config", &RedactedConfig(&self.config))
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("safety", &self.safety)
+            .field("topics", &self.topics)
+            .field("check_topics", &self.check_topics)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KafkaTransportBuilder {
@@ -173,7 +183,7 @@ fn create_producer(config: &ClientConfig) -> Result<FutureProducer, Error> {
 }
 
 impl KafkaTransport {
-    /// A builder from the safe preset ([`producer_preset`](crate::config::producer_preset)).
+    /// A builder from the safe preset ([`producer_preset`]).
     pub fn builder(bootstrap_servers: &str) -> KafkaTransportBuilder {
         let confirm_timeout = ProducerConfig::default().confirm_timeout;
         Self::builder_from_config(producer_preset(bootstrap_servers, confirm_timeout))
@@ -195,7 +205,7 @@ impl KafkaTransport {
     /// Wraps an existing `producer`. `config` must be the configuration it was created from: it
     /// is validated like a builder's (an unsafe setting is refused) and used to rebuild the
     /// producer after a fatal error. No topic check runs; call
-    /// [`ensure_topic`](crate::topic::ensure_topic) yourself.
+    /// [`ensure_topic`] yourself.
     pub fn from_producer(
         producer: FutureProducer,
         config: &ClientConfig,
@@ -482,5 +492,44 @@ mod tests {
         let t = KafkaTransport::from_producer(producer, &safe, timeout, &Safety::strict()).unwrap();
         let err = t.publish(&Message::new("x")).await.unwrap_err();
         assert!(matches!(err, PublishError::Unroutable { .. }));
+    }
+
+    /// librdkafka's MockCluster fails the idempotent producer's `InitProducerId` with
+    /// `CLUSTER_AUTHORIZATION_FAILED`, a fatal idempotence error: the transport rebuilds the
+    /// producer and the core producer's resend is confirmed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fatal_idempotence_error_rebuilds_the_producer() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        use reliable_core::producer::Producer;
+
+        let mock = MockCluster::new(3).unwrap();
+        mock.create_topic("fatal", 1, 3).unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::InitProducerId,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+        );
+        let timeout = Duration::from_secs(5);
+        let config = producer_preset(&mock.bootstrap_servers(), timeout);
+        let producer: FutureProducer = config.create().unwrap();
+        let t =
+            KafkaTransport::from_producer(producer, &config, timeout, &Safety::strict()).unwrap();
+
+        let first = t
+            .publish(&Message::new("a").with_destination("fatal"))
+            .await;
+        assert!(
+            matches!(first, Err(PublishError::ConnectionLost { ref reason }) if reason.contains("rebuilt")),
+            "{first:?}"
+        );
+        assert_eq!(t.rebuilds(), 1);
+        let core = Producer::new(t.clone(), t.recommended_producer_config());
+        let confirmed = core
+            .send_confirmed(Message::new("b").with_destination("fatal"))
+            .await
+            .unwrap();
+        assert_eq!(confirmed.attempts, 1);
+        core.close().await;
+        t.close().await;
     }
 }
