@@ -1,5 +1,6 @@
-//! The main demo: publish to RabbitMQ and to Kafka, wait for every confirm, consume everything
-//! back, and print what was confirmed and what was consumed.
+//! The main demo: publish through the SDK to RabbitMQ and to Kafka, wait for every confirm,
+//! consume everything back through the SDK's consumer pipeline (dedupe -> handler -> ack or
+//! commit), and print what was confirmed and what was consumed.
 //!
 //! Run it with `scripts/demo` (starts the brokers first), or `cargo run --example demo` when
 //! they already run. Connection settings come from `RELIABLE_AMQP_URL` and
@@ -7,30 +8,27 @@
 //! Optional argument: how many messages to send to each broker (default 1000).
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+use reliable::amqp::topology::{self, QueueSpec};
+use reliable::amqp::{AmqpConsumer, AmqpPublisher, AmqpSettings};
+use reliable::core::idempotency::InMemoryIdempotencyStore;
+use reliable::core::pipeline::{
+    handler_fn, DeadLetter, DedupeLayer, HandlerBuilder, Pipeline, PipelineStats,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
+use reliable::core::producer::{Producer, ProducerStats};
+use reliable::core::{DeliverySource, Message};
+use reliable::kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
 
 type DemoResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// What one broker's half of the demo saw.
 struct Tally {
-    sent: usize,
-    confirmed: usize,
-    consumed: usize,
+    producer: ProducerStats,
+    consumer: PipelineStats,
+    distinct: usize,
+    duplicates_skipped: u64,
     elapsed: Duration,
 }
 
@@ -38,11 +36,17 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sent {:>6}  confirmed {:>6}  consumed {:>6}  lost {:>3}  ({:.2?})",
-            self.sent,
-            self.confirmed,
-            self.consumed,
-            self.confirmed.saturating_sub(self.consumed),
+            "sent {:>5}  confirmed {:>5}  resent {:>3}  failed {:>3}  received {:>5}  \
+             consumed {:>5} (duplicates skipped {})  lost {:>3}  p50 confirm {:?}  ({:.2?})",
+            self.producer.sent,
+            self.producer.confirmed,
+            self.producer.resent.total(),
+            self.producer.failed,
+            self.consumer.received,
+            self.distinct,
+            self.duplicates_skipped,
+            (self.producer.confirmed as usize).saturating_sub(self.distinct),
+            self.producer.confirm_latency_p50.unwrap_or_default(),
             self.elapsed
         )
     }
@@ -54,163 +58,152 @@ async fn main() -> DemoResult<()> {
         Some(n) => n.parse().map_err(|_| format!("not a message count: {n}"))?,
         None => 1000,
     };
-    let run = format!("{}", std::process::id());
+    let run = std::process::id();
     let amqp_url = std::env::var("RELIABLE_AMQP_URL")
         .unwrap_or_else(|_| reliable_test_support::DEFAULT_AMQP_URL.to_owned());
     let bootstrap = std::env::var("RELIABLE_KAFKA_BOOTSTRAP")
         .unwrap_or_else(|_| reliable_test_support::DEFAULT_KAFKA_BOOTSTRAP.to_owned());
 
-    let rabbit = rabbitmq(&amqp_url, &run, count).await?;
+    // RabbitMQ: a durable quorum queue, confirms + mandatory + persistent messages.
+    let queue = format!("reliable-demo-{run}");
+    let started = Instant::now();
+    let settings = AmqpSettings::safe();
+    let publisher = AmqpPublisher::connect(&amqp_url, settings.clone()).await?;
+    {
+        let conn = lapin_connection(&amqp_url).await?;
+        let channel = conn.create_channel().await?;
+        topology::declare_queue(&channel, &QueueSpec::quorum(&queue)).await?;
+    }
+    let producer = Producer::new(publisher, Default::default());
+    let messages = (0..count).map(|i| Message::new(format!("{run}-{i}")).with_routing_key(&queue));
+    let producer_stats = send_all(&producer, messages).await?;
+    let source = AmqpConsumer::connect(&amqp_url, &queue, settings).await?;
+    let rabbit = consume(source, producer_stats, started).await?;
     println!("RabbitMQ  {rabbit}");
-    let kafka = kafka(&bootstrap, &run, count).await?;
+    {
+        use reliable::amqp::lapin::options::QueueDeleteOptions;
+        let conn = lapin_connection(&amqp_url).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+
+    // Kafka: a topic checked for RF 3 / min.insync.replicas 2 / no unclean election; an
+    // acks=all idempotent producer; a consumer that commits only processed offsets.
+    let topic = TopicSpec::new("reliable-demo").partitions(3);
+    let started = Instant::now();
+    let transport = KafkaTransport::builder(&bootstrap)
+        .topic(topic.clone())
+        .build()
+        .await?;
+    let producer = Producer::new(transport.clone(), transport.recommended_producer_config());
+    let messages = (0..count).map(|i| {
+        Message::new(format!("{run}-{i}"))
+            .with_destination("reliable-demo")
+            .with_routing_key(format!("customer-{}", i % 16))
+    });
+    let producer_stats = send_all(&producer, messages).await?;
+    transport.close().await;
+    let source = KafkaConsumer::builder(&bootstrap, &format!("reliable-demo-{run}"))
+        .subscribe(topic)
+        .build()
+        .await?;
+    let kafka = consume_matching(source, producer_stats, started, format!("{run}-")).await?;
     println!("Kafka     {kafka}");
-    if rabbit.consumed < rabbit.confirmed || kafka.consumed < kafka.confirmed {
+
+    if rabbit.distinct < rabbit.producer.confirmed as usize
+        || kafka.distinct < kafka.producer.confirmed as usize
+    {
         return Err("a confirmed message was not consumed back".into());
     }
     Ok(())
 }
 
-async fn rabbitmq(url: &str, run: &str, count: usize) -> DemoResult<Tally> {
-    let started = Instant::now();
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    let queue = format!("reliable-demo-{run}");
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-
-    let mut confirms = Vec::with_capacity(count);
-    for i in 0..count {
-        let id = format!("{run}-{i}");
-        confirms.push(
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    id.as_bytes(),
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_message_id(id.as_str().into()),
-                )
-                .await?,
-        );
-    }
-    let mut confirmed = 0;
-    for confirm in confirms {
-        let confirmation = confirm.await?;
-        if confirmation.is_ack() && confirmation.take_message().is_none() {
-            confirmed += 1;
-        }
-    }
-
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "demo".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut seen = HashSet::new();
-    while seen.len() < confirmed {
-        let next = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
-        let Ok(Some(delivery)) = next else { break };
-        let delivery = delivery?;
-        seen.insert(delivery.data.clone());
-        delivery.ack(BasicAckOptions::default()).await?;
-    }
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    conn.close(200, "demo done".into()).await?;
-    Ok(Tally {
-        sent: count,
-        confirmed,
-        consumed: seen.len(),
-        elapsed: started.elapsed(),
-    })
+async fn lapin_connection(url: &str) -> DemoResult<reliable::amqp::lapin::Connection> {
+    use reliable::amqp::lapin::{Connection, ConnectionProperties};
+    Ok(Connection::connect(url, ConnectionProperties::default()).await?)
 }
 
-async fn kafka(bootstrap: &str, run: &str, count: usize) -> DemoResult<Tally> {
-    let started = Instant::now();
-    let topic = "reliable-demo";
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let brokers = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(10))?
-        .brokers()
-        .len();
-    let replication = brokers.min(3) as i32;
-    let min_isr = (replication - 1).max(1).to_string();
-    let new_topic = NewTopic::new(topic, 3, TopicReplication::Fixed(replication))
-        .set("min.insync.replicas", &min_isr);
-    for result in admin
-        .create_topics(&[new_topic], &AdminOptions::new())
-        .await?
-    {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(format!("creating {name}: {code}").into()),
+/// Sends every message through the reliable producer and waits for all confirms.
+async fn send_all(
+    producer: &Producer,
+    messages: impl Iterator<Item = Message>,
+) -> DemoResult<ProducerStats> {
+    let mut handles = Vec::new();
+    for message in messages {
+        handles.push(producer.send(message).await?);
+    }
+    for handle in handles {
+        if let Err(e) = handle.await {
+            eprintln!("handed back: {e}");
         }
     }
+    let stats = producer.stats();
+    producer.close().await;
+    Ok(stats)
+}
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .create()?;
-    let sends = (0..count).map(|i| {
-        let producer = &producer;
+async fn consume(
+    source: impl DeliverySource + 'static,
+    producer: ProducerStats,
+    started: Instant,
+) -> DemoResult<Tally> {
+    consume_matching(source, producer, started, String::new()).await
+}
+
+/// Runs the consumer pipeline until every confirmed message whose payload starts with
+/// `prefix` was handled once (or nothing new came for 30 s).
+async fn consume_matching(
+    source: impl DeliverySource + 'static,
+    producer: ProducerStats,
+    started: Instant,
+    prefix: String,
+) -> DemoResult<Tally> {
+    let want = producer.confirmed as usize;
+    let seen: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (seen, progress) = (seen.clone(), progress.clone());
+        handler_fn(move |message: Message| {
+            let (seen, progress, prefix) = (seen.clone(), progress.clone(), prefix.clone());
+            async move {
+                if message.payload().starts_with(prefix.as_bytes()) {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.insert(message.payload().to_vec());
+                    }
+                    progress.notify_one();
+                }
+                Ok(())
+            }
+        })
+    };
+    let dedupe = DedupeLayer::new(Arc::new(InMemoryIdempotencyStore::default()));
+    let handler = HandlerBuilder::new(handler).layer(dedupe.clone()).build();
+    let done = {
+        let seen = seen.clone();
         async move {
-            let id = format!("{run}-{i}");
-            producer
-                .send(
-                    FutureRecord::to(topic).key(&id).payload(&id),
-                    Duration::from_secs(30),
-                )
-                .await
-                .is_ok()
-        }
-    });
-    let confirmed = futures::future::join_all(sends)
-        .await
-        .into_iter()
-        .filter(|ok| *ok)
-        .count();
-
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reliable-demo-{run}"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let prefix = format!("{run}-");
-    let mut seen = HashSet::new();
-    while seen.len() < confirmed {
-        let next = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await;
-        let Ok(message) = next else { break };
-        if let Some(payload) = message?.payload() {
-            if payload.starts_with(prefix.as_bytes()) {
-                seen.insert(payload.to_vec());
+            loop {
+                let count = seen.lock().map(|s| s.len()).unwrap_or(want);
+                if count >= want {
+                    return;
+                }
+                let waited = tokio::time::timeout(Duration::from_secs(30), progress.notified());
+                if waited.await.is_err() {
+                    return;
+                }
             }
         }
-    }
+    };
+    let consumer = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+        .run_until(done)
+        .await?;
+    let distinct = seen.lock().map(|s| s.len()).unwrap_or_default();
     Ok(Tally {
-        sent: count,
-        confirmed,
-        consumed: seen.len(),
+        producer,
+        consumer,
+        distinct,
+        duplicates_skipped: dedupe.duplicates(),
         elapsed: started.elapsed(),
     })
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -79,17 +79,25 @@ async fn killed_kafka_leader_is_replaced_and_rejoins_the_isr_after_restart() {
 
     let leader = brokers(&["kafka-leader", &topic]);
     brokers(&["kafka-kill", &leader]);
-    wait_until("a new leader and a shrunk ISR", Duration::from_secs(60), || {
-        let now = brokers(&["kafka-leader", &topic]);
-        let isr = isr(&topic);
-        now != leader && now != "-1" && isr.len() == 2 && !isr.contains(&leader)
-    });
+    wait_until(
+        "a new leader and a shrunk ISR",
+        Duration::from_secs(60),
+        || {
+            let now = brokers(&["kafka-leader", &topic]);
+            let isr = isr(&topic);
+            now != leader && now != "-1" && isr.len() == 2 && !isr.contains(&leader)
+        },
+    );
 
     brokers(&["kafka-restart", &leader]);
-    wait_until("the restarted broker back in the ISR", Duration::from_secs(60), || {
-        let isr = isr(&topic);
-        isr.len() == 3 && isr.contains(&leader)
-    });
+    wait_until(
+        "the restarted broker back in the ISR",
+        Duration::from_secs(60),
+        || {
+            let isr = isr(&topic);
+            isr.len() == 3 && isr.contains(&leader)
+        },
+    );
 
     admin
         .delete_topics(&[&topic], &AdminOptions::new())

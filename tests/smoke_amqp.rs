@@ -22,7 +22,10 @@ async fn persistent_message_published_with_confirm_is_consumed_back() {
     let channel = conn.create_channel().await.expect("open channel");
     let queue = unique_name("smoke-amqp");
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     channel
         .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
         .await
@@ -50,7 +53,10 @@ async fn persistent_message_published_with_confirm_is_consumed_back() {
         .expect("publish")
         .await
         .expect("publisher confirm");
-    assert!(confirmation.is_ack(), "broker did not ack: {confirmation:?}");
+    assert!(
+        confirmation.is_ack(),
+        "broker did not ack: {confirmation:?}"
+    );
     assert!(
         confirmation.take_message().is_none(),
         "message was returned as unroutable"
@@ -73,13 +79,14 @@ async fn persistent_message_published_with_confirm_is_consumed_back() {
     assert_eq!(delivery.data, payload.as_bytes());
     assert_eq!(delivery.properties.delivery_mode(), &Some(2));
     assert_eq!(
-        delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
         Some(queue.as_str())
     );
-    delivery
-        .ack(BasicAckOptions::default())
-        .await
-        .expect("ack");
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
 
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -21,8 +21,8 @@ async fn message_on_a_replicated_topic_is_consumed_back_with_three_in_sync_repli
         .set("bootstrap.servers", &cluster.bootstrap)
         .create()
         .expect("admin client");
-    let new_topic = NewTopic::new(&topic, 1, TopicReplication::Fixed(3))
-        .set("min.insync.replicas", "2");
+    let new_topic =
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
     let created = admin
         .create_topics(&[new_topic], &AdminOptions::new())
         .await

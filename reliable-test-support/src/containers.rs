@@ -17,7 +17,10 @@ pub(crate) fn rabbitmq_url() -> Option<String> {
         .get_or_init(|| {
             let container = RabbitMq::default().start().ok()?;
             let port = container.get_host_port_ipv4(5672).ok()?;
-            Some((container, format!("amqp://guest:guest@127.0.0.1:{port}/%2f")))
+            Some((
+                container,
+                format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            ))
         })
         .as_ref()
         .map(|(_, url)| url.clone())

@@ -64,7 +64,10 @@ macro_rules! require {
 /// skipped. Called by [`require!`].
 pub fn skip_or_fail(missing: &Missing) {
     if std::env::var_os("CI").is_some() {
-        panic!("broker needed but missing in CI: {}; {HOW_TO_START}", missing.0);
+        panic!(
+            "broker needed but missing in CI: {}; {HOW_TO_START}",
+            missing.0
+        );
     }
     eprintln!("SKIPPED: {}; {HOW_TO_START}", missing.0);
 }
@@ -72,7 +75,9 @@ pub fn skip_or_fail(missing: &Missing) {
 /// The AMQP URL of a reachable RabbitMQ broker.
 pub fn amqp_url() -> Result<String, Missing> {
     let configured = std::env::var(AMQP_URL_ENV).ok();
-    let url = configured.clone().unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+    let url = configured
+        .clone()
+        .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
     match amqp_host_port(&url).and_then(|hp| reachable(&hp)) {
         Ok(()) => Ok(url),
         Err(why) => {
