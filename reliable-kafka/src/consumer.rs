@@ -24,6 +24,27 @@
 //! `nack(true)` seeks the partition back to it so it is delivered again (deliveries above it that
 //! were already handed out are not repeated).
 //!
+//! # Ordering
+//!
+//! The pipeline handles several deliveries at once. [`Ordering`] (set with
+//! [`KafkaConsumerBuilder::ordering`]) says which of them may overlap:
+//!
+//! * [`Ordering::PerPartition`]: a record is handed out only once every earlier record of its
+//!   partition is settled, so each partition is handled strictly in log order while different
+//!   partitions run concurrently;
+//! * [`Ordering::PerKey`]: the same per (partition, record key); records without a key are
+//!   ordered per partition;
+//! * [`Ordering::Unordered`]: records are handed out as they arrive (the default).
+//!
+//! In the ordered modes, records that arrive for a busy partition (or key) are held by the
+//! consumer, at most [`max_held`](KafkaConsumerBuilder::max_held) of them (1000 by default); when
+//! the limit is reached the consumer stops polling until a delivery is settled. Held records are
+//! tracked as unfinished, so no commit passes them; on partition revoke they are dropped without
+//! being handed out, and the partition's new owner reads them. In the ordered modes
+//! `nack(true)` does not seek: the record is put back at the head of its partition's (or key's)
+//! queue and handed out again, marked redelivered, before any later record of that partition
+//! (or key).
+//!
 //! ```no_run
 //! use reliable_core::pipeline::{handler_fn, DeadLetter, HandlerBuilder, Pipeline};
 //! use reliable_core::producer::Producer;
@@ -47,7 +68,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -63,11 +84,128 @@ use reliable_core::offsets::OffsetTracker;
 use reliable_core::{
     AckError, Acker, ConsumeError, Delivery, DeliverySource, Message, Position, TopicPartition,
 };
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::{consumer_preset, harden_consumer_config, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
+
+/// Which deliveries of one consumer may be processed at the same time; see the
+/// [module docs](self#ordering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Ordering {
+    /// One delivery per partition at a time: a record is handed out only after every earlier
+    /// record of its partition was settled (acked, rejected or nacked). Partitions are processed
+    /// concurrently.
+    PerPartition,
+    /// One delivery per (partition, record key) at a time: records of one key are handled in log
+    /// order, different keys of a partition concurrently. Records without a key are ordered per
+    /// partition.
+    PerKey,
+    /// No ordering: records are handed out as they arrive, several of one partition may be in
+    /// flight and finish out of order. The offset tracker still never commits past unfinished
+    /// work.
+    Unordered,
+}
+
+/// What an ordered mode serialises on: a partition, or a partition and a record key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GateKey {
+    partition: TopicPartition,
+    key: Option<Box<[u8]>>,
+}
+
+/// A record held back because its partition (or key) is busy.
+struct Held {
+    offset: i64,
+    message: Message,
+    redelivered: bool,
+}
+
+/// The ordered modes' bookkeeping: which keys are busy and the records waiting for them.
+#[derive(Default)]
+struct Gate {
+    /// Keys with a delivery handed out and unsettled, with that delivery's ticket.
+    busy: HashMap<GateKey, u64>,
+    /// Records waiting for their key, in log order.
+    waiting: HashMap<GateKey, VecDeque<Held>>,
+    /// Free keys with a waiting record, to hand out first.
+    ready: VecDeque<GateKey>,
+    /// Records in `waiting`.
+    held: usize,
+    /// The last ticket issued.
+    ticket: u64,
+}
+
+impl Gate {
+    fn issue(&mut self, key: GateKey) -> u64 {
+        self.ticket = self.ticket.wrapping_add(1);
+        self.busy.insert(key, self.ticket);
+        self.ticket
+    }
+
+    /// Frees `key` if `ticket` still holds it; true when a waiting record became ready.
+    fn release(&mut self, key: &GateKey, ticket: u64) -> bool {
+        if self.busy.get(key) != Some(&ticket) {
+            return false;
+        }
+        self.busy.remove(key);
+        if self.waiting.get(key).is_some_and(|q| !q.is_empty()) {
+            self.ready.push_back(key.clone());
+            return true;
+        }
+        false
+    }
+
+    /// The next waiting record whose key is free, marking the key busy.
+    fn take_ready(&mut self) -> Option<(GateKey, Held, u64)> {
+        while let Some(key) = self.ready.pop_front() {
+            if self.busy.contains_key(&key) {
+                continue;
+            }
+            let Some(queue) = self.waiting.get_mut(&key) else {
+                continue;
+            };
+            let Some(held) = queue.pop_front() else {
+                self.waiting.remove(&key);
+                continue;
+            };
+            if queue.is_empty() {
+                self.waiting.remove(&key);
+            }
+            self.held = self.held.saturating_sub(1);
+            let ticket = self.issue(key.clone());
+            return Some((key, held, ticket));
+        }
+        None
+    }
+
+    /// Offsets of `tp` held back (tracked as unfinished, never handed out).
+    fn held_offsets(&self, tp: &TopicPartition) -> HashSet<i64> {
+        self.waiting
+            .iter()
+            .filter(|(k, _)| &k.partition == tp)
+            .flat_map(|(_, q)| q.iter().map(|h| h.offset))
+            .collect()
+    }
+
+    /// Drops everything about a revoked partition.
+    fn forget(&mut self, tp: &TopicPartition) {
+        self.busy.retain(|k, _| &k.partition != tp);
+        let mut dropped = 0;
+        self.waiting.retain(|k, q| {
+            let keep = &k.partition != tp;
+            if !keep {
+                dropped += q.len();
+            }
+            keep
+        });
+        self.held = self.held.saturating_sub(dropped);
+        self.ready.retain(|k| &k.partition != tp);
+    }
+}
 
 /// State shared by the consumer, its ackers, its commit task and its rebalance callback.
 struct Shared {
@@ -79,6 +217,11 @@ struct Shared {
     revoke_drain_timeout: Duration,
     /// For redacting client errors (invariant 8).
     config: ClientConfig,
+    ordering: Ordering,
+    /// Busy keys and held records of the ordered modes.
+    gate: Mutex<Gate>,
+    /// Woken when a delivery is settled in an ordered mode.
+    settled: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,7 +232,16 @@ impl Shared {
     fn forget(&self, tp: &TopicPartition) -> Option<i64> {
         lock(&self.next).remove(tp);
         lock(&self.requeued).retain(|(p, _)| p != tp);
+        lock(&self.gate).forget(tp);
         self.tracker.revoke(tp)
+    }
+
+    /// Offsets of `tp` handed out and not settled (held records are not waited for).
+    fn unsettled(&self, tp: &TopicPartition) -> Vec<i64> {
+        let held = lock(&self.gate).held_offsets(tp);
+        let mut in_flight = self.tracker.in_flight(tp);
+        in_flight.retain(|o| !held.contains(o));
+        in_flight
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<ConsumerCtx>, revoked: &TopicPartitionList) {
@@ -112,9 +264,7 @@ impl Shared {
             .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
         if can_wait {
             let deadline = Instant::now() + self.revoke_drain_timeout;
-            while parts
-                .iter()
-                .any(|tp| !self.tracker.in_flight(tp).is_empty())
+            while parts.iter().any(|tp| !self.unsettled(tp).is_empty())
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(10));
@@ -122,7 +272,7 @@ impl Shared {
         }
         let mut tpl = TopicPartitionList::new();
         for tp in &parts {
-            let unfinished = self.tracker.in_flight(tp).len();
+            let unfinished = self.unsettled(tp).len();
             if let Some(position) = self.forget(tp) {
                 if unfinished > 0 {
                     tracing::warn!(partition = %tp, unfinished, position, "revoking with work in flight; it will be redelivered");
@@ -173,6 +323,7 @@ pub struct KafkaConsumer {
     consumer: Arc<RawConsumer>,
     shared: Arc<Shared>,
     commit_task: Option<JoinHandle<()>>,
+    max_held: usize,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -192,6 +343,8 @@ pub struct KafkaConsumerBuilder {
     check_topics: bool,
     commit_interval: Duration,
     revoke_drain_timeout: Duration,
+    ordering: Ordering,
+    max_held: usize,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -202,6 +355,8 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("check_topics", &self.check_topics)
             .field("commit_interval", &self.commit_interval)
             .field("revoke_drain_timeout", &self.revoke_drain_timeout)
+            .field("ordering", &self.ordering)
+            .field("max_held", &self.max_held)
             .finish_non_exhaustive()
     }
 }
@@ -240,6 +395,20 @@ impl KafkaConsumerBuilder {
         self
     }
 
+    /// Which deliveries may be processed at the same time (default [`Ordering::Unordered`]); see
+    /// the [module docs](self#ordering).
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
+        self
+    }
+
+    /// In the ordered modes, how many received records may wait for their partition (or key)
+    /// before the consumer stops polling until a delivery is settled (default 1000, at least 1).
+    pub fn max_held(mut self, limit: usize) -> Self {
+        self.max_held = limit.max(1);
+        self
+    }
+
     /// Validates the config, checks the topics, creates the consumer, subscribes and starts the
     /// periodic commit. Must run inside a tokio runtime.
     pub async fn build(self) -> Result<KafkaConsumer, Error> {
@@ -268,6 +437,9 @@ impl KafkaConsumerBuilder {
             requeued: Mutex::default(),
             revoke_drain_timeout: self.revoke_drain_timeout,
             config: config.clone(),
+            ordering: self.ordering,
+            gate: Mutex::default(),
+            settled: Notify::new(),
         });
         let client_err = |e: KafkaError| Error::Client {
             client: "consumer",
@@ -290,6 +462,7 @@ impl KafkaConsumerBuilder {
             consumer,
             shared,
             commit_task: Some(commit_task),
+            max_held: self.max_held,
         })
     }
 }
@@ -347,6 +520,8 @@ impl KafkaConsumer {
             check_topics: true,
             commit_interval: Duration::from_secs(1),
             revoke_drain_timeout: Duration::from_secs(10),
+            ordering: Ordering::Unordered,
+            max_held: 1000,
         }
     }
 
@@ -368,9 +543,15 @@ impl KafkaConsumer {
         &self.shared.config
     }
 
-    /// Turns a received record into a delivery; `None` for a record handed out before and not
-    /// requeued (it comes back after a seek for an earlier offset).
-    fn delivery(&self, record: &BorrowedMessage<'_>) -> Option<Delivery> {
+    /// The ordering mode.
+    pub fn ordering(&self) -> Ordering {
+        self.shared.ordering
+    }
+
+    /// Records the receipt of `record`: `None` for a record handed out before and not requeued
+    /// (it comes back after a seek for an earlier offset), else whether it is a redelivery.
+    /// A new record is tracked as unfinished.
+    fn admit(&self, record: &BorrowedMessage<'_>) -> Option<bool> {
         let tp = TopicPartition::new(record.topic(), record.partition());
         let offset = record.offset();
         let redelivered = {
@@ -391,22 +572,88 @@ impl KafkaConsumer {
         if !redelivered {
             self.shared.tracker.track(&tp, offset);
         }
-        let message = decode(record);
-        tracing::trace!(message_id = %message.id(), partition = %tp, offset, "received");
+        Some(redelivered)
+    }
+
+    /// Builds the delivery of a record handed out now.
+    fn delivery(
+        &self,
+        partition: TopicPartition,
+        offset: i64,
+        message: Message,
+        redelivered: bool,
+        ticket: Option<Ticket>,
+    ) -> Delivery {
+        tracing::trace!(message_id = %message.id(), %partition, offset, redelivered, "handed out");
+        let ticket = ticket.map(|mut t| {
+            t.message = Some(message.clone());
+            t
+        });
         let acker = KafkaAcker {
             consumer: self.consumer.clone(),
             shared: self.shared.clone(),
-            partition: tp.clone(),
+            partition: partition.clone(),
             offset,
+            ticket,
         };
-        Some(
-            Delivery::new(message, Box::new(acker))
-                .with_redelivered(redelivered)
-                .with_position(Position {
-                    partition: tp,
-                    offset,
-                }),
-        )
+        Delivery::new(message, Box::new(acker))
+            .with_redelivered(redelivered)
+            .with_position(Position { partition, offset })
+    }
+
+    /// In an ordered mode, the next held record whose partition (or key) is free.
+    fn take_ready(&self) -> Option<Delivery> {
+        let (key, held, id) = lock(&self.shared.gate).take_ready()?;
+        let partition = key.partition.clone();
+        Some(self.delivery(
+            partition,
+            held.offset,
+            held.message,
+            held.redelivered,
+            Some(Ticket {
+                key,
+                id,
+                message: None,
+            }),
+        ))
+    }
+
+    /// In an ordered mode, hands `record` out if its partition (or key) is free, else holds it.
+    fn gate(&self, record: &BorrowedMessage<'_>, redelivered: bool) -> Option<Delivery> {
+        let partition = TopicPartition::new(record.topic(), record.partition());
+        let offset = record.offset();
+        let key = GateKey {
+            partition: partition.clone(),
+            key: match self.shared.ordering {
+                Ordering::PerKey => record.key().map(Box::from),
+                _ => None,
+            },
+        };
+        let message = decode(record);
+        let mut gate = lock(&self.shared.gate);
+        if gate.busy.contains_key(&key) || gate.waiting.contains_key(&key) {
+            tracing::trace!(%partition, offset, "held until its partition or key is free");
+            gate.waiting.entry(key).or_default().push_back(Held {
+                offset,
+                message,
+                redelivered,
+            });
+            gate.held += 1;
+            return None;
+        }
+        let id = gate.issue(key.clone());
+        drop(gate);
+        Some(self.delivery(
+            partition,
+            offset,
+            message,
+            redelivered,
+            Some(Ticket {
+                key,
+                id,
+                message: None,
+            }),
+        ))
     }
 }
 
@@ -466,15 +713,45 @@ fn classify(e: &KafkaError, config: &ClientConfig) -> ConsumeError {
 #[async_trait]
 impl DeliverySource for KafkaConsumer {
     async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError> {
+        if self.shared.ordering == Ordering::Unordered {
+            loop {
+                // `recv` is cancel safe; nothing is tracked before a record is returned.
+                let record = self
+                    .consumer
+                    .recv()
+                    .await
+                    .map_err(|e| classify(&e, &self.shared.config))?;
+                if let Some(redelivered) = self.admit(&record) {
+                    let tp = TopicPartition::new(record.topic(), record.partition());
+                    let message = decode(&record);
+                    return Ok(Some(self.delivery(
+                        tp,
+                        record.offset(),
+                        message,
+                        redelivered,
+                        None,
+                    )));
+                }
+            }
+        }
+        // Ordered: held records live in `self.shared`, so a cancelled call loses none; each
+        // await point below is cancel safe.
         loop {
-            // `recv` is cancel safe; nothing is tracked before a record is returned.
-            let record = self
-                .consumer
-                .recv()
-                .await
-                .map_err(|e| classify(&e, &self.shared.config))?;
-            if let Some(delivery) = self.delivery(&record) {
+            if let Some(delivery) = self.take_ready() {
                 return Ok(Some(delivery));
+            }
+            if lock(&self.shared.gate).held >= self.max_held {
+                self.shared.settled.notified().await;
+                continue;
+            }
+            let record = tokio::select! {
+                r = self.consumer.recv() => r.map_err(|e| classify(&e, &self.shared.config))?,
+                () = self.shared.settled.notified() => continue,
+            };
+            if let Some(redelivered) = self.admit(&record) {
+                if let Some(delivery) = self.gate(&record, redelivered) {
+                    return Ok(Some(delivery));
+                }
             }
         }
     }
@@ -498,22 +775,72 @@ impl Drop for KafkaConsumer {
     }
 }
 
+/// In an ordered mode, the hold a delivery has on its partition (or key).
+struct Ticket {
+    key: GateKey,
+    id: u64,
+    /// A copy of the message, handed out again on `nack(true)`.
+    message: Option<Message>,
+}
+
 /// Settles one delivery by finishing its offset in the tracker (or seeking back to it).
 struct KafkaAcker {
     consumer: Arc<RawConsumer>,
     shared: Arc<Shared>,
     partition: TopicPartition,
     offset: i64,
+    ticket: Option<Ticket>,
 }
 
 impl KafkaAcker {
     fn finish(&self) -> Result<(), AckError> {
-        self.shared
+        let done = self
+            .shared
             .tracker
             .complete(&self.partition, self.offset)
             .map_err(|e| AckError::Stale {
                 reason: e.to_string(),
-            })
+            });
+        self.release();
+        done
+    }
+
+    /// Frees the partition (or key) for its next record and wakes a waiting `next()`.
+    fn release(&self) {
+        if let Some(t) = &self.ticket {
+            lock(&self.shared.gate).release(&t.key, t.id);
+            self.shared.settled.notify_one();
+        }
+    }
+
+    /// Ordered `nack(true)`: the record goes back to the head of its queue.
+    fn requeue_held(&self, ticket: &Ticket) -> Result<(), AckError> {
+        let Some(message) = ticket.message.clone() else {
+            return Err(AckError::Other {
+                reason: "no copy of the message to requeue; it is redelivered after a restart"
+                    .into(),
+            });
+        };
+        {
+            let mut gate = lock(&self.shared.gate);
+            if gate.busy.get(&ticket.key) != Some(&ticket.id) {
+                return Err(AckError::Stale {
+                    reason: format!("{} was revoked", self.partition),
+                });
+            }
+            gate.waiting
+                .entry(ticket.key.clone())
+                .or_default()
+                .push_front(Held {
+                    offset: self.offset,
+                    message,
+                    redelivered: true,
+                });
+            gate.held += 1;
+            gate.release(&ticket.key, ticket.id);
+        }
+        self.shared.settled.notify_one();
+        Ok(())
     }
 }
 
@@ -533,9 +860,13 @@ impl Acker for KafkaAcker {
             .in_flight(&self.partition)
             .contains(&self.offset)
         {
+            self.release();
             return Err(AckError::Stale {
                 reason: format!("{} was revoked", self.partition),
             });
+        }
+        if let Some(ticket) = &self.ticket {
+            return self.requeue_held(ticket);
         }
         lock(&self.shared.requeued).insert((self.partition.clone(), self.offset));
         self.consumer

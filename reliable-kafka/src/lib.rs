@@ -25,7 +25,7 @@ pub mod producer;
 pub mod topic;
 
 pub use config::{Safety, UnsafeConfigError};
-pub use consumer::{KafkaConsumer, KafkaConsumerBuilder};
+pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, Ordering};
 pub use producer::{KafkaTransport, KafkaTransportBuilder};
 pub use rdkafka;
 pub use topic::{ensure_topic, TopicError, TopicSpec, TopicStatus};
