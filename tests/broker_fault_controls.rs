@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,9 +21,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use reliable_test_support::{amqp_url, kafka, require, unique_name};
+use tokio::sync::Mutex;
 
 /// One fault at a time: both tests take the brokers down.
-static FAULTS: Mutex<()> = Mutex::new(());
+static FAULTS: Mutex<()> = Mutex::const_new(());
 
 fn brokers(args: &[&str]) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/brokers");
@@ -58,7 +58,7 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_kafka_leader_is_replaced_and_rejoins_the_isr_after_restart() {
     let cluster = require!(kafka(3));
-    let _one_fault = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_fault = FAULTS.lock().await;
     let topic = unique_name("fault-isr");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &cluster.bootstrap)
@@ -108,7 +108,7 @@ async fn killed_kafka_leader_is_replaced_and_rejoins_the_isr_after_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_rabbitmq_node_restarts_with_its_persistent_messages() {
     let url = require!(amqp_url());
-    let _one_fault = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_fault = FAULTS.lock().await;
     let queue = unique_name("fault-rabbit");
     {
         let conn = Connection::connect(&url, ConnectionProperties::default())
