@@ -29,12 +29,12 @@
 //! The pipeline handles several deliveries at once. [`Ordering`] (set with
 //! [`KafkaConsumerBuilder::ordering`]) says which of them may overlap:
 //!
-//! * [`Ordering::PerPartition`]: a record is handed out only once every earlier record of its
+//! * [`Ordering::PerPartition`] (the default): a record is handed out only once every earlier record of its
 //!   partition is settled, so each partition is handled strictly in log order while different
 //!   partitions run concurrently;
 //! * [`Ordering::PerKey`]: the same per (partition, record key); records without a key are
 //!   ordered per partition;
-//! * [`Ordering::Unordered`]: records are handed out as they arrive (the default).
+//! * [`Ordering::Unordered`]: records are handed out as they arrive.
 //!
 //! In the ordered modes, records that arrive for a busy partition (or key) are held by the
 //! consumer, at most [`max_held`](KafkaConsumerBuilder::max_held) of them (1000 by default); when
@@ -264,8 +264,7 @@ impl Shared {
             .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
         if can_wait {
             let deadline = Instant::now() + self.revoke_drain_timeout;
-            while parts.iter().any(|tp| !self.unsettled(tp).is_empty())
-                && Instant::now() < deadline
+            while parts.iter().any(|tp| !self.unsettled(tp).is_empty()) && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -395,7 +394,7 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// Which deliveries may be processed at the same time (default [`Ordering::Unordered`]); see
+    /// Which deliveries may be processed at the same time (default [`Ordering::PerPartition`]); see
     /// the [module docs](self#ordering).
     pub fn ordering(mut self, ordering: Ordering) -> Self {
         self.ordering = ordering;
@@ -520,7 +519,7 @@ impl KafkaConsumer {
             check_topics: true,
             commit_interval: Duration::from_secs(1),
             revoke_drain_timeout: Duration::from_secs(10),
-            ordering: Ordering::Unordered,
+            ordering: Ordering::PerPartition,
             max_held: 1000,
         }
     }

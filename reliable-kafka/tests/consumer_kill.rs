@@ -19,7 +19,7 @@ use reliable_kafka::config::consumer_preset;
 use reliable_kafka::rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use reliable_kafka::rdkafka::message::{Headers, Message as _};
 use reliable_kafka::rdkafka::ClientConfig;
-use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
 use reliable_test_support::{kafka, require, unique_name};
 
 const TOTAL: usize = 20;
@@ -68,6 +68,7 @@ async fn child_consumer() {
             let mut config = consumer_preset(&bootstrap, &group);
             config.set("session.timeout.ms", SESSION_TIMEOUT_MS);
             let mut source = KafkaConsumer::builder_from_config(config)
+                .ordering(Ordering::Unordered)
                 .subscribe(TopicSpec::new(&topic))
                 .commit_interval(Duration::from_millis(100))
                 .build()
@@ -173,6 +174,7 @@ async fn scenario(mode: &str) -> Option<Figures> {
     let mut redelivered = HashSet::new();
     if committed < high {
         let mut source = KafkaConsumer::builder(&cluster.bootstrap, &group)
+            .ordering(Ordering::Unordered)
             .subscribe(TopicSpec::new(&topic))
             .build()
             .await

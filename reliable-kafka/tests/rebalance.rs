@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use reliable_core::producer::Producer;
 use reliable_core::{AckError, Delivery, DeliverySource, Message};
-use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
 use reliable_test_support::{kafka, require, unique_name};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,6 +34,7 @@ async fn revoke_commits_finished_work_and_stops_at_the_gap() {
     let group = unique_name("rk-rebal-g");
     let consumer = |spec: TopicSpec| {
         KafkaConsumer::builder(&cluster.bootstrap, &group)
+            .ordering(Ordering::Unordered)
             .subscribe(spec)
             .commit_interval(Duration::from_secs(3600)) // only the revoke commits
             .revoke_drain_timeout(Duration::from_millis(500))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use reliable_core::pipeline::{handler_fn, DeadLetter, HandlerBuilder, HandlerError, Pipeline};
 use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, Message, MessageId};
-use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
 use reliable_test_support::{kafka, require, unique_name};
 
 async fn transport(bootstrap: &str, topics: &[TopicSpec]) -> KafkaTransport {
@@ -132,7 +132,9 @@ async fn out_of_order_completion_never_commits_past_a_gap() {
     )
     .await;
     let group = unique_name("rk-gap-g");
+    // Holds several deliveries of one partition at once, so no per-partition ordering.
     let mut source = KafkaConsumer::builder(&cluster.bootstrap, &group)
+        .ordering(Ordering::Unordered)
         .subscribe(spec)
         .commit_interval(Duration::from_secs(3600))
         .build()
