@@ -409,7 +409,8 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
     async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
         let key = msg.idempotency_key();
         let store = &self.layer.store;
-        let give_up = tokio::time::Instant::now() + self.layer.in_progress_wait;
+        // `None`: a wait too long to represent is no limit.
+        let give_up = tokio::time::Instant::now().checked_add(self.layer.in_progress_wait);
         let mut delays = IN_PROGRESS_POLL.delays();
         loop {
             match store.reserve(key).await.map_err(HandlerError::transient)? {
@@ -419,7 +420,9 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
                     tracing::debug!(%key, "duplicate skipped");
                     return Ok(());
                 }
-                Reservation::InProgress if tokio::time::Instant::now() < give_up => {
+                Reservation::InProgress
+                    if give_up.is_none_or(|g| tokio::time::Instant::now() < g) =>
+                {
                     let delay = delays.next().unwrap_or(IN_PROGRESS_POLL.max_delay);
                     tokio::time::sleep(delay).await;
                 }

@@ -517,7 +517,8 @@ impl Inner {
         first_sent: Instant,
     ) -> Result<Confirmed, SendError> {
         let cfg = &self.config;
-        let deadline = first_sent + cfg.deadline;
+        // `None`: a deadline too far away to represent (e.g. `Duration::MAX`) is no deadline.
+        let deadline = first_sent.checked_add(cfg.deadline);
         let mut delays = cfg.backoff.delays();
         let mut attempts = 0u32;
         loop {
@@ -530,7 +531,7 @@ impl Inner {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let budget = cfg
                 .confirm_timeout
-                .min(deadline.saturating_duration_since(now));
+                .min(deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now)));
             let result = match tokio::time::timeout(budget, self.transport.publish(&msg)).await {
                 Ok(r) => r,
                 Err(_) => Err(PublishError::Timeout),
@@ -565,7 +566,9 @@ impl Inner {
             }
             let delay = delays.next().unwrap_or(cfg.backoff.max_delay);
             let now = Instant::now();
-            if now + delay >= deadline {
+            let past_deadline =
+                deadline.is_some_and(|d| now.checked_add(delay).is_none_or(|t| t >= d));
+            if past_deadline {
                 tracing::warn!(error = %err, attempts, "publish deadline exceeded");
                 return Err(SendError::DeadlineExceeded {
                     message: Box::new(msg),

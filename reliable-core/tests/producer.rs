@@ -230,3 +230,34 @@ async fn lost_connection_during_confirm_wait_is_resent() -> TestResult {
     assert_eq!(broker.queue_len("q"), 2);
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unrepresentable_deadline_means_no_deadline_and_attempts_still_bound_it() -> TestResult {
+    let broker = InMemoryBroker::new();
+    broker.declare_queue("q");
+    let producer = Producer::new(
+        broker.transport(),
+        ProducerConfig {
+            deadline: Duration::MAX,
+            ..config()
+        },
+    );
+    // A resend after a lost confirm works with no deadline at all.
+    broker.inject_publish_fault(PublishFault::LoseMessage);
+    assert_eq!(producer.send_confirmed(msg()).await?.attempts, 2);
+    // With every attempt nacked, max_attempts settles it and hands the message back.
+    for _ in 0..5 {
+        broker.inject_publish_fault(PublishFault::Nack);
+    }
+    let m = msg();
+    match producer.send_confirmed(m.clone()).await {
+        Err(SendError::AttemptsExhausted {
+            message, attempts, ..
+        }) => {
+            assert_eq!(attempts, 5);
+            assert_eq!(message.id(), m.id());
+        }
+        other => panic!("expected AttemptsExhausted, got {other:?}"),
+    }
+    Ok(())
+}

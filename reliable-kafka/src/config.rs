@@ -8,6 +8,7 @@
 //! | producer | `retries` (`message.send.max.retries`) | `2147483647` | librdkafka gives up on transient errors after the count |
 //! | producer | `max.in.flight.requests.per.connection` | `1..=5` | above 5 the idempotent producer cannot keep order |
 //! | producer | `message.timeout.ms` (`delivery.timeout.ms`) | `1..=confirm timeout` | `0` keeps messages forever; above the core's confirm timeout the core resends copies librdkafka still holds |
+//! | both | `allow.auto.create.topics` | `false` | a missing topic is created with the broker's defaults (often RF 1), bypassing the topic check |
 //! | consumer | `enable.auto.commit` | `false` | offsets are committed before the handler has finished |
 //! | consumer | `enable.auto.offset.store` | `false` | offsets are stored for messages still in an in-memory buffer |
 //! | consumer | `auto.offset.reset` | `earliest` unless set (`latest` refused) | a new group skips everything produced before it joined |
@@ -171,9 +172,25 @@ const PRODUCER_RULES: &[Rule] = &[
         // stale copy is left in its queue when the core resends.
         default: |l| (l.confirm_timeout_ms * 9 / 10).max(1).to_string(),
     },
+    Rule {
+        setting: "allow.auto.create.topics",
+        aliases: &[],
+        required: "false",
+        why: "a produce to, or a metadata request for, a missing topic creates it with the broker's defaults (often replication factor 1, min.insync.replicas 1), bypassing the topic safety check",
+        is_safe: |v, _| bool_is(v, false),
+        default: |_| "false".into(),
+    },
 ];
 
 const CONSUMER_RULES: &[Rule] = &[
+    Rule {
+        setting: "allow.auto.create.topics",
+        aliases: &[],
+        required: "false",
+        why: "a produce to, or a metadata request for, a missing topic creates it with the broker's defaults (often replication factor 1, min.insync.replicas 1), bypassing the topic safety check",
+        is_safe: |v, _| bool_is(v, false),
+        default: |_| "false".into(),
+    },
     Rule {
         setting: "enable.auto.commit",
         aliases: &[],
@@ -312,7 +329,14 @@ impl fmt::Debug for RedactedConfig<'_> {
 
 /// Setting names whose values are secrets (invariant 8).
 fn is_secret(name: &str) -> bool {
-    const MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config", "key.pem"];
+    const MARKERS: &[&str] = &[
+        "password",
+        "passphrase",
+        "secret",
+        "sasl.username",
+        "sasl.oauthbearer.config",
+        "key.pem",
+    ];
     MARKERS.iter().any(|m| name.contains(m))
 }
 
@@ -344,7 +368,9 @@ mod tests {
         assert_eq!(c.get("retries"), Some("2147483647"));
         assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("5"));
         assert_eq!(c.get("message.timeout.ms"), Some("9000"));
+        assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
         let c = consumer_preset("b:1", "g");
+        assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
@@ -372,6 +398,36 @@ mod tests {
             ]
         );
         assert!(err.to_string().contains("`acks` = `1`"));
+    }
+
+    #[test]
+    fn topic_auto_creation_is_refused_for_both_clients() {
+        for harden in [
+            |c: &mut ClientConfig| {
+                harden_producer_config(c, Duration::from_secs(5), &Safety::strict())
+            },
+            |c: &mut ClientConfig| harden_consumer_config(c, &Safety::strict()),
+        ] {
+            let mut c = ClientConfig::new();
+            c.set("allow.auto.create.topics", "true");
+            let err = harden(&mut c).unwrap_err();
+            let named: Vec<_> = err.violations.iter().map(|v| v.setting).collect();
+            assert_eq!(named, ["allow.auto.create.topics"]);
+        }
+    }
+
+    #[test]
+    fn secret_settings_are_masked_including_passphrases_and_usernames() {
+        for name in [
+            "sasl.password",
+            "sasl.username",
+            "ssl.key.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+        ] {
+            assert!(is_secret(name), "{name} is not masked");
+        }
+        assert!(!is_secret("bootstrap.servers"));
     }
 
     #[test]

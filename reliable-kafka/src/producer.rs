@@ -57,7 +57,7 @@ use reliable_core::producer::ProducerConfig;
 use reliable_core::{Message, PublishError, Transport};
 use tracing::Instrument;
 
-use crate::config::{harden_producer_config, producer_preset, redact, RedactedConfig, Safety};
+use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -183,10 +183,13 @@ fn create_producer(config: &ClientConfig) -> Result<FutureProducer, Error> {
 }
 
 impl KafkaTransport {
-    /// A builder from the safe preset ([`producer_preset`]).
+    /// A builder from the safe preset ([`producer_preset`](crate::config::producer_preset)).
     pub fn builder(bootstrap_servers: &str) -> KafkaTransportBuilder {
-        let confirm_timeout = ProducerConfig::default().confirm_timeout;
-        Self::builder_from_config(producer_preset(bootstrap_servers, confirm_timeout))
+        // Only the address here: `build` completes the preset from the final confirm timeout,
+        // so `.confirm_timeout(..)` also sets `message.timeout.ms` to match.
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", bootstrap_servers);
+        Self::builder_from_config(config)
     }
 
     /// A builder from the caller's `config`: at build time missing safe settings are added and
@@ -461,6 +464,7 @@ impl Transport for KafkaTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::producer_preset;
 
     #[test]
     fn wrapping_a_producer_validates_the_config_it_was_built_from() {

@@ -175,6 +175,8 @@ fn admin_config(config: &ClientConfig) -> ClientConfig {
             admin.set(name, value);
         }
     }
+    // Metadata requests for a missing topic must not create it with the broker's defaults.
+    admin.set("allow.auto.create.topics", "false");
     admin
 }
 
