@@ -9,21 +9,47 @@ use std::fmt;
 use std::sync::Arc;
 
 use backon::{ExponentialBuilder, Retryable};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::error::redacted_target;
+use crate::error::{redacted_target, AmqpError};
 use crate::settings::ReconnectPolicy;
 
 /// The longest one attempt to open a connection and channel may take.
 const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// An AMQP URL whose credentials are never displayed (invariant 8).
+/// An AMQP URL, parsed once, whose credentials are never displayed (invariant 8).
 #[derive(Clone)]
-pub(crate) struct SecretUrl(Arc<str>);
+pub(crate) struct SecretUrl {
+    /// Host, port and vhost, without credentials (see [`redacted_target`]).
+    target: Arc<str>,
+    /// What lapin connects with. Its `Debug` shows the password: never format it.
+    uri: Arc<AMQPUri>,
+}
+
+impl SecretUrl {
+    /// Parses `url`. A failure is [`AmqpError::InvalidUrl`], whose text never quotes the
+    /// URL (the parser's own message does, credentials included).
+    pub(crate) fn parse(url: &str) -> Result<Self, AmqpError> {
+        // A `/`, `?` or `#` before the last `@` means the URL parser would end the
+        // authority inside the credentials and send their tail as host, port or vhost.
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        if let Some(at) = rest.rfind('@') {
+            if rest[..at].contains(['/', '?', '#']) {
+                return Err(AmqpError::InvalidUrl);
+            }
+        }
+        let uri = url.parse::<AMQPUri>().map_err(|_| AmqpError::InvalidUrl)?;
+        Ok(Self {
+            target: Arc::from(redacted_target(url)),
+            uri: Arc::new(uri),
+        })
+    }
+}
 
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "amqp://***@{}", redacted_target(&self.0))
+        write!(f, "amqp://***@{}", self.target)
     }
 }
 
@@ -52,14 +78,16 @@ pub(crate) struct Link {
 }
 
 impl Source {
-    pub(crate) fn url(url: &str) -> Self {
-        Source::Url(SecretUrl(Arc::from(url)))
+    /// A source that connects to `url`, parsed here once: an unparsable URL is the
+    /// non-retryable [`AmqpError::InvalidUrl`], never a connect attempt.
+    pub(crate) fn url(url: &str) -> Result<Self, AmqpError> {
+        SecretUrl::parse(url).map(Source::Url)
     }
 
     /// Host, port and vhost for messages (no credentials).
     pub(crate) fn target(&self) -> String {
         match self {
-            Source::Url(url) => redacted_target(&url.0),
+            Source::Url(url) => url.target.to_string(),
             Source::Connection(_) => "a wrapped connection".to_owned(),
             Source::Channel(_) => "a wrapped channel".to_owned(),
         }
@@ -70,7 +98,8 @@ impl Source {
         match self {
             Source::Url(url) => {
                 let connection =
-                    Connection::connect(&url.0, ConnectionProperties::default()).await?;
+                    Connection::connect_uri((*url.uri).clone(), ConnectionProperties::default())
+                        .await?;
                 let channel = connection.create_channel().await?;
                 Ok(Link {
                     channel,
@@ -152,5 +181,50 @@ pub(crate) fn retryable(error: &lapin::Error) -> bool {
         // soft ones (access refused, not found) are configuration problems.
         K::ProtocolError(e) => matches!(e.kind(), lapin::protocol::AMQPErrorKind::Hard(_)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unparsable_url_is_a_typed_error_that_does_not_quote_it() {
+        for url in [
+            "amqp:alice:secret@host",
+            "amqp://alice:secret@host:notaport/v",
+            "http://alice:secret@host:5672/v",
+            // Unencoded `/` in the password: the parser would take `123` as the port and
+            // send `ss@host:5672/v` as the vhost.
+            "amqp://alice:123/secret@host:5672/v",
+        ] {
+            let error = Source::url(url).unwrap_err();
+            assert!(matches!(error, AmqpError::InvalidUrl), "{url}: {error:?}");
+            let text = format!("{error} {error:?}");
+            assert!(
+                !text.contains("secret") && !text.contains("alice"),
+                "{text}"
+            );
+            assert!(
+                text.contains("amqp://user:password@host:port/vhost"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_parsed_url_shows_only_host_port_and_vhost() {
+        let source = Source::url("amqp://alice:p%2Fa%40ss@rabbit:5673/%2f").unwrap();
+        let Source::Url(url) = &source else {
+            panic!("not a URL source");
+        };
+        assert_eq!(url.uri.authority.userinfo.password, "p/a@ss");
+        assert_eq!(url.uri.authority.port, 5673);
+        assert_eq!(source.target(), "rabbit:5673/%2f");
+        let debug = format!("{source:?}");
+        assert!(!debug.contains("alice") && !debug.contains("ss"), "{debug}");
+        // An unencoded `@` in the password is unambiguous (the last `@` ends it).
+        let source = Source::url("amqp://alice:p@ss@rabbit/v").unwrap();
+        assert_eq!(source.target(), "rabbit/v");
     }
 }

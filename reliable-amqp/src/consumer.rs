@@ -66,13 +66,14 @@ impl fmt::Debug for AmqpConsumer {
 
 impl AmqpConsumer {
     /// Connects to `url` and starts consuming `queue`. The adapter owns the connection and
-    /// re-opens it after a loss. Credentials never appear in logs or errors.
+    /// re-opens it after a loss. Credentials never appear in logs or errors. An unparsable
+    /// URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
     pub async fn connect(
         url: &str,
         queue: &str,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        Self::start(Source::url(url), queue, settings).await
+        Self::start(Source::url(url)?, queue, settings).await
     }
 
     /// Consumes `queue` on channels opened on an existing connection.

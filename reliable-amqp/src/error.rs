@@ -45,6 +45,13 @@ pub enum AmqpError {
         /// The broker's explanation, e.g. `inequivalent arg 'durable'`.
         broker_says: String,
     },
+    /// The URL given to `connect` is not an AMQP URL. Not retryable: fix the URL. The text
+    /// never quotes the URL, which may hold credentials.
+    #[error(
+        "the AMQP URL could not be parsed; expected amqp://user:password@host:port/vhost \
+         (percent-encode `/`, `?`, `#`, `@` and `:` in the user name, password and vhost)"
+    )]
+    InvalidUrl,
     /// Settings refused (data loss or out of range).
     #[error(transparent)]
     Settings(#[from] SettingsError),
@@ -106,10 +113,26 @@ pub(crate) fn soft_error(error: &lapin::Error) -> Option<(AMQPSoftError, String)
 }
 
 /// Host, port and vhost of an AMQP URL, never its credentials.
+///
+/// The credentials end at the LAST `@` of the URL (a password may hold unencoded `/`, `?`,
+/// `#` or `@`), so everything up to it is dropped before the path is split off; the query
+/// and fragment are dropped too. Without any `@`, an authority that is not `host[:port]`
+/// (e.g. `user:secret`) is not shown at all.
 pub(crate) fn redacted_target(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit('@').next().unwrap_or_default();
+    let (rest, had_userinfo) = match rest.rfind('@') {
+        Some(at) => (&rest[at + 1..], true),
+        None => (rest, false),
+    };
+    let rest = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let port_ok = host
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()));
+    if !had_userinfo && !port_ok {
+        // `amqp://user:secret` (no `@`): what looks like a port may be a password.
+        return "<unparsable host>".to_owned();
+    }
     format!("{host}{path}")
 }
 
@@ -123,5 +146,31 @@ mod tests {
         assert_eq!(t, "host:5672/%2f");
         assert!(!t.contains("s3cret") && !t.contains("user"));
         assert_eq!(redacted_target("amqp://host"), "host");
+        assert_eq!(
+            redacted_target("amqp://host:5672/v?heartbeat=10"),
+            "host:5672/v"
+        );
+    }
+
+    #[test]
+    fn redacted_target_hides_passwords_holding_url_delimiters() {
+        for password in [
+            "pa/ss",
+            "pa?ss",
+            "pa#ss",
+            "pa@ss",
+            "p/a?s#s@x",
+            "123/ss",
+            "/?#@",
+        ] {
+            let url = format!("amqp://u:{password}@h:5672/v");
+            let t = redacted_target(&url);
+            assert_eq!(t, "h:5672/v", "{url}");
+            assert!(!t.contains("ss") && !t.contains("u:"), "{url} -> {t}");
+        }
+        // No `@` at all: a `user:secret` authority is not a host and port.
+        let t = redacted_target("amqp://user:secret");
+        assert!(!t.contains("secret"), "{t}");
+        assert!(!redacted_target("amqp:user:secret@host").contains("secret"));
     }
 }

@@ -11,6 +11,9 @@
 //!   fixed order, so a per-channel confirm driver collects every return of a batch, keyed by
 //!   the message id the return carries, before it decides any confirm of that batch: a
 //!   returned message resolves [`PublishError::Unroutable`], never `Ok`.
+//! * A publish waits for its confirm (or, with transactions, its commit) at most the settings'
+//!   [`confirm_timeout`](AmqpSettings::confirm_timeout), then fails with the retryable
+//!   [`PublishError::Timeout`]: the message is not known to be confirmed; resend it.
 //! * When the channel or connection goes away, pending publishes fail with the retryable
 //!   [`PublishError::ConnectionLost`] and the next publish re-opens a channel (backoff per
 //!   [`ReconnectPolicy`](crate::settings::ReconnectPolicy)). The caller — usually the core's
@@ -205,9 +208,10 @@ impl fmt::Debug for AmqpPublisher {
 
 impl AmqpPublisher {
     /// Connects to `url` and opens a confirm-mode channel. The adapter owns the connection and
-    /// re-opens it after a loss. The URL's credentials never appear in logs or errors.
+    /// re-opens it after a loss. The URL's credentials never appear in logs or errors. An
+    /// unparsable URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
     pub async fn connect(url: &str, settings: AmqpSettings) -> Result<Self, AmqpError> {
-        Self::start(Source::url(url), settings).await
+        Self::start(Source::url(url)?, settings).await
     }
 
     /// Publishes on channels opened on an existing connection. After a channel loss the
@@ -400,7 +404,23 @@ impl AmqpPublisher {
         result
     }
 
+    /// Publishes `msg` on `live` and waits for its confirm, at most the settings'
+    /// [`confirm_timeout`](AmqpSettings::confirm_timeout); then [`PublishError::Timeout`].
     async fn publish_on(&self, live: &LiveChannel, msg: &Message) -> Result<(), PublishError> {
+        let timeout = self.inner.settings.confirm_timeout();
+        tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(message_id = %msg.id(), ?timeout, "no confirm within the confirm timeout");
+                Err(PublishError::Timeout)
+            })
+    }
+
+    async fn publish_on_unbounded(
+        &self,
+        live: &LiveChannel,
+        msg: &Message,
+    ) -> Result<(), PublishError> {
         let confirm = self
             .basic_publish(&live.channel, msg)
             .await
@@ -429,13 +449,34 @@ impl AmqpPublisher {
         batch: &[Message],
     ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
         let live = self.live().await.map_err(|e| classify(&e))?;
-        let result = self.commit_on(&live, batch).await;
+        let timeout = self.inner.settings.confirm_timeout();
+        let result = tokio::time::timeout(timeout, self.commit_on(&live, batch))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(
+                    messages = batch.len(),
+                    ?timeout,
+                    "no tx.commit-ok within the confirm timeout"
+                );
+                if !matches!(self.inner.source, Source::Channel(_)) {
+                    // The channel may hold this batch's publishes uncommitted: close it (which
+                    // discards them) rather than let the next batch commit them.
+                    let channel = live.channel.clone();
+                    tokio::spawn(async move {
+                        let _ = channel.close(200, "transaction timed out".into()).await;
+                    });
+                    self.invalidate(live.generation);
+                }
+                Err(PublishError::Timeout)
+            });
         if matches!(result, Err(PublishError::ConnectionLost { .. })) {
             self.invalidate(live.generation);
         }
         result
     }
 
+    /// Publishes and commits `batch` in one transaction, unbounded in time: the caller
+    /// ([`publish_tx`](Self::publish_tx)) bounds it by the confirm timeout.
     async fn commit_on(
         &self,
         live: &LiveChannel,
@@ -488,7 +529,7 @@ impl Transport for AmqpPublisher {
                 PublishMode::Transactions => self
                     .publish_tx(std::slice::from_ref(msg))
                     .await
-                    .and_then(|mut r| r.pop().unwrap_or(Ok(()))),
+                    .and_then(only_result),
             };
             if let Err(error) = &result {
                 tracing::debug!(%error, retryable = error.is_retryable(), "publish not confirmed");
@@ -497,6 +538,22 @@ impl Transport for AmqpPublisher {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The one result of a one-message transaction. No result means no commit is known to stand
+/// behind the message, so it is never `Ok` (invariant 1).
+fn only_result(mut results: Vec<Result<(), PublishError>>) -> Result<(), PublishError> {
+    match (results.pop(), results.is_empty()) {
+        (Some(result), true) => result,
+        (None, _) => Err(PublishError::Fatal {
+            reason: "the transaction reported no result for the message, so no commit is known \
+                     to include it"
+                .to_owned(),
+        }),
+        (Some(_), false) => Err(PublishError::Fatal {
+            reason: "the transaction reported several results for one message".to_owned(),
+        }),
     }
 }
 
@@ -718,6 +775,44 @@ mod tests {
         );
         assert!(matches!(later[0].2, Err(PublishError::Unroutable { .. })));
         assert!(returns.0.is_empty());
+    }
+
+    #[test]
+    fn a_transaction_without_a_result_is_never_ok() {
+        assert!(matches!(
+            only_result(Vec::new()),
+            Err(PublishError::Fatal { .. })
+        ));
+        assert!(matches!(
+            only_result(vec![Ok(()), Ok(())]),
+            Err(PublishError::Fatal { .. })
+        ));
+        assert_eq!(only_result(vec![Ok(())]), Ok(()));
+        assert_eq!(
+            only_result(vec![Err(PublishError::Timeout)]),
+            Err(PublishError::Timeout)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unparsable_url_fails_at_once_without_quoting_it() {
+        let started = std::time::Instant::now();
+        let error = AmqpPublisher::connect("amqp:user:secret@host", AmqpSettings::safe())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, AmqpError::InvalidUrl), "{error:?}");
+        let text = format!("{error} {error:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("could not be parsed"), "{text}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "retried"
+        );
+        let error =
+            crate::AmqpConsumer::connect("amqp://user:12/secret@host/v", "q", AmqpSettings::safe())
+                .await
+                .unwrap_err();
+        assert!(matches!(error, AmqpError::InvalidUrl), "{error:?}");
     }
 
     #[test]

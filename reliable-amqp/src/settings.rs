@@ -214,6 +214,7 @@ pub struct AmqpSettings {
     prefetch: u16,
     publish_mode: PublishMode,
     reconnect: ReconnectPolicy,
+    confirm_timeout: Duration,
     opted_out: Vec<DataLoss>,
 }
 
@@ -229,6 +230,7 @@ impl fmt::Debug for AmqpSettings {
             .field("prefetch", &self.prefetch)
             .field("publish_mode", &self.publish_mode)
             .field("reconnect", &self.reconnect)
+            .field("confirm_timeout", &self.confirm_timeout)
             .field("unsafe_allow_data_loss", &self.opted_out)
             .finish()
     }
@@ -242,6 +244,9 @@ impl Default for AmqpSettings {
 
 /// The default prefetch of the presets (unacked deliveries per consumer channel).
 pub const DEFAULT_PREFETCH: u16 = 200;
+
+/// The default [`AmqpSettings::confirm_timeout`]: 30 seconds.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AmqpSettings {
     /// The safe default: quorum queues, durable exchanges, persistent messages, publisher
@@ -257,6 +262,7 @@ impl AmqpSettings {
             prefetch: DEFAULT_PREFETCH,
             publish_mode: PublishMode::Confirms,
             reconnect: ReconnectPolicy::default(),
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             opted_out: Vec::new(),
         }
     }
@@ -361,6 +367,29 @@ impl AmqpSettings {
         Ok(self)
     }
 
+    /// Sets how long one publish may wait for its confirm (confirm mode: from
+    /// `basic.publish` to the broker's `basic.ack`; transaction mode: from waiting for the
+    /// channel's transaction to `tx.commit-ok`). On expiry the publish fails with the
+    /// retryable [`PublishError::Timeout`](reliable_core::PublishError::Timeout): the message
+    /// is not known to be confirmed, so resend it (same id). Default
+    /// [`DEFAULT_CONFIRM_TIMEOUT`]; must be 1 ms..=1 hour.
+    ///
+    /// A backstop for using the publisher directly, so that a dead peer cannot hold a publish
+    /// until lapin's heartbeat notices it. The core's reliable producer wraps each attempt in
+    /// its own, usually shorter, timeout. Opening a channel is bounded separately, by the
+    /// [`ReconnectPolicy`].
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Result<Self, InvalidSetting> {
+        if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&timeout) {
+            return Err(InvalidSetting {
+                setting: "confirm_timeout",
+                value: format!("{timeout:?}"),
+                expected: "1ms..=1h",
+            });
+        }
+        self.confirm_timeout = timeout;
+        Ok(self)
+    }
+
     /// Applies a setting that LOSES DATA, on purpose. Logs a warning naming it. Meant for
     /// throw-away queues and for tests that must show loss (negative controls); a production
     /// service should never call this.
@@ -419,6 +448,11 @@ impl AmqpSettings {
     /// The publisher's reconnect policy.
     pub fn reconnect(&self) -> ReconnectPolicy {
         self.reconnect
+    }
+    /// How long one publish may wait for its confirm or commit (see
+    /// [`with_confirm_timeout`](Self::with_confirm_timeout)).
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
     }
     /// The data-loss opt-outs applied, in order; empty for a safe configuration.
     pub fn data_loss_opt_outs(&self) -> &[DataLoss] {
@@ -487,6 +521,22 @@ mod tests {
             assert!((100..=300).contains(&s.prefetch()), "{s:?}");
         }
         assert!(AmqpSettings::safe().with_prefetch(0).is_err());
+    }
+
+    #[test]
+    fn the_confirm_timeout_defaults_to_30s_and_is_bounded() {
+        assert_eq!(
+            AmqpSettings::safe().confirm_timeout(),
+            Duration::from_secs(30)
+        );
+        let s = AmqpSettings::safe()
+            .with_confirm_timeout(Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(s.confirm_timeout(), Duration::from_secs(5));
+        let err = AmqpSettings::safe()
+            .with_confirm_timeout(Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(err.setting, "confirm_timeout");
     }
 
     #[test]

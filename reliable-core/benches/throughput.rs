@@ -1,5 +1,7 @@
 //! Producer and pipeline throughput over the in-memory broker on one core (current-thread
-//! runtime), plus heap allocations per message measured with a counting global allocator.
+//! runtime), each beside its baseline measured in the same run: publishing straight through the
+//! transport (no tracking, no resend), and draining the queue with bare `next()` + `ack()` (no
+//! pipeline). Plus heap allocations per message, measured with a counting global allocator.
 //!
 //! ```text
 //! cargo bench -p reliable-core --bench throughput -- --warm-up-time 1 --measurement-time 3
@@ -18,7 +20,7 @@ use reliable_core::pipeline::{
     RetryPolicy,
 };
 use reliable_core::producer::{Producer, ProducerConfig};
-use reliable_core::{Message, Transport};
+use reliable_core::{DeliverySource, Message, Transport};
 
 struct Counting;
 
@@ -84,17 +86,56 @@ async fn produce(msgs: Vec<Message>) -> Duration {
     start.elapsed()
 }
 
-/// Fills a queue with `msgs`, then times a deduplicating pipeline draining it.
-async fn consume(msgs: Vec<Message>) -> Duration {
+/// Baseline for `produce`: the same messages published straight through the transport.
+async fn publish_raw(msgs: Vec<Message>) -> Duration {
     let broker = InMemoryBroker::new();
     broker.declare_queue("q");
-    broker.declare_queue("dlq");
     let t = broker.transport();
+    let start = Instant::now();
     for m in &msgs {
         if let Err(e) = t.publish(m).await {
             panic!("publish: {e}");
         }
     }
+    start.elapsed()
+}
+
+/// A queue holding `msgs`, published outside any timing.
+async fn filled(msgs: &[Message]) -> InMemoryBroker {
+    let broker = InMemoryBroker::new();
+    broker.declare_queue("q");
+    broker.declare_queue("dlq");
+    let t = broker.transport();
+    for m in msgs {
+        if let Err(e) = t.publish(m).await {
+            panic!("publish: {e}");
+        }
+    }
+    broker
+}
+
+/// Baseline for `consume`: the queue drained with bare `next()` + `ack()`.
+async fn consume_raw(msgs: Vec<Message>) -> Duration {
+    let broker = filled(&msgs).await;
+    let mut source = broker.consumer("q").end_when_drained();
+    let start = Instant::now();
+    loop {
+        match source.next().await {
+            Ok(Some(delivery)) => {
+                if let Err(e) = delivery.ack().await {
+                    panic!("ack: {e}");
+                }
+            }
+            Ok(None) => break,
+            Err(e) => panic!("next: {e}"),
+        }
+    }
+    start.elapsed()
+}
+
+/// Fills a queue with `msgs`, then times a deduplicating pipeline draining it.
+async fn consume(msgs: Vec<Message>) -> Duration {
+    let broker = filled(&msgs).await;
     let handler = HandlerBuilder::new(handler_fn(|_m: Message| async { Ok(()) }))
         .layer(RetryLayer::new(RetryPolicy::default()))
         .layer(DedupeLayer::new(Arc::new(
@@ -122,11 +163,29 @@ fn bench(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("in_memory");
     group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function(BenchmarkId::new("baseline_transport_publish", BATCH), |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += publish_raw(messages(BATCH)).await;
+            }
+            total
+        })
+    });
     group.bench_function(BenchmarkId::new("producer_send_confirm", BATCH), |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 total += produce(messages(BATCH)).await;
+            }
+            total
+        })
+    });
+    group.bench_function(BenchmarkId::new("baseline_next_ack", BATCH), |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += consume_raw(messages(BATCH)).await;
             }
             total
         })
@@ -154,14 +213,7 @@ fn report_allocations() {
 
     // Count the consume path alone: publish into a queue first, outside the count.
     let msgs = messages(n);
-    let broker = InMemoryBroker::new();
-    broker.declare_queue("q");
-    let t = broker.transport();
-    rt.block_on(async {
-        for m in &msgs {
-            let _ = t.publish(m).await;
-        }
-    });
+    let broker = rt.block_on(filled(&msgs));
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     rt.block_on(async {
         let handler = HandlerBuilder::new(handler_fn(|_m: Message| async { Ok(()) }))
