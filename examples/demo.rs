@@ -72,12 +72,16 @@ async fn main() -> DemoResult<()> {
     {
         let conn = lapin_connection(&amqp_url).await?;
         let channel = conn.create_channel().await?;
-        topology::declare_queue(&channel, &QueueSpec::quorum(&queue)).await?;
+        // Rejected (poison) messages go to the dead-letter exchange, never to nowhere.
+        topology::declare_dead_letter(&channel, "reliable-demo.dlx", "reliable-demo.dlq").await?;
+        let spec = QueueSpec::quorum(&queue).with_dead_letter_exchange("reliable-demo.dlx");
+        topology::declare_queue(&channel, &spec).await?;
     }
     let producer = Producer::new(publisher, Default::default());
     let messages = (0..count).map(|i| Message::new(format!("{run}-{i}")).with_routing_key(&queue));
     let producer_stats = send_all(&producer, messages).await?;
     let source = AmqpConsumer::connect(&amqp_url, &queue, settings).await?;
+    // A poison message is rejected to the queue's dead-letter exchange.
     let rabbit = consume(source, producer_stats, started).await?;
     println!("RabbitMQ  {rabbit}");
     {
@@ -95,6 +99,7 @@ async fn main() -> DemoResult<()> {
     let started = Instant::now();
     let transport = KafkaTransport::builder(&bootstrap)
         .topic(topic.clone())
+        .topic(TopicSpec::new("reliable-demo.dlq"))
         .build()
         .await?;
     let producer = Producer::new(transport.clone(), transport.recommended_producer_config());
@@ -104,12 +109,25 @@ async fn main() -> DemoResult<()> {
             .with_routing_key(format!("customer-{}", i % 16))
     });
     let producer_stats = send_all(&producer, messages).await?;
-    transport.close().await;
     let source = KafkaConsumer::builder(&bootstrap, &format!("reliable-demo-{run}"))
         .subscribe(topic)
         .build()
         .await?;
-    let kafka = consume_matching(source, producer_stats, started, format!("{run}-")).await?;
+    // Kafka has no broker-side dead letter: poison messages go to a topic through a confirmed
+    // publish, and their offsets are committed only after that.
+    let dead_letter = DeadLetter::publish(
+        Producer::new(transport.clone(), transport.recommended_producer_config()),
+        "reliable-demo.dlq",
+    );
+    let kafka = consume_matching(
+        source,
+        dead_letter,
+        producer_stats,
+        started,
+        format!("{run}-"),
+    )
+    .await?;
+    transport.close().await;
     println!("Kafka     {kafka}");
 
     if rabbit.distinct < rabbit.producer.confirmed as usize
@@ -149,13 +167,21 @@ async fn consume(
     producer: ProducerStats,
     started: Instant,
 ) -> DemoResult<Tally> {
-    consume_matching(source, producer, started, String::new()).await
+    consume_matching(
+        source,
+        DeadLetter::BrokerReject,
+        producer,
+        started,
+        String::new(),
+    )
+    .await
 }
 
 /// Runs the consumer pipeline until every confirmed message whose payload starts with
 /// `prefix` was handled once (or nothing new came for 30 s).
 async fn consume_matching(
     source: impl DeliverySource + 'static,
+    dead_letter: DeadLetter,
     producer: ProducerStats,
     started: Instant,
     prefix: String,
@@ -195,7 +221,7 @@ async fn consume_matching(
             }
         }
     };
-    let consumer = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+    let consumer = Pipeline::new(source, handler, dead_letter)
         .run_until(done)
         .await?;
     let distinct = seen.lock().map(|s| s.len()).unwrap_or_default();

@@ -56,6 +56,12 @@ pub mod headers {
     pub const IDEMPOTENCY_KEY: &str = "x-idempotency-key";
     /// Set on dead-lettered copies: the handler's final error, as text.
     pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+    /// Set on dead-lettered copies of offset-based deliveries: the original's topic.
+    pub const ORIGIN_TOPIC: &str = "x-origin-topic";
+    /// Set on dead-lettered copies of offset-based deliveries: the original's partition.
+    pub const ORIGIN_PARTITION: &str = "x-origin-partition";
+    /// Set on dead-lettered copies of offset-based deliveries: the original's offset.
+    pub const ORIGIN_OFFSET: &str = "x-origin-offset";
 }
 
 /// A unique, time-ordered message id (UUIDv7).

@@ -77,7 +77,7 @@ use crate::backoff::BackoffPolicy;
 use crate::idempotency::{IdempotencyStore, Reservation};
 use crate::message::{headers, Message};
 use crate::producer::{Producer, SendError};
-use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource};
+use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource, Position};
 
 /// The user's message handler (and every layer around it).
 #[async_trait]
@@ -455,7 +455,8 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum DeadLetter {
-    /// Publish a copy (same id and key, plus the `x-dead-letter-reason` header) to
+    /// Publish a copy (same id and key, plus the `x-dead-letter-reason` header and, for
+    /// offset-based deliveries, `x-origin-topic` / `x-origin-partition` / `x-origin-offset`) to
     /// `destination` through `producer`, and ack the original only after that publish is
     /// confirmed.
     Publish {
@@ -480,7 +481,12 @@ impl DeadLetter {
     }
 
     /// The copy of `msg` that goes to the dead letter.
-    fn copy(msg: &Message, destination: &str, err: &HandlerError) -> Message {
+    fn copy(
+        msg: &Message,
+        position: Option<&Position>,
+        destination: &str,
+        err: &HandlerError,
+    ) -> Message {
         let mut reason = err.to_string();
         if reason.len() > 1024 {
             let mut end = 1024;
@@ -491,6 +497,11 @@ impl DeadLetter {
         }
         let mut copy = msg.clone().with_destination(destination);
         copy.set_header(headers::DEAD_LETTER_REASON, reason);
+        if let Some(p) = position {
+            copy.set_header(headers::ORIGIN_TOPIC, p.partition.topic.to_string());
+            copy.set_header(headers::ORIGIN_PARTITION, p.partition.partition.to_string());
+            copy.set_header(headers::ORIGIN_OFFSET, p.offset.to_string());
+        }
         copy
     }
 }
@@ -732,7 +743,7 @@ async fn process<H: Handler + ?Sized>(
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
             delivery.ack().await
         }
-        Err(err) => match send_dead_letter(dead_letter, delivery.message(), &err).await {
+        Err(err) => match send_dead_letter(dead_letter, &delivery, &err).await {
             Ok(DeadLettered::Published) => {
                 counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %err, "message dead-lettered");
@@ -764,7 +775,7 @@ enum DeadLettered {
 
 async fn send_dead_letter(
     dead_letter: &DeadLetter,
-    msg: &Message,
+    delivery: &Delivery,
     err: &HandlerError,
 ) -> Result<DeadLettered, SendError> {
     match dead_letter {
@@ -774,7 +785,12 @@ async fn send_dead_letter(
             destination,
         } => {
             producer
-                .send_confirmed(DeadLetter::copy(msg, destination, err))
+                .send_confirmed(DeadLetter::copy(
+                    delivery.message(),
+                    delivery.position(),
+                    destination,
+                    err,
+                ))
                 .await?;
             Ok(DeadLettered::Published)
         }

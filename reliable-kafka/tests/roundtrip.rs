@@ -246,6 +246,10 @@ async fn poison_message_lands_in_the_dead_letter_topic() {
     assert_eq!(dead[0].message.payload().as_ref(), b"poison");
     assert_eq!(dead[0].key.as_deref(), Some("k"));
     assert!(dead[0].headers["x-dead-letter-reason"].contains("cannot parse order"));
+    // Where it came from: the poison message was the second record of partition 0.
+    assert_eq!(dead[0].headers["x-origin-topic"], topic);
+    assert_eq!(dead[0].headers["x-origin-partition"], "0");
+    assert_eq!(dead[0].headers["x-origin-offset"], "1");
     // The poison message's offset was finished only after the dead letter was confirmed.
     assert_eq!(
         common::committed_offset(&cluster.bootstrap, &group, &topic, 0),
