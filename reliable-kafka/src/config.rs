@@ -129,6 +129,16 @@ fn int(v: &str) -> Option<i64> {
     v.trim().parse().ok()
 }
 
+/// Shared by producer and consumer: neither may create a topic behind the topic check.
+const NO_TOPIC_AUTO_CREATION: Rule = Rule {
+    setting: "allow.auto.create.topics",
+    aliases: &[],
+    required: "false",
+    why: "a produce to, or a metadata request for, a missing topic creates it with the broker's defaults (often replication factor 1, min.insync.replicas 1), bypassing the topic safety check",
+    is_safe: |v, _| bool_is(v, false),
+    default: |_| "false".into(),
+};
+
 const PRODUCER_RULES: &[Rule] = &[
     Rule {
         setting: "enable.idempotence",
@@ -172,25 +182,11 @@ const PRODUCER_RULES: &[Rule] = &[
         // stale copy is left in its queue when the core resends.
         default: |l| (l.confirm_timeout_ms * 9 / 10).max(1).to_string(),
     },
-    Rule {
-        setting: "allow.auto.create.topics",
-        aliases: &[],
-        required: "false",
-        why: "a produce to, or a metadata request for, a missing topic creates it with the broker's defaults (often replication factor 1, min.insync.replicas 1), bypassing the topic safety check",
-        is_safe: |v, _| bool_is(v, false),
-        default: |_| "false".into(),
-    },
+    NO_TOPIC_AUTO_CREATION,
 ];
 
 const CONSUMER_RULES: &[Rule] = &[
-    Rule {
-        setting: "allow.auto.create.topics",
-        aliases: &[],
-        required: "false",
-        why: "a produce to, or a metadata request for, a missing topic creates it with the broker's defaults (often replication factor 1, min.insync.replicas 1), bypassing the topic safety check",
-        is_safe: |v, _| bool_is(v, false),
-        default: |_| "false".into(),
-    },
+    NO_TOPIC_AUTO_CREATION,
     Rule {
         setting: "enable.auto.commit",
         aliases: &[],
