@@ -17,9 +17,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::admin::AdminOptions;
 use reliable_test_support::{amqp_url, kafka, require, unique_name};
 use tokio::sync::Mutex;
 
@@ -60,19 +58,7 @@ async fn killed_kafka_leader_is_replaced_and_rejoins_the_isr_after_restart() {
     let cluster = require!(kafka(3));
     let _one_fault = FAULTS.lock().await;
     let topic = unique_name("fault-isr");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cluster.bootstrap)
-        .create()
-        .expect("admin client");
-    let new_topic =
-        NewTopic::new(&topic, 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
-    for r in admin
-        .create_topics(&[new_topic], &AdminOptions::new())
-        .await
-        .expect("create_topics")
-    {
-        r.expect("topic created");
-    }
+    let admin = cluster.create_replicated_topic(&topic).await;
     wait_until("3 in-sync replicas", Duration::from_secs(30), || {
         isr(&topic).len() == 3
     });

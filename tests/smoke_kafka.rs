@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::AdminOptions;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -17,19 +16,7 @@ async fn message_on_a_replicated_topic_is_consumed_back_with_three_in_sync_repli
     let cluster = require!(kafka(3));
     let topic = unique_name("smoke-kafka");
 
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cluster.bootstrap)
-        .create()
-        .expect("admin client");
-    let new_topic =
-        NewTopic::new(&topic, 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
-    let created = admin
-        .create_topics(&[new_topic], &AdminOptions::new())
-        .await
-        .expect("create_topics request");
-    for result in created {
-        result.expect("topic created");
-    }
+    let admin = cluster.create_replicated_topic(&topic).await;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cluster.bootstrap)

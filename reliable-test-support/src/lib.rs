@@ -23,6 +23,8 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -99,6 +101,30 @@ pub struct KafkaCluster {
     pub bootstrap: String,
     /// The ids of the brokers the cluster's metadata lists.
     pub brokers: Vec<i32>,
+}
+
+impl KafkaCluster {
+    /// Creates topic `name` with one partition, replication factor 3 and
+    /// `min.insync.replicas` 2, and returns the admin client (for deleting it afterwards).
+    /// Panics, failing the test, when the topic cannot be created.
+    pub async fn create_replicated_topic(&self, name: &str) -> AdminClient<DefaultClientContext> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap_or_else(|e| panic!("admin client for {}: {e}", self.bootstrap));
+        let topic =
+            NewTopic::new(name, 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
+        let created = admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap_or_else(|e| panic!("create_topics request for {name}: {e}"));
+        for result in created {
+            if let Err((topic, code)) = result {
+                panic!("creating topic {topic}: {code}");
+            }
+        }
+        admin
+    }
 }
 
 /// A reachable Kafka cluster with at least `min_brokers` brokers registered.
