@@ -1,0 +1,389 @@
+//! The consumer child: consumes the scenario's queue or topic until it is killed, journaling
+//! every delivery and every effect.
+//!
+//! * Safe: the SDK's manual-ack / manual-commit consumer under the core [`Pipeline`], with a
+//!   [`DedupeLayer`] over an [`Inbox`]: the effect and its idempotency key are one journal
+//!   record, so they commit together and survive the process (the inbox pattern).
+//! * Control: the classic pattern — auto-ack (RabbitMQ) or auto-commit with the automatic
+//!   offset store (Kafka), a reader filling an in-memory buffer and a worker applying effects
+//!   from it, no dedupe.
+//!
+//! Both apply effects at the same bounded rate (below the producer's), so a backlog exists
+//! whenever a fault strikes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashSet;
+use reliable_amqp::settings::{AmqpSettings, DataLoss};
+use reliable_amqp::AmqpConsumer;
+use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::pipeline::{
+    handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
+    PipelineConfig,
+};
+use reliable_core::{DeliverySource, IdempotencyKey, Message};
+use reliable_kafka::config::consumer_preset;
+use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use reliable_kafka::rdkafka::message::Message as _;
+use reliable_kafka::rdkafka::ClientConfig;
+use reliable_kafka::{KafkaConsumer, TopicSpec};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::child::{parse_payload, ChildArgs, KAFKA_PARTITIONS, KAFKA_SESSION_TIMEOUT};
+use crate::journal::{ConsumerView, Journal, Tail};
+use crate::plan::{roles, Broker};
+use crate::HarnessError;
+
+/// Consumer child options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    pub child: ChildArgs,
+    /// Effects applied per second, at most.
+    #[arg(long)]
+    pub capacity: u32,
+}
+
+/// Spaces effects evenly at a fixed rate across concurrent handlers.
+#[derive(Debug)]
+pub struct Limiter {
+    next: Mutex<Instant>,
+    period: Duration,
+}
+
+impl Limiter {
+    /// A limiter of `per_second` permits per second (at least 1).
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            next: Mutex::new(Instant::now()),
+            period: Duration::from_secs(1) / per_second.max(1),
+        }
+    }
+
+    /// Waits for the next slot.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = (*next).max(Instant::now());
+            *next = slot + self.period;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// A durable dedupe store whose records are the effects themselves: a key is done once the
+/// journal holds the effect line of its sequence number. Loaded from the journal at start, so
+/// a restarted consumer remembers every effect its predecessors applied.
+#[derive(Debug)]
+pub struct Inbox {
+    journal: Arc<Journal>,
+    applied: DashSet<String>,
+    reserved: DashSet<String>,
+}
+
+impl Inbox {
+    /// Opens the inbox over `journal`, whose existing effects are read from `view`.
+    pub fn new(journal: Arc<Journal>, view: &ConsumerView) -> Self {
+        Self {
+            journal,
+            applied: view.effects.keys().map(u64::to_string).collect(),
+            reserved: DashSet::new(),
+        }
+    }
+
+    /// Applies the effect of `seq`: one journal record holding the effect and its key.
+    pub fn apply(&self, seq: u64) -> std::io::Result<()> {
+        self.journal.record(&format!("E {seq}"))?;
+        self.applied.insert(seq.to_string());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for Inbox {
+    async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
+        if self.applied.contains(key.as_str()) {
+            Ok(Reservation::Duplicate)
+        } else if self.reserved.insert(key.as_str().to_owned()) {
+            Ok(Reservation::New)
+        } else {
+            Ok(Reservation::InProgress)
+        }
+    }
+    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        // The effect record already holds the key; only the reservation remains.
+        self.reserved.remove(key.as_str());
+        Ok(())
+    }
+    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.reserved.remove(key.as_str());
+        Ok(())
+    }
+}
+
+/// A journal write failed: the process cannot record what it does, so it stops (the
+/// orchestrator restarts it; the unacknowledged message is delivered again).
+fn journal_failed(e: &std::io::Error) -> ! {
+    tracing::error!(error = %e, "consumer journal write failed; exiting");
+    std::process::exit(3)
+}
+
+fn record(journal: &Journal, line: &str) {
+    if let Err(e) = journal.record(line) {
+        journal_failed(&e);
+    }
+}
+
+/// Journals a delivery; returns its sequence number, or `None` (journaled as foreign).
+fn seen(journal: &Journal, payload: &[u8]) -> Option<u64> {
+    match parse_payload(payload) {
+        Some(seq) => {
+            record(journal, &format!("D {seq}"));
+            Some(seq)
+        }
+        None => {
+            let shown = String::from_utf8_lossy(&payload[..payload.len().min(40)])
+                .replace(['\n', '\r'], " ");
+            record(journal, &format!("X {shown}"));
+            None
+        }
+    }
+}
+
+/// Runs the consumer child until it is killed.
+pub async fn run(args: ConsumeArgs) -> Result<(), HarnessError> {
+    let child = &args.child;
+    let mut view = ConsumerView::default();
+    Tail::new(&child.journal).read(|l| view.apply(l))?;
+    let journal = Arc::new(Journal::open(&child.journal)?);
+    journal.record(&format!("START {}", std::process::id()))?;
+    let limiter = Arc::new(Limiter::new(args.capacity));
+    if roles(child.scenario, child.variant).unsafe_consumer {
+        run_control(child, journal, limiter).await
+    } else {
+        run_safe(child, journal, limiter, &view).await
+    }
+}
+
+async fn run_safe(
+    child: &ChildArgs,
+    journal: Arc<Journal>,
+    limiter: Arc<Limiter>,
+    view: &ConsumerView,
+) -> Result<(), HarnessError> {
+    let inbox = Arc::new(Inbox::new(journal.clone(), view));
+    let effect = {
+        let (inbox, limiter) = (inbox.clone(), limiter.clone());
+        handler_fn(move |msg: Message| {
+            let (inbox, limiter) = (inbox.clone(), limiter.clone());
+            async move {
+                // Foreign payloads were journaled on delivery and have no effect.
+                if let Some(seq) = parse_payload(msg.payload()) {
+                    limiter.acquire().await;
+                    if let Err(e) = inbox.apply(seq) {
+                        journal_failed(&e);
+                    }
+                }
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let deduped = Arc::new(
+        HandlerBuilder::new(effect)
+            .layer(DedupeLayer::new(inbox))
+            .build(),
+    );
+    let handler = handler_fn(move |msg: Message| {
+        let (journal, deduped) = (journal.clone(), deduped.clone());
+        async move {
+            seen(&journal, msg.payload());
+            deduped.handle(&msg).await
+        }
+    });
+    let config = PipelineConfig {
+        concurrency: 32,
+        ..PipelineConfig::default()
+    };
+    match child.broker() {
+        Broker::Amqp => {
+            // The no-confirm control of the broker kill writes transient messages to a classic
+            // durable queue (a quorum queue would persist them anyway); read it with otherwise
+            // safe settings.
+            let settings = if roles(child.scenario, child.variant).unsafe_producer {
+                AmqpSettings::classic_durable()
+            } else {
+                AmqpSettings::safe()
+            };
+            let source = connect_amqp(child, settings).await;
+            let stats = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+                .with_config(config)
+                .run()
+                .await?;
+            tracing::info!(?stats, "pipeline ended");
+        }
+        Broker::Kafka => {
+            let mut client = consumer_preset(&child.brokers.kafka_bootstrap, &child.group());
+            client.set(
+                "session.timeout.ms",
+                KAFKA_SESSION_TIMEOUT.as_millis().to_string(),
+            );
+            let source = KafkaConsumer::builder_from_config(client)
+                .subscribe(TopicSpec::new(&child.dest).partitions(KAFKA_PARTITIONS))
+                .build()
+                .await?;
+            // Kafka has no broker-side dead letter; the effect handler never fails (a journal
+            // failure ends the process instead), so nothing reaches the dead-letter path.
+            let stats = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+                .with_config(config)
+                .run()
+                .await?;
+            tracing::info!(?stats, "pipeline ended");
+        }
+    }
+    Ok(())
+}
+
+/// Connects, retrying while the broker is unreachable (a consumer restarted during an outage).
+async fn connect_amqp(child: &ChildArgs, settings: AmqpSettings) -> AmqpConsumer {
+    loop {
+        match AmqpConsumer::connect(&child.brokers.amqp_url, &child.dest, settings.clone()).await {
+            Ok(consumer) => return consumer,
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer cannot connect yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The classic unsafe consumer: a reader that acknowledges (auto-ack) or lets the client
+/// commit (auto-commit) everything it buffers, and a worker applying effects from the buffer.
+async fn run_control(
+    child: &ChildArgs,
+    journal: Arc<Journal>,
+    limiter: Arc<Limiter>,
+) -> Result<(), HarnessError> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+    let worker = {
+        let journal = journal.clone();
+        tokio::spawn(async move {
+            while let Some(seq) = rx.recv().await {
+                limiter.acquire().await;
+                record(&journal, &format!("E {seq}"));
+            }
+        })
+    };
+    match child.broker() {
+        Broker::Amqp => {
+            let settings = AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::AutoAck);
+            let mut source = connect_amqp(child, settings).await;
+            loop {
+                match source.next().await {
+                    Ok(Some(delivery)) => {
+                        if let Some(seq) = seen(&journal, delivery.message().payload()) {
+                            let _ = tx.send(seq);
+                        }
+                        // Auto-ack: the broker forgot the message when it sent it.
+                        let _ = delivery.ack().await;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control consumer lost its source; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        Broker::Kafka => {
+            let consumer: StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &child.brokers.kafka_bootstrap)
+                .set("group.id", child.group())
+                .set("enable.auto.commit", "true")
+                .set("enable.auto.offset.store", "true")
+                .set("auto.commit.interval.ms", "100")
+                .set("auto.offset.reset", "earliest")
+                .set(
+                    "session.timeout.ms",
+                    KAFKA_SESSION_TIMEOUT.as_millis().to_string(),
+                )
+                .create()
+                .map_err(|e| HarnessError::Setup(format!("control consumer: {e}")))?;
+            consumer
+                .subscribe(&[&child.dest])
+                .map_err(|e| HarnessError::Setup(format!("control consumer: {e}")))?;
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => {
+                        if let Some(seq) = seen(&journal, m.payload().unwrap_or_default()) {
+                            let _ = tx.send(seq);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control consumer error; continuing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = worker.await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_inbox_remembers_effects_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.log");
+        let key = |s: u64| IdempotencyKey::new(s.to_string()).unwrap();
+        {
+            let inbox = Inbox::new(
+                Arc::new(Journal::open(&path).unwrap()),
+                &ConsumerView::default(),
+            );
+            assert_eq!(inbox.reserve(&key(1)).await.unwrap(), Reservation::New);
+            assert_eq!(
+                inbox.reserve(&key(1)).await.unwrap(),
+                Reservation::InProgress
+            );
+            inbox.apply(1).unwrap();
+            inbox.complete(&key(1)).await.unwrap();
+            assert_eq!(
+                inbox.reserve(&key(1)).await.unwrap(),
+                Reservation::Duplicate
+            );
+            // Reserved but never applied: the process dies here.
+            assert_eq!(inbox.reserve(&key(2)).await.unwrap(), Reservation::New);
+        }
+        let mut view = ConsumerView::default();
+        Tail::new(&path).read(|l| view.apply(l)).unwrap();
+        let inbox = Inbox::new(Arc::new(Journal::open(&path).unwrap()), &view);
+        assert_eq!(
+            inbox.reserve(&key(1)).await.unwrap(),
+            Reservation::Duplicate
+        );
+        assert_eq!(inbox.reserve(&key(2)).await.unwrap(), Reservation::New);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limiter_spaces_permits_at_its_rate() {
+        let limiter = Limiter::new(100);
+        let start = Instant::now();
+        for _ in 0..50 {
+            limiter.acquire().await;
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(490) && took < Duration::from_millis(520),
+            "{took:?}"
+        );
+    }
+}

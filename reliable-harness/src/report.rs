@@ -1,0 +1,310 @@
+//! Verdicts, the final table and the JSON results.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::journal::{Counts, ProducerView};
+use crate::plan::{Mode, Scenario, Sizes, Variant};
+use crate::run::FaultRecord;
+use crate::HarnessError;
+
+/// The outcome class of one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Safe run: nothing lost, no duplicate effect, every publish resolved.
+    Pass,
+    /// A check failed (see the notes).
+    Fail,
+    /// Negative control: loss observed, as expected.
+    LossSeen,
+    /// Negative control: no loss observed (a failure where the control must lose).
+    NoLossSeen,
+}
+
+/// A run's verdict with the reasons behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// The outcome class.
+    pub status: Status,
+    /// Whether this verdict lets the whole harness pass.
+    pub ok: bool,
+    /// Why (failed checks, or what a control showed).
+    pub notes: Vec<String>,
+}
+
+impl Verdict {
+    /// Judges a finished run.
+    pub fn judge(
+        scenario: Scenario,
+        variant: Variant,
+        sizes: &Sizes,
+        counts: &Counts,
+        faults: u32,
+        producer: &ProducerView,
+        producer_finished: bool,
+    ) -> Self {
+        let mut notes = Vec::new();
+        if faults < sizes.faults {
+            notes.push(format!("only {faults} of {} faults injected", sizes.faults));
+        }
+        if !producer_finished || producer.done.is_none() {
+            notes.push("the producer did not finish".to_owned());
+        }
+        match variant {
+            Variant::Safe => {
+                let checks = [
+                    (counts.lost, "lost"),
+                    (counts.duplicate_effects, "duplicate effects"),
+                    (counts.unresolved, "unresolved publishes"),
+                    (counts.unexpected, "unexpected"),
+                    (counts.malformed, "malformed journal lines"),
+                ];
+                for (n, what) in checks {
+                    if n > 0 {
+                        notes.push(format!("{n} {what}"));
+                    }
+                }
+                if counts.lost > 0 {
+                    notes.push(format!("lost sample: {:?}", counts.lost_sample));
+                }
+                let ok = notes.is_empty();
+                let status = if ok { Status::Pass } else { Status::Fail };
+                Self { status, ok, notes }
+            }
+            Variant::Control => {
+                let harness_ok = notes.is_empty();
+                let (status, ok) = if counts.lost > 0 {
+                    notes.push(format!("{} confirmed messages lost", counts.lost));
+                    (Status::LossSeen, harness_ok)
+                } else if scenario.control_must_lose() {
+                    notes.push(
+                        "the unsafe configuration lost nothing: this run cannot see loss"
+                            .to_owned(),
+                    );
+                    (Status::NoLossSeen, false)
+                } else {
+                    notes.push(
+                        "no loss: the followers had fetched every acks=1 write before the leader died (loopback replication is fast); reported, not required"
+                            .to_owned(),
+                    );
+                    (Status::NoLossSeen, harness_ok)
+                };
+                Self { status, ok, notes }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self.status {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::LossSeen => "loss seen (control)",
+            Status::NoLossSeen => "no loss seen (control)",
+        };
+        f.write_str(s)?;
+        if !self.ok && self.status != Status::Fail {
+            f.write_str(" — FAIL")?;
+        }
+        if !self.notes.is_empty() {
+            write!(f, ": {}", self.notes.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One scenario run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Safe or control.
+    pub variant: Variant,
+    /// The configuration, in words.
+    pub config: &'static str,
+    /// The queue or topic.
+    pub destination: String,
+    /// The checker's figures.
+    pub counts: Counts,
+    /// Resends the SDK producer made.
+    pub resent: u64,
+    /// Faults planned.
+    pub faults_planned: u32,
+    /// Faults injected.
+    pub faults: Vec<FaultRecord>,
+    /// Consumer process starts (journaled by the consumers).
+    pub consumer_starts: u32,
+    /// Consumer processes killed by the harness.
+    pub consumer_kills: u32,
+    /// Consumer processes that exited on their own.
+    pub consumer_crashes: u32,
+    /// Seconds the run took, drain included.
+    pub duration_s: f64,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// The whole harness run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// short or long.
+    pub mode: Mode,
+    /// The sizes every run used.
+    pub sizes: Sizes,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// Seconds for everything.
+    pub duration_s: f64,
+    /// Whether every verdict holds.
+    pub passed: bool,
+}
+
+impl Report {
+    /// Collects the runs.
+    pub fn new(mode: Mode, sizes: Sizes, runs: Vec<RunResult>, took: Duration) -> Self {
+        let passed = runs.iter().all(|r| r.verdict.ok);
+        Self {
+            mode,
+            sizes,
+            runs,
+            duration_s: (took.as_secs_f64() * 10.0).round() / 10.0,
+            passed,
+        }
+    }
+}
+
+/// The markdown table of a report.
+pub fn markdown(report: &Report) -> String {
+    let mut out = format!(
+        "{} mode: {} messages per run at {}/s, consumer {}/s, {} fault(s) per run; {:.0} s in all; {}\n\n",
+        match report.mode {
+            Mode::Short => "short",
+            Mode::Long => "long",
+        },
+        report.sizes.messages,
+        report.sizes.rate,
+        report.sizes.consumer_capacity,
+        report.sizes.faults,
+        report.duration_s,
+        if report.passed { "all verdicts hold" } else { "SOME VERDICTS FAIL" },
+    );
+    out.push_str("| scenario | run | configuration | sent | confirmed | lost | unexpected | dup. deliveries | dup. effects | unresolved | resent | faults | verdict |\n");
+    out.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in &report.runs {
+        let c = &r.counts;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | **{}** | {} | {} | **{}** | {} | {} | {}/{} | {} |\n",
+            r.scenario,
+            r.variant.name(),
+            r.config,
+            c.attempted,
+            c.confirmed,
+            c.lost,
+            c.unexpected,
+            c.duplicated_deliveries,
+            c.duplicate_effects,
+            c.unresolved,
+            r.resent,
+            r.faults.len(),
+            r.faults_planned,
+            r.verdict.to_string().replace('|', "/"),
+        ));
+    }
+    out
+}
+
+/// Writes `results.json` and `results.md` into `dir`.
+pub fn write(report: &Report, dir: &Path) -> Result<(), HarnessError> {
+    let json = serde_json::to_string_pretty(report)
+        .map_err(|e| HarnessError::Setup(format!("results JSON: {e}")))?;
+    std::fs::write(dir.join("results.json"), json)?;
+    std::fs::write(dir.join("results.md"), markdown(report))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done() -> ProducerView {
+        let mut p = ProducerView::default();
+        p.apply("DONE 10 0");
+        p
+    }
+
+    fn judge(scenario: Scenario, variant: Variant, counts: Counts, faults: u32) -> Verdict {
+        Verdict::judge(
+            scenario,
+            variant,
+            &Mode::Short.sizes(),
+            &counts,
+            faults,
+            &done(),
+            true,
+        )
+    }
+
+    #[test]
+    fn a_safe_run_fails_on_any_loss_duplicate_effect_or_unresolved_publish() {
+        let clean = Counts {
+            attempted: 10,
+            confirmed: 10,
+            applied: 10,
+            ..Counts::default()
+        };
+        assert_eq!(
+            judge(Scenario::AmqpBrokerKill, Variant::Safe, clean.clone(), 1).status,
+            Status::Pass
+        );
+        for bad in [
+            Counts {
+                lost: 1,
+                ..clean.clone()
+            },
+            Counts {
+                duplicate_effects: 1,
+                ..clean.clone()
+            },
+            Counts {
+                unresolved: 1,
+                ..clean.clone()
+            },
+            Counts {
+                unexpected: 1,
+                ..clean.clone()
+            },
+        ] {
+            let v = judge(Scenario::AmqpBrokerKill, Variant::Safe, bad, 1);
+            assert_eq!(v.status, Status::Fail);
+            assert!(!v.ok);
+        }
+        let v = judge(Scenario::AmqpBrokerKill, Variant::Safe, clean, 0);
+        assert!(!v.ok, "a run without its fault proves nothing");
+    }
+
+    #[test]
+    fn a_control_that_loses_nothing_fails_where_it_must_lose() {
+        let none = Counts {
+            attempted: 10,
+            confirmed: 10,
+            ..Counts::default()
+        };
+        let v = judge(
+            Scenario::KafkaConsumerKill,
+            Variant::Control,
+            none.clone(),
+            1,
+        );
+        assert_eq!((v.status, v.ok), (Status::NoLossSeen, false));
+        let v = judge(Scenario::KafkaLeaderKill, Variant::Control, none.clone(), 1);
+        assert_eq!((v.status, v.ok), (Status::NoLossSeen, true));
+        let lossy = Counts { lost: 3, ..none };
+        let v = judge(Scenario::KafkaConsumerKill, Variant::Control, lossy, 1);
+        assert_eq!((v.status, v.ok), (Status::LossSeen, true));
+    }
+}
