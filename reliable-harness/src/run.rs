@@ -390,15 +390,16 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
     // Drain: until every confirmed message has its effect (then a short settle for late
     // duplicates), or until nothing new arrives for the quiet period (what is missing then is
     // lost).
-    let mut last_progress = (Instant::now(), views.consumer.deliveries_total);
+    let progress = |v: &Views| v.consumer.deliveries_total + v.consumer.effects_total;
+    let mut last_progress = (Instant::now(), progress(&views));
     let drain_started = Instant::now();
     let mut complete_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         views.refresh()?;
         children.supervise()?;
-        if views.consumer.deliveries_total != last_progress.1 {
-            last_progress = (Instant::now(), views.consumer.deliveries_total);
+        if progress(&views) != last_progress.1 {
+            last_progress = (Instant::now(), progress(&views));
         }
         if views.all_confirmed_applied() {
             let since = *complete_since.get_or_insert_with(Instant::now);
@@ -422,7 +423,6 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
     views.refresh()?;
     let counts = check(&views.producer, &views.consumer);
     let verdict = Verdict::judge(
-        p.scenario,
         p.variant,
         sizes,
         &counts,
@@ -466,6 +466,13 @@ fn status_line(label: &str, started: Instant, sizes: &Sizes, views: &Views, faul
     );
 }
 
+/// Brokers in the project's Kafka cluster (`scripts/brokers up`).
+const KAFKA_BROKERS: u32 = 3;
+
+/// How long the followers are frozen before the leader is killed: below the cluster's broker
+/// session timeout (3 s), so they are not fenced for the pause itself.
+const FOLLOWER_PAUSE: Duration = Duration::from_millis(1000);
+
 /// Injects the scenario's fault and waits until the component is back.
 async fn inject(
     args: &RunArgs,
@@ -491,11 +498,29 @@ async fn inject(
                 command: "kafka-leader".into(),
                 detail: format!("not a broker id: {leader:?}"),
             })?;
-            brokers(script, &["kafka-kill", &id.to_string()]).await?;
+            // The leader dies before its followers caught up: freeze them, let the leader take
+            // writes alone for a moment, kill it, then let them run again. acks=1 writes of
+            // that moment were confirmed by the leader only; acks=all writes were not confirmed.
+            let followers: Vec<String> = (1..=KAFKA_BROKERS)
+                .filter(|&b| b != id)
+                .map(|b| b.to_string())
+                .collect();
+            for f in &followers {
+                brokers(script, &["kafka-pause", f]).await?;
+            }
+            tokio::time::sleep(FOLLOWER_PAUSE).await;
+            let killed = brokers(script, &["kafka-kill", &id.to_string()]).await;
+            for f in &followers {
+                brokers(script, &["kafka-resume", f]).await?;
+            }
+            killed?;
             tokio::time::sleep(sizes.downtime).await;
             brokers(script, &["kafka-restart", &id.to_string()]).await?;
             wait_in_sync(args, &p.dest).await?;
-            format!("kill -9 Kafka broker {id} (leader of partition 0), restart")
+            format!(
+                "followers frozen {} ms, kill -9 Kafka broker {id} (leader of partition 0), restart",
+                FOLLOWER_PAUSE.as_millis()
+            )
         }
         Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => {
             children.kill_consumer();

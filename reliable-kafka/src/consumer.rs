@@ -45,6 +45,11 @@
 //! queue and handed out again, marked redelivered, before any later record of that partition
 //! (or key).
 //!
+//! Client errors: only fatal ones (authorization, invalid configuration) come out of
+//! [`next`](DeliverySource::next), as [`ConsumeError::Fatal`]. A broker going down or the group
+//! coordinator moving are logged and polling goes on, because librdkafka reconnects and rejoins
+//! the group only while it is polled.
+//!
 //! ```no_run
 //! use reliable_core::pipeline::{handler_fn, DeadLetter, HandlerBuilder, Pipeline};
 //! use reliable_core::producer::Producer;
@@ -709,17 +714,37 @@ fn classify(e: &KafkaError, config: &ClientConfig) -> ConsumeError {
     }
 }
 
+impl KafkaConsumer {
+    /// An error librdkafka reported while polling. A fatal one (authorization, configuration)
+    /// ends consumption; the rest (a broker down, the coordinator moving) are librdkafka's
+    /// own to recover from — it reconnects and rejoins the group only while it is polled, so
+    /// they are logged and polling goes on at once. Handing them to the caller as retryable
+    /// errors made the pipeline back off on each queued error and stall for many seconds
+    /// after a broker died (seen in the fault harness's leader-kill scenario).
+    fn client_error(&self, e: &KafkaError) -> Result<(), ConsumeError> {
+        match classify(e, &self.shared.config) {
+            fatal @ ConsumeError::Fatal { .. } => Err(fatal),
+            other => {
+                tracing::warn!(error = %other, "kafka client error; librdkafka recovers, polling on");
+                Ok(())
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl DeliverySource for KafkaConsumer {
     async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError> {
         if self.shared.ordering == Ordering::Unordered {
             loop {
                 // `recv` is cancel safe; nothing is tracked before a record is returned.
-                let record = self
-                    .consumer
-                    .recv()
-                    .await
-                    .map_err(|e| classify(&e, &self.shared.config))?;
+                let record = match self.consumer.recv().await {
+                    Ok(record) => record,
+                    Err(e) => {
+                        self.client_error(&e)?;
+                        continue;
+                    }
+                };
                 if let Some(redelivered) = self.admit(&record) {
                     let tp = TopicPartition::new(record.topic(), record.partition());
                     let message = decode(&record);
@@ -744,7 +769,13 @@ impl DeliverySource for KafkaConsumer {
                 continue;
             }
             let record = tokio::select! {
-                r = self.consumer.recv() => r.map_err(|e| classify(&e, &self.shared.config))?,
+                r = self.consumer.recv() => match r {
+                    Ok(record) => record,
+                    Err(e) => {
+                        self.client_error(&e)?;
+                        continue;
+                    }
+                },
                 () = self.shared.settled.notified() => continue,
             };
             if let Some(redelivered) = self.admit(&record) {
