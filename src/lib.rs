@@ -7,6 +7,7 @@
 //! | [`core`]  | `reliable-core`  | always               |
 //! | `amqp`  | `reliable-amqp`  | `amqp`               |
 //! | `kafka` | `reliable-kafka` | `kafka`              |
+//! | `core::outbox` | `reliable-core` | `outbox` (the crash-safe producer outbox, on redb) |
 //!
 //! See the README for the loss matrix: every way a message gets lost between a producer and a
 //! consumer, and which part of the SDK answers it.

@@ -86,6 +86,53 @@ async fn produce(msgs: Vec<Message>) -> Duration {
     start.elapsed()
 }
 
+/// Sends `msgs` in batches of `chunk` through a fresh producer (with an outbox in `dir` when
+/// given) and awaits every confirm.
+async fn produce_batches(
+    msgs: Vec<Message>,
+    chunk: usize,
+    dir: Option<&std::path::Path>,
+) -> Duration {
+    let broker = InMemoryBroker::new();
+    broker.declare_queue("q");
+    #[cfg(feature = "outbox")]
+    let outbox_path =
+        dir.map(|d| d.join(format!("bench-{}.outbox", reliable_core::MessageId::new())));
+    let producer = match dir {
+        #[cfg(feature = "outbox")]
+        Some(_) => {
+            let path = outbox_path.clone().unwrap_or_default();
+            let outbox = match reliable_core::outbox::Outbox::open(&path) {
+                Ok(o) => o,
+                Err(e) => panic!("outbox: {e}"),
+            };
+            Producer::with_outbox(broker.transport(), ProducerConfig::default(), outbox)
+        }
+        _ => Producer::new(broker.transport(), ProducerConfig::default()),
+    };
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(msgs.len());
+    let mut msgs = msgs.into_iter().peekable();
+    while msgs.peek().is_some() {
+        let batch: Vec<Message> = msgs.by_ref().take(chunk).collect();
+        match producer.send_batch(batch).await {
+            Ok(h) => handles.extend(h),
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    for h in handles {
+        if let Err(e) = h.await {
+            panic!("confirm: {e}");
+        }
+    }
+    let took = start.elapsed();
+    #[cfg(feature = "outbox")]
+    if let Some(path) = outbox_path {
+        let _ = std::fs::remove_file(path);
+    }
+    took
+}
+
 /// Baseline for `produce`: the same messages published straight through the transport.
 async fn publish_raw(msgs: Vec<Message>) -> Duration {
     let broker = InMemoryBroker::new();
@@ -181,6 +228,32 @@ fn bench(c: &mut Criterion) {
             total
         })
     });
+    group.bench_function(BenchmarkId::new("producer_send_batch_100", BATCH), |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += produce_batches(messages(BATCH), 100, None).await;
+            }
+            total
+        })
+    });
+    #[cfg(feature = "outbox")]
+    {
+        // The outbox files live under the target directory (a real disk, fsync per commit).
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        group.bench_function(
+            BenchmarkId::new("producer_outbox_send_batch_100", BATCH),
+            |b| {
+                b.to_async(&rt).iter_custom(|iters| async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += produce_batches(messages(BATCH), 100, Some(dir)).await;
+                    }
+                    total
+                })
+            },
+        );
+    }
     group.bench_function(BenchmarkId::new("baseline_next_ack", BATCH), |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
             let mut total = Duration::ZERO;

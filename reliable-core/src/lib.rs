@@ -22,6 +22,8 @@ pub mod idempotency;
 pub mod memory;
 pub mod message;
 pub mod offsets;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 pub mod pipeline;
 pub mod producer;
 mod stats;

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `Ok` (including a duplicate skipped by [`DedupeLayer`]) | ack |
 //! | `Err` (permanent, retries exhausted, or a panic) | dead letter (publish awaited to its confirm), then ack |
+//! | `Err` of kind [`ErrorKind::Unavailable`] (a dependency such as the idempotency store is down) | after [`PipelineConfig::requeue_delay`], nack with requeue: never acked, never dead-lettered |
 //! | dead-letter publish failed | nack with requeue: the message comes back, nothing is lost |
 //!
 //! Behaviour around the user's handler is built from tower-style [`Layer`]s; the built-in ones
@@ -133,6 +134,11 @@ pub enum ErrorKind {
     Transient,
     /// Will never succeed (malformed payload, violated business rule): dead-lettered at once.
     Permanent,
+    /// Something the handler depends on is unreachable (the idempotency store, a database);
+    /// the message itself is fine. Retried by [`RetryLayer`]; when retries run out the
+    /// pipeline requeues the message after a pause instead of dead-lettering it, so an outage
+    /// neither acks nor loses anything.
+    Unavailable,
 }
 
 /// A handler failure, classified by [`ErrorKind`].
@@ -159,6 +165,15 @@ impl HandlerError {
         }
     }
 
+    /// A dependency is unreachable: retry later, never dead-letter (see
+    /// [`ErrorKind::Unavailable`]).
+    pub fn unavailable(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            kind: ErrorKind::Unavailable,
+            source: source.into(),
+        }
+    }
+
     /// The failure's kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -168,6 +183,11 @@ impl HandlerError {
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
     }
+
+    /// Whether a retry may succeed ([`ErrorKind::Transient`] or [`ErrorKind::Unavailable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.kind != ErrorKind::Permanent
+    }
 }
 
 impl fmt::Display for HandlerError {
@@ -175,6 +195,7 @@ impl fmt::Display for HandlerError {
         let kind = match self.kind {
             ErrorKind::Transient => "transient",
             ErrorKind::Permanent => "permanent",
+            ErrorKind::Unavailable => "dependency unavailable",
         };
         write!(f, "{kind} handler error: {}", self.source)
     }
@@ -277,7 +298,7 @@ impl<H: Handler> Handler for Retry<H> {
         let mut attempt = 1;
         loop {
             match self.inner.handle(msg).await {
-                Err(e) if e.is_transient() && attempt < self.policy.max_attempts => {
+                Err(e) if e.is_retryable() && attempt < self.policy.max_attempts => {
                     let delay = delays.next().unwrap_or(self.policy.backoff.max_delay);
                     tracing::debug!(error = %e, attempt, ?delay, "retrying handler");
                     tokio::time::sleep(delay).await;
@@ -413,7 +434,13 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
         let give_up = tokio::time::Instant::now().checked_add(self.layer.in_progress_wait);
         let mut delays = IN_PROGRESS_POLL.delays();
         loop {
-            match store.reserve(key).await.map_err(HandlerError::transient)? {
+            // The store being down says nothing about the message: requeue it, never
+            // dead-letter it (ErrorKind::Unavailable).
+            match store
+                .reserve(key)
+                .await
+                .map_err(HandlerError::unavailable)?
+            {
                 Reservation::New => break,
                 Reservation::Duplicate => {
                     self.layer.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -514,6 +541,9 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Delay between attempts to pull from a source that lost its connection.
     pub reconnect_backoff: BackoffPolicy,
+    /// How long a delivery whose handler failed with [`ErrorKind::Unavailable`] is held before
+    /// it is nacked back to the broker (so an outage does not spin). Default 1 s.
+    pub requeue_delay: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -521,6 +551,7 @@ impl Default for PipelineConfig {
         Self {
             concurrency: 16,
             reconnect_backoff: BackoffPolicy::default(),
+            requeue_delay: Duration::from_secs(1),
         }
     }
 }
@@ -534,7 +565,8 @@ pub struct PipelineStats {
     pub succeeded: u64,
     /// Deliveries dead-lettered, then acked (or rejected to the broker's DLX).
     pub dead_lettered: u64,
-    /// Deliveries nacked back to the broker because the dead-letter publish failed.
+    /// Deliveries nacked back to the broker: the dead-letter publish failed, or a dependency
+    /// of the handler was unavailable.
     pub requeued: u64,
     /// Settle calls (ack / nack / reject) that failed; the broker redelivers those messages.
     pub settle_failures: u64,
@@ -660,10 +692,12 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                     );
                     let handler = self.handler.clone();
                     let dead_letter = self.dead_letter.clone();
+                    let requeue_delay = self.config.requeue_delay;
                     let counters = self.counters.clone();
                     tasks.spawn(
                         async move {
-                            process(&*handler, &dead_letter, &counters, delivery).await;
+                            process(&*handler, &dead_letter, requeue_delay, &counters, delivery)
+                                .await;
                             drop(permit);
                         }
                         .instrument(span),
@@ -731,6 +765,7 @@ fn log_join(done: Result<(), tokio::task::JoinError>) {
 async fn process<H: Handler + ?Sized>(
     handler: &H,
     dead_letter: &DeadLetter,
+    requeue_delay: Duration,
     counters: &Counters,
     delivery: Delivery,
 ) {
@@ -742,6 +777,12 @@ async fn process<H: Handler + ?Sized>(
         Ok(()) => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
             delivery.ack().await
+        }
+        Err(err) if err.kind() == ErrorKind::Unavailable => {
+            counters.requeued.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %err, ?requeue_delay, "handler dependency unavailable; requeueing the message (not acked, not dead-lettered)");
+            tokio::time::sleep(requeue_delay).await;
+            delivery.nack(true).await
         }
         Err(err) => match send_dead_letter(dead_letter, &delivery, &err).await {
             Ok(DeadLettered::Published) => {

@@ -214,6 +214,24 @@ pub enum SendError {
         /// The message, handed back.
         message: Box<Message>,
     },
+    /// A [`Producer::send_batch`] larger than the in-flight window can never fit; split it.
+    #[error("a batch of {size} messages cannot fit the in-flight window of {window}; send smaller batches (message {} handed back)", message.id())]
+    BatchTooLarge {
+        /// The batch's first message, handed back.
+        message: Box<Message>,
+        /// Messages in the batch.
+        size: usize,
+        /// The window ([`ProducerConfig::max_in_flight`]).
+        window: usize,
+    },
+    /// The producer's [outbox](crate::outbox) could not store the message; it was not sent.
+    #[error("message {} not sent: the outbox could not store it ({reason})", message.id())]
+    NotSpooled {
+        /// The message, handed back.
+        message: Box<Message>,
+        /// What the outbox reported.
+        reason: String,
+    },
     /// The task tracking the message ended without an answer (the runtime shut down). Whether the
     /// broker has the message is unknown; send it again (consumers deduplicate by key).
     #[error("tracking of message {id} was aborted (runtime shut down); its fate is unknown, send it again")]
@@ -230,6 +248,8 @@ impl SendError {
             Self::Refused { message, .. }
             | Self::AttemptsExhausted { message, .. }
             | Self::DeadlineExceeded { message, .. }
+            | Self::NotSpooled { message, .. }
+            | Self::BatchTooLarge { message, .. }
             | Self::Closed { message } => Some(message),
             Self::Aborted { .. } => None,
         }
@@ -241,8 +261,36 @@ impl SendError {
             Self::Refused { message, .. }
             | Self::AttemptsExhausted { message, .. }
             | Self::DeadlineExceeded { message, .. }
+            | Self::NotSpooled { message, .. }
+            | Self::BatchTooLarge { message, .. }
             | Self::Closed { message } => Some(*message),
             Self::Aborted { .. } => None,
+        }
+    }
+}
+
+/// Why [`Producer::send_batch`] sent nothing: the error (carrying the batch's first message)
+/// and the batch's other messages, handed back in order.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({} more messages of the batch handed back)", rest.len())]
+pub struct BatchError {
+    /// What went wrong; carries the batch's first message.
+    #[source]
+    pub error: SendError,
+    /// The batch's other messages, in order.
+    pub rest: Vec<Message>,
+}
+
+impl BatchError {
+    /// `msgs` must not be empty (checked by the caller).
+    fn new(msgs: Vec<Message>, error: impl FnOnce(Box<Message>) -> SendError) -> Self {
+        let mut it = msgs.into_iter();
+        let head = it
+            .next()
+            .unwrap_or_else(|| Message::new(bytes::Bytes::new()));
+        Self {
+            error: error(Box::new(head)),
+            rest: it.collect(),
         }
     }
 }
@@ -292,6 +340,8 @@ struct Inner {
     closed: AtomicBool,
     counters: Counters,
     latency: LatencyHistogram,
+    #[cfg(feature = "outbox")]
+    outbox: Option<crate::outbox::Outbox>,
 }
 
 struct PendingEntry {
@@ -361,8 +411,48 @@ impl Producer {
                 closed: AtomicBool::new(false),
                 counters: Counters::default(),
                 latency: LatencyHistogram::new(),
+                #[cfg(feature = "outbox")]
+                outbox: None,
             }),
         }
+    }
+
+    /// A producer that commits every message to `outbox` before its first send and removes it
+    /// on confirm (see [`outbox`](crate::outbox)). Call [`replay_outbox`](Self::replay_outbox)
+    /// once at start to resend what a previous process left unconfirmed.
+    #[cfg(feature = "outbox")]
+    pub fn with_outbox(
+        transport: impl Transport + 'static,
+        config: ProducerConfig,
+        outbox: crate::outbox::Outbox,
+    ) -> Self {
+        let mut producer = Self::new(transport, config);
+        if let Some(inner) = Arc::get_mut(&mut producer.inner) {
+            inner.outbox = Some(outbox);
+        }
+        producer
+    }
+
+    /// Sends again, with their original ids and keys, the messages the outbox holds from
+    /// before this producer started (oldest first), waiting for window space like
+    /// [`send`](Self::send). Returns their handles. Without an outbox, returns none.
+    #[cfg(feature = "outbox")]
+    pub async fn replay_outbox(&self) -> Result<Vec<SendHandle>, crate::outbox::OutboxError> {
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(Vec::new());
+        };
+        let pending = outbox.pending()?;
+        if !pending.is_empty() {
+            tracing::info!(messages = pending.len(), "replaying the outbox");
+        }
+        let mut handles = Vec::with_capacity(pending.len());
+        for msg in pending {
+            let Ok(permit) = self.inner.window.clone().acquire_owned().await else {
+                break; // closed meanwhile: the rest stays in the outbox for the next start
+            };
+            handles.push(self.start(msg, permit));
+        }
+        Ok(handles)
     }
 
     /// The configuration in effect.
@@ -388,7 +478,63 @@ impl Producer {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(closed(msg));
         }
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &self.inner.outbox {
+            if let Err(e) = outbox.put(std::slice::from_ref(&msg)).await {
+                return Err(SendError::NotSpooled {
+                    message: Box::new(msg),
+                    reason: e.to_string(),
+                });
+            }
+        }
         Ok(self.start(msg, permit))
+    }
+
+    /// Hands several messages to the producer at once: waits for window space for all of them,
+    /// commits them to the outbox (if any) in one commit, then starts them. Returns their
+    /// handles in order. On failure, every message of the batch is handed back in the error
+    /// (the first one in the error itself, the rest in [`BatchError::rest`]); none was sent.
+    pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendHandle>, BatchError> {
+        let mut rest = msgs.into_iter();
+        let Some(head) = rest.next() else {
+            return Ok(Vec::new());
+        };
+        let msgs: Vec<Message> = std::iter::once(head).chain(rest).collect();
+        let size = msgs.len();
+        let window = self.inner.window_size as usize;
+        if size > window {
+            return Err(BatchError::new(msgs, |message| SendError::BatchTooLarge {
+                message,
+                size,
+                window,
+            }));
+        }
+        let closed = |message| SendError::Closed { message };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BatchError::new(msgs, closed));
+        }
+        let mut permits = Vec::with_capacity(size);
+        for _ in 0..size {
+            match self.inner.window.clone().acquire_owned().await {
+                Ok(permit) => permits.push(permit),
+                Err(_) => return Err(BatchError::new(msgs, closed)),
+            }
+        }
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &self.inner.outbox {
+            if let Err(e) = outbox.put(&msgs).await {
+                let reason = e.to_string();
+                return Err(BatchError::new(msgs, |message| SendError::NotSpooled {
+                    message,
+                    reason,
+                }));
+            }
+        }
+        Ok(msgs
+            .into_iter()
+            .zip(permits)
+            .map(|(msg, permit)| self.start(msg, permit))
+            .collect())
     }
 
     /// [`send`](Self::send), then waits for the outcome.
@@ -429,6 +575,11 @@ impl Producer {
                     Err(_) => {
                         inner.counters.failed.fetch_add(1, Ordering::Relaxed);
                     }
+                }
+                // Settled either way: confirmed, or handed back to the caller.
+                #[cfg(feature = "outbox")]
+                if let Some(outbox) = &inner.outbox {
+                    outbox.remove(id);
                 }
                 // Leave the pending map before the window so `flush` sees an empty map.
                 inner.pending.remove(&ticket);

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reliable_core::backoff::BackoffPolicy;
-use reliable_core::idempotency::InMemoryIdempotencyStore;
+use reliable_core::idempotency::{
+    IdempotencyStore, InMemoryIdempotencyStore, Reservation, StoreError,
+};
 use reliable_core::memory::{DeliveryFault, InMemoryBroker};
 use reliable_core::message::headers;
 use reliable_core::pipeline::{
@@ -14,7 +16,7 @@ use reliable_core::pipeline::{
     PipelineConfig, RetryLayer, RetryPolicy, TimeoutLayer,
 };
 use reliable_core::producer::{Producer, ProducerConfig};
-use reliable_core::{Message, Transport};
+use reliable_core::{IdempotencyKey, Message, Transport};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -309,5 +311,73 @@ async fn broker_reject_dead_letters_through_the_broker() -> TestResult {
     assert_eq!(stats.dead_lettered, 1);
     assert_eq!(broker.rejected("q").len(), 1);
     assert_eq!(broker.acked_count("q"), 0);
+    Ok(())
+}
+
+/// An idempotency store that can be taken down.
+#[derive(Default)]
+struct FlakyStore {
+    down: std::sync::atomic::AtomicBool,
+    inner: InMemoryIdempotencyStore,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for FlakyStore {
+    async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                reason: "connection refused".into(),
+            });
+        }
+        self.inner.reserve(key).await
+    }
+    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.inner.complete(key).await
+    }
+    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.inner.release(key).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unavailable_store_neither_acks_nor_dead_letters_and_the_message_is_retried_later(
+) -> TestResult {
+    let broker = broker();
+    publish(&broker, &["a", "b"]).await?;
+    let store = Arc::new(FlakyStore::default());
+    store.down.store(true, Ordering::SeqCst);
+    let rec = Recorder::default();
+    let handler = HandlerBuilder::new(rec.handler())
+        .layer(retry())
+        .layer(DedupeLayer::new(store.clone()))
+        .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let pipeline = Pipeline::new(broker.consumer("q"), handler, dead_letter(&broker));
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        broker.acked_count("q"),
+        0,
+        "nothing acked while the store is down"
+    );
+    assert!(broker.messages("dlq").is_empty(), "nothing dead-lettered");
+    assert_eq!(rec.effects("a") + rec.effects("b"), 0);
+    assert!(
+        stats.snapshot().requeued >= 4,
+        "requeued and tried again: {:?}",
+        stats.snapshot()
+    );
+
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!((rec.effects("a"), rec.effects("b")), (1, 1));
+    assert_eq!(broker.acked_count("q"), 2);
+    assert!(broker.messages("dlq").is_empty());
+    let _ = stop.send(());
+    run.await??;
     Ok(())
 }

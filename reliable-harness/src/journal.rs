@@ -5,12 +5,15 @@
 //! line, and a page-cache write survives the death of the process (this harness kills
 //! processes, not machines).
 //!
-//! * producer journal: `C <seq>` (confirmed: the send resolved `Ok`), `F <seq> <error>` (the
-//!   send was handed back with an error), and at the end `DONE <attempted> <resent>`;
+//! * producer journal: `A <seq>` (accepted: `send` returned, the SDK owns the message now),
+//!   `C <seq>` (confirmed: the send resolved `Ok`), `F <seq> <error>` (the send was handed back
+//!   with an error), and at the end `DONE <attempted> <resent>`;
 //! * consumer journal: `START <pid>` per process start, `D <seq>` per delivery seen (before
 //!   dedupe), `E <seq>` per effect applied, `X <payload>` for a payload the harness never sent.
 //!
-//! The check is Jepsen's total-queue check: *lost* = confirmed but never applied, *unexpected*
+//! The check is Jepsen's total-queue check: *lost* = accepted or confirmed, not handed back,
+//! and never applied (a producer killed with messages pending must still deliver them),
+//! *unexpected*
 //! = applied but never sent, *duplicated deliveries* = deliveries beyond the first of each
 //! message, *duplicate effects* = effects beyond the first (must be 0 with dedupe).
 
@@ -48,9 +51,16 @@ impl Journal {
 
     /// Appends one record; `line` must not contain a newline.
     pub fn record(&self, line: &str) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
+        self.record_all(std::iter::once(line))
+    }
+
+    /// Appends several records with one write.
+    pub fn record_all<'a>(&self, lines: impl IntoIterator<Item = &'a str>) -> io::Result<()> {
+        let mut buf = Vec::new();
+        for line in lines {
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+        }
         let mut file = self
             .file
             .lock()
@@ -103,6 +113,8 @@ impl Tail {
 /// What the producer journal says so far.
 #[derive(Debug, Default)]
 pub struct ProducerView {
+    /// Sequence numbers the producer accepted (its `send` returned).
+    pub accepted: BTreeSet<u64>,
     /// Sequence numbers whose send resolved `Ok`.
     pub confirmed: BTreeSet<u64>,
     /// Sequence numbers handed back with an error, with the first error seen.
@@ -114,12 +126,25 @@ pub struct ProducerView {
 }
 
 impl ProducerView {
+    /// The next sequence number a (restarted) producer sends.
+    pub fn next_seq(&self) -> u64 {
+        self.accepted
+            .iter()
+            .chain(&self.confirmed)
+            .chain(self.failed.keys())
+            .max()
+            .map_or(0, |m| m + 1)
+    }
+
     /// Applies one journal line.
     pub fn apply(&mut self, line: &str) {
         let mut parts = line.splitn(3, ' ');
         let parsed = match (parts.next(), parts.next(), parts.next()) {
             (Some("C"), Some(seq), None) => seq.parse().map(|s| {
                 self.confirmed.insert(s);
+            }),
+            (Some("A"), Some(seq), None) => seq.parse().map(|s| {
+                self.accepted.insert(s);
             }),
             (Some("F"), Some(seq), reason) => seq.parse().map(|s| {
                 self.failed
@@ -207,7 +232,7 @@ pub struct Counts {
     pub applied: u64,
     /// Effects beyond the first of each message (must be 0 with dedupe).
     pub duplicate_effects: u64,
-    /// Confirmed to the producer, never applied.
+    /// Accepted or confirmed by the producer, not handed back, never applied.
     pub lost: u64,
     /// Applied, never sent (or a payload the harness did not write).
     pub unexpected: u64,
@@ -240,10 +265,11 @@ pub fn check(producer: &ProducerView, consumer: &ConsumerView) -> Counts {
         .filter(|s| !producer.confirmed.contains(s))
         .count() as u64;
     let lost: Vec<u64> = producer
-        .confirmed
-        .iter()
+        .accepted
+        .union(&producer.confirmed)
         .copied()
         .filter(|s| !consumer.effects.contains_key(s))
+        .filter(|s| producer.confirmed.contains(s) || !producer.failed.contains_key(s))
         .collect();
     let unexpected =
         consumer.effects.keys().filter(|&&s| s >= attempted).count() as u64 + consumer.foreign;
@@ -324,6 +350,24 @@ mod tests {
         assert_eq!(c.recovered, 1);
         assert_eq!(c.failed, 1);
         assert_eq!(c.unresolved, 1, "seq 2 neither confirmed nor failed");
+    }
+
+    #[test]
+    fn accepted_but_never_resolved_nor_applied_is_lost_and_handed_back_is_not() {
+        let c = views(
+            &["A 0", "A 1", "A 2", "A 3", "C 0", "F 3 refused", "DONE 4 0"],
+            &["E 0", "E 2"],
+        );
+        assert_eq!(
+            c.lost, 1,
+            "seq 1: accepted, pending when the producer died, never applied"
+        );
+        assert_eq!(c.lost_sample, vec![1]);
+        assert_eq!(c.unresolved, 2);
+        let mut p = ProducerView::default();
+        ["A 0", "A 5", "C 3"].iter().for_each(|l| p.apply(l));
+        assert_eq!(p.next_seq(), 6);
+        assert_eq!(ProducerView::default().next_seq(), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::Serialize;
 /// A fault scenario: which broker carries the messages and what gets killed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[allow(clippy::enum_variant_names)] // every scenario is a kill; the names say of what
 pub enum Scenario {
     /// kill -9 of the RabbitMQ node, then restart (loss-matrix rows L1, L3).
     AmqpBrokerKill,
@@ -20,31 +21,50 @@ pub enum Scenario {
     AmqpConsumerKill,
     /// SIGKILL of the Kafka consumer process, then restart (L5, L8).
     KafkaConsumerKill,
+    /// SIGKILL of the Kafka producer process while the cluster is slow to acknowledge (the
+    /// followers frozen for a moment), then restart: what it had accepted but not yet had
+    /// confirmed must still arrive (the durable outbox).
+    KafkaProducerKill,
+}
+
+/// What a scenario's fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A broker process.
+    Broker,
+    /// The consumer process.
+    Consumer,
+    /// The producer process.
+    Producer,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaConsumerKill,
+        Scenario::KafkaProducerKill,
     ];
 
     /// The broker the scenario's messages travel through.
     pub fn broker(self) -> Broker {
         match self {
             Scenario::AmqpBrokerKill | Scenario::AmqpConsumerKill => Broker::Amqp,
-            Scenario::KafkaLeaderKill | Scenario::KafkaConsumerKill => Broker::Kafka,
+            Scenario::KafkaLeaderKill
+            | Scenario::KafkaConsumerKill
+            | Scenario::KafkaProducerKill => Broker::Kafka,
         }
     }
 
-    /// Whether the fault hits the consumer process (else the broker).
-    pub fn kills_consumer(self) -> bool {
-        matches!(
-            self,
-            Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill
-        )
+    /// What the fault hits.
+    pub fn target(self) -> Target {
+        match self {
+            Scenario::AmqpBrokerKill | Scenario::KafkaLeaderKill => Target::Broker,
+            Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => Target::Consumer,
+            Scenario::KafkaProducerKill => Target::Producer,
+        }
     }
 
     /// The name used in tables, file names and queue / topic names.
@@ -54,6 +74,7 @@ impl Scenario {
             Scenario::KafkaLeaderKill => "kafka-leader-kill",
             Scenario::AmqpConsumerKill => "amqp-consumer-kill",
             Scenario::KafkaConsumerKill => "kafka-consumer-kill",
+            Scenario::KafkaProducerKill => "kafka-producer-kill",
         }
     }
 }
@@ -101,15 +122,19 @@ pub struct Roles {
     pub unsafe_producer: bool,
     /// The consumer is unsafe (auto-ack or auto-commit, with an in-memory buffer, no dedupe).
     pub unsafe_consumer: bool,
+    /// The producer spools every message to a durable outbox before sending it.
+    pub outbox: bool,
 }
 
 /// Which component runs unsafe in `scenario` under `variant`: the control flips the settings of
 /// the component its fault hits and keeps the rest safe, so loss is attributable.
 pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
     let control = variant == Variant::Control;
+    let target = scenario.target();
     Roles {
-        unsafe_producer: control && !scenario.kills_consumer(),
-        unsafe_consumer: control && scenario.kills_consumer(),
+        unsafe_producer: control && target == Target::Broker,
+        unsafe_consumer: control && target == Target::Consumer,
+        outbox: !control && target == Target::Producer,
     }
 }
 
@@ -137,6 +162,12 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::KafkaConsumerKill, Variant::Control) => {
             "auto-commit (100 ms) + auto offset store, in-memory buffer, no dedupe"
+        }
+        (Scenario::KafkaProducerKill, Variant::Safe) => {
+            "durable outbox (redb), replayed on restart, dedupe inbox"
+        }
+        (Scenario::KafkaProducerKill, Variant::Control) => {
+            "unconfirmed messages only in memory (no outbox)"
         }
     }
 }
@@ -226,16 +257,13 @@ mod tests {
     #[test]
     fn the_control_flips_only_the_component_the_fault_hits() {
         for s in Scenario::ALL {
-            assert_eq!(
-                roles(s, Variant::Safe),
-                Roles {
-                    unsafe_producer: false,
-                    unsafe_consumer: false
-                }
-            );
+            let safe = roles(s, Variant::Safe);
+            assert!(!safe.unsafe_producer && !safe.unsafe_consumer, "{s}");
+            assert_eq!(safe.outbox, s.target() == Target::Producer, "{s}");
             let c = roles(s, Variant::Control);
-            assert_eq!(c.unsafe_consumer, s.kills_consumer(), "{s}");
-            assert_eq!(c.unsafe_producer, !s.kills_consumer(), "{s}");
+            assert_eq!(c.unsafe_consumer, s.target() == Target::Consumer, "{s}");
+            assert_eq!(c.unsafe_producer, s.target() == Target::Broker, "{s}");
+            assert!(!c.outbox, "{s}");
         }
     }
 

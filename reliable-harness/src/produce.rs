@@ -1,21 +1,23 @@
 //! The producer child: sends `messages` sequence-numbered messages through the SDK's reliable
 //! producer at a bounded rate and journals how each send resolved.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpPublisher;
-use reliable_core::producer::{Producer, ProducerConfig};
-use reliable_core::Message;
+use reliable_core::outbox::Outbox;
+use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
+use reliable_core::{Message, MessageId, Transport};
 use reliable_kafka::config::Safety;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaTransport, TopicSpec};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::child::{payload, ChildArgs, KAFKA_PARTITIONS};
-use crate::journal::Journal;
+use crate::child::{parse_payload, payload, ChildArgs, KAFKA_PARTITIONS};
+use crate::journal::{Journal, ProducerView, Tail};
 use crate::plan::{roles, Broker};
 use crate::HarnessError;
 
@@ -43,8 +45,17 @@ fn producer_config(confirm_timeout: Duration) -> ProducerConfig {
     }
 }
 
-async fn build(args: &ChildArgs) -> Result<(Producer, Option<KafkaTransport>), HarnessError> {
+/// The transport of the run, wrapped in the core producer (with the outbox when the run's role
+/// asks for one).
+async fn build(
+    args: &ChildArgs,
+    outbox: Option<Outbox>,
+) -> Result<(Producer, Option<KafkaTransport>), HarnessError> {
     let unsafe_producer = roles(args.scenario, args.variant).unsafe_producer;
+    let wrap = |transport: Arc<dyn Transport>, config: ProducerConfig| match outbox {
+        Some(outbox) => Producer::with_outbox(transport, config, outbox),
+        None => Producer::from_arc(transport, config),
+    };
     match args.broker() {
         Broker::Amqp => {
             let settings = if unsafe_producer {
@@ -60,7 +71,7 @@ async fn build(args: &ChildArgs) -> Result<(Producer, Option<KafkaTransport>), H
                 .map_err(|e| HarnessError::Setup(e.to_string()))?;
             let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings).await?;
             Ok((
-                Producer::new(publisher, producer_config(confirm_timeout)),
+                wrap(Arc::new(publisher), producer_config(confirm_timeout)),
                 None,
             ))
         }
@@ -86,51 +97,113 @@ async fn build(args: &ChildArgs) -> Result<(Producer, Option<KafkaTransport>), H
                 .confirm_timeout(confirm_timeout)
                 .build()
                 .await?;
-            let producer = Producer::new(transport.clone(), producer_config(confirm_timeout));
+            let producer = wrap(
+                Arc::new(transport.clone()),
+                producer_config(confirm_timeout),
+            );
             Ok((producer, Some(transport)))
         }
     }
 }
 
-/// Runs the producer child to the end.
+/// Journals how a send resolved.
+fn track(
+    pending: &mut JoinSet<std::io::Result<()>>,
+    journal: &Arc<Journal>,
+    seq: u64,
+    handle: SendHandle,
+) {
+    let journal = journal.clone();
+    let span = tracing::info_span!("harness.send", seq, message_id = %handle.id());
+    pending.spawn(
+        async move {
+            let line = match handle.await {
+                Ok(_) => format!("C {seq}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "send handed back");
+                    format!("F {seq} {}", e.to_string().replace('\n', " "))
+                }
+            };
+            journal.record(&line)
+        }
+        .instrument(span),
+    );
+}
+
+/// Runs the producer child to the end. A restarted producer (its journal already has entries)
+/// first replays its outbox, if it has one, then goes on after the last message it accepted.
 pub async fn run(args: ProduceArgs) -> Result<(), HarnessError> {
+    let mut previous = ProducerView::default();
+    Tail::new(&args.child.journal).read(|l| previous.apply(l))?;
     let journal = Arc::new(Journal::open(&args.child.journal)?);
-    let (producer, kafka) = build(&args.child).await?;
+    let outbox = if roles(args.child.scenario, args.child.variant).outbox {
+        let path = args.child.journal.with_extension("outbox");
+        Some(Outbox::open(&path).map_err(|e| HarnessError::Setup(e.to_string()))?)
+    } else {
+        None
+    };
+    // What the outbox holds from the previous process, by message id.
+    let replay_seqs: HashMap<MessageId, u64> = match &outbox {
+        Some(o) => o
+            .pending()
+            .map_err(|e| HarnessError::Setup(e.to_string()))?
+            .iter()
+            .filter_map(|m| parse_payload(m.payload()).map(|s| (m.id(), s)))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let (producer, kafka) = build(&args.child, outbox).await?;
+    let mut pending = JoinSet::new();
+    let replayed = producer
+        .replay_outbox()
+        .await
+        .map_err(|e| HarnessError::Setup(e.to_string()))?;
+    if !replayed.is_empty() {
+        tracing::warn!(
+            messages = replayed.len(),
+            "replaying the outbox of the previous producer"
+        );
+    }
+    for handle in replayed {
+        match replay_seqs.get(&handle.id()) {
+            Some(&seq) => track(&mut pending, &journal, seq, handle),
+            None => {
+                tracing::warn!(message_id = %handle.id(), "replayed a message the harness did not write")
+            }
+        }
+    }
     let rate = f64::from(args.rate.max(1));
     let tick = Duration::from_millis(10);
     let per_tick = rate * tick.as_secs_f64();
     let mut interval = tokio::time::interval(tick);
     // After a stall (the window was full during an outage) the rate stays bounded: no burst.
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending = JoinSet::new();
     let mut owed = 0.0;
-    let mut seq = 0;
+    let mut seq = previous.next_seq();
     while seq < args.messages {
         interval.tick().await;
         owed += per_tick;
-        while owed >= 1.0 && seq < args.messages {
+        let mut batch = Vec::new();
+        while owed >= 1.0 && seq + (batch.len() as u64) < args.messages {
             owed -= 1.0;
-            let mut msg = Message::new(payload(seq)).with_idempotency_key(seq.to_string())?;
+            let n = seq + batch.len() as u64;
+            let mut msg = Message::new(payload(n)).with_idempotency_key(n.to_string())?;
             if args.child.broker() == Broker::Amqp {
                 msg = msg.with_routing_key(&args.child.dest);
             }
-            let span = tracing::info_span!("harness.send", seq, message_id = %msg.id());
-            let handle = producer.send(msg).instrument(span.clone()).await?;
-            let journal = journal.clone();
-            pending.spawn(
-                async move {
-                    let line = match handle.await {
-                        Ok(_) => format!("C {seq}"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "send handed back");
-                            format!("F {seq} {}", e.to_string().replace('\n', " "))
-                        }
-                    };
-                    journal.record(&line)
-                }
-                .instrument(span),
-            );
-            seq += 1;
+            batch.push(msg);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        // One outbox commit per batch; the batch is accepted once `send_batch` returns.
+        let handles = producer.send_batch(batch).await.map_err(|e| e.error)?;
+        let first = seq;
+        seq += handles.len() as u64;
+        let accepted: Vec<String> = (first..seq).map(|s| format!("A {s}")).collect();
+        journal.record_all(accepted.iter().map(String::as_str))?;
+        for (i, handle) in handles.into_iter().enumerate() {
+            track(&mut pending, &journal, first + i as u64, handle);
         }
         while let Some(done) = pending.try_join_next() {
             done.map_err(|e| HarnessError::Setup(e.to_string()))??;

@@ -218,6 +218,8 @@ struct Children {
     base: Vec<String>,
     dir: PathBuf,
     capacity: u32,
+    producer_args: Vec<String>,
+    producer: Option<KillOnDrop>,
     consumer: Option<Child>,
     consumer_kills: u32,
     consumer_crashes: u32,
@@ -238,6 +240,24 @@ impl Children {
             .stdout(log)
             .stderr(err)
             .spawn()?)
+    }
+
+    fn start_producer(&mut self) -> Result<(), HarnessError> {
+        self.producer = Some(KillOnDrop(self.spawn("produce", &self.producer_args)?));
+        Ok(())
+    }
+
+    /// SIGKILL, and reap.
+    fn kill_producer(&mut self) {
+        self.producer = None;
+    }
+
+    /// The producer's exit status, once it has exited on its own.
+    fn producer_exited(&mut self) -> Result<Option<std::process::ExitStatus>, HarnessError> {
+        match self.producer.as_mut() {
+            Some(p) => Ok(p.0.try_wait()?),
+            None => Ok(None),
+        }
     }
 
     fn start_consumer(&mut self) -> Result<(), HarnessError> {
@@ -266,6 +286,19 @@ impl Children {
             self.start_consumer()?;
         }
         Ok(())
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped: an aborted run leaves nothing
+/// running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
     }
 }
 
@@ -335,21 +368,20 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         base: child_args(args, p),
         dir: dir.clone(),
         capacity: sizes.consumer_capacity,
+        producer_args: vec![
+            "--messages".to_owned(),
+            sizes.messages.to_string(),
+            "--rate".to_owned(),
+            sizes.rate.to_string(),
+        ],
+        producer: None,
         consumer: None,
         consumer_kills: 0,
         consumer_crashes: 0,
     };
     let started = Instant::now();
     children.start_consumer()?;
-    let mut producer = children.spawn(
-        "produce",
-        &[
-            "--messages".to_owned(),
-            sizes.messages.to_string(),
-            "--rate".to_owned(),
-            sizes.rate.to_string(),
-        ],
-    )?;
+    children.start_producer()?;
     let mut views = Views::new(&dir);
     let mut faults = Vec::new();
     let mut last_status = Instant::now();
@@ -360,13 +392,11 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         tokio::time::sleep(Duration::from_millis(250)).await;
         views.refresh()?;
         children.supervise()?;
-        if let Some(status) = producer.try_wait()? {
+        if let Some(status) = children.producer_exited()? {
             break Some(status);
         }
         if started.elapsed() > limit {
             eprintln!("harness: {label}: producer still running after {limit:?}; stopping it");
-            let _ = producer.kill();
-            let _ = producer.wait();
             break None;
         }
         let done = faults.len() as u32;
@@ -387,9 +417,10 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
             status_line(&label, started, sizes, &views, faults.len());
         }
     };
-    // Drain: until every confirmed message has its effect (then a short settle for late
-    // duplicates), or until nothing new arrives for the quiet period (what is missing then is
-    // lost).
+    children.kill_producer(); // reaped, or killed if it overran its time
+                              // Drain: until every confirmed message has its effect (then a short settle for late
+                              // duplicates), or until nothing new arrives for the quiet period (what is missing then is
+                              // lost).
     let progress = |v: &Views| v.consumer.deliveries_total + v.consumer.effects_total;
     let mut last_progress = (Instant::now(), progress(&views));
     let drain_started = Instant::now();
@@ -519,6 +550,29 @@ async fn inject(
             wait_in_sync(args, &p.dest).await?;
             format!(
                 "followers frozen {} ms, kill -9 Kafka broker {id} (leader of partition 0), restart",
+                FOLLOWER_PAUSE.as_millis()
+            )
+        }
+        Scenario::KafkaProducerKill => {
+            // The cluster is slow to acknowledge (the followers of partition 0's leader are
+            // frozen), so the producer holds unconfirmed messages when it dies.
+            let leader = brokers(script, &["kafka-leader", &p.dest, "0"]).await?;
+            let followers: Vec<String> = (1..=KAFKA_BROKERS)
+                .map(|b| b.to_string())
+                .filter(|b| *b != leader)
+                .collect();
+            for f in &followers {
+                brokers(script, &["kafka-pause", f]).await?;
+            }
+            tokio::time::sleep(FOLLOWER_PAUSE).await;
+            children.kill_producer();
+            for f in &followers {
+                brokers(script, &["kafka-resume", f]).await?;
+            }
+            tokio::time::sleep(sizes.downtime).await;
+            children.start_producer()?;
+            format!(
+                "followers frozen {} ms, SIGKILL the producer process, restart",
                 FOLLOWER_PAUSE.as_millis()
             )
         }

@@ -1,0 +1,218 @@
+//! The crash-safe producer outbox (feature `outbox`) over in-process transports.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use reliable_core::memory::InMemoryBroker;
+use reliable_core::outbox::Outbox;
+use reliable_core::producer::{Producer, ProducerConfig, SendError};
+use reliable_core::{Message, MessageId, PublishError, Transport};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Never answers: every publish stays unconfirmed.
+struct Blackhole;
+
+#[async_trait]
+impl Transport for Blackhole {
+    async fn publish(&self, _msg: &Message) -> Result<(), PublishError> {
+        std::future::pending().await
+    }
+}
+
+/// Confirms at once, noting whether the outbox already held the message when it was sent.
+struct Witness {
+    outbox: Outbox,
+    spooled_before_send: Mutex<Vec<bool>>,
+}
+
+#[async_trait]
+impl Transport for Witness {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let held = self
+            .outbox
+            .pending()
+            .map(|p| p.iter().any(|m| m.id() == msg.id()))
+            .unwrap_or(false);
+        if let Ok(mut seen) = self.spooled_before_send.lock() {
+            seen.push(held);
+        }
+        Ok(())
+    }
+}
+
+/// Refuses everything for good.
+struct Refuser;
+
+#[async_trait]
+impl Transport for Refuser {
+    async fn publish(&self, _msg: &Message) -> Result<(), PublishError> {
+        Err(PublishError::Unroutable {
+            reason: "no queue bound".into(),
+        })
+    }
+}
+
+async fn eventually_empty(outbox: &Outbox) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if outbox.is_empty().unwrap_or(false) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Opens the outbox once the previous owner (a dropped runtime's writer thread) let it go.
+fn reopen(path: &Path) -> Outbox {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Outbox::open(path) {
+            Ok(o) => return o,
+            Err(e) if Instant::now() > until => panic!("outbox not released: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn msg(i: usize) -> Message {
+    Message::new(format!("m{i}"))
+        .with_destination("q")
+        .with_header("n", i.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_on_disk_before_its_first_send_and_removed_on_confirm() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(dir.path().join("o"))?;
+    let transport = Arc::new(Witness {
+        outbox: outbox.clone(),
+        spooled_before_send: Mutex::new(Vec::new()),
+    });
+    let producer =
+        Producer::with_outbox(transport.clone(), ProducerConfig::default(), outbox.clone());
+    for i in 0..50 {
+        producer.send_confirmed(msg(i)).await?;
+    }
+    let seen = transport
+        .spooled_before_send
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    assert_eq!(seen.len(), 50);
+    assert!(
+        seen.iter().all(|&held| held),
+        "every message was spooled before its send"
+    );
+    assert!(
+        eventually_empty(&outbox).await,
+        "confirmed messages leave the outbox"
+    );
+    Ok(())
+}
+
+#[test]
+fn unconfirmed_messages_survive_a_crash_and_are_replayed_with_their_ids() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o");
+    // The first process: 200 sends accepted, none confirmed, then the runtime dies.
+    let crashed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let sent: Vec<(MessageId, String)> = crashed.block_on(async {
+        let outbox = Outbox::open(&path)?;
+        let producer = Producer::with_outbox(
+            Blackhole,
+            ProducerConfig {
+                max_in_flight: 1024,
+                ..ProducerConfig::default()
+            },
+            outbox,
+        );
+        let mut sent = Vec::new();
+        for i in 0..200 {
+            let m = msg(i);
+            let key = m.idempotency_key().as_str().to_owned();
+            let handle = producer.send(m).await?;
+            sent.push((handle.id(), key));
+        }
+        Ok::<_, Box<dyn std::error::Error>>(sent)
+    })?;
+    crashed.shutdown_background();
+
+    // The next process: replay through a working broker.
+    let outbox = reopen(&path);
+    assert_eq!(
+        outbox.len()?,
+        200,
+        "every accepted message is in the outbox"
+    );
+    assert_eq!(
+        outbox.pending()?.iter().map(|m| m.id()).collect::<Vec<_>>(),
+        sent.iter().map(|s| s.0).collect::<Vec<_>>(),
+        "kept oldest first, so the replay starts with the oldest"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        let producer = Producer::with_outbox(
+            broker.transport(),
+            ProducerConfig::default(),
+            outbox.clone(),
+        );
+        let handles = producer.replay_outbox().await?;
+        assert_eq!(handles.len(), 200);
+        for h in handles {
+            h.await?;
+        }
+        let delivered: Vec<(MessageId, String)> = broker
+            .messages("q")
+            .iter()
+            .map(|m| (m.id(), m.idempotency_key().as_str().to_owned()))
+            .collect();
+        let want: HashSet<_> = sent.iter().cloned().collect();
+        assert_eq!(delivered.len(), 200);
+        assert_eq!(
+            delivered.iter().cloned().collect::<HashSet<_>>(),
+            want,
+            "same ids and keys"
+        );
+        assert!(eventually_empty(&outbox).await);
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_leaves_the_outbox() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(dir.path().join("o"))?;
+    let producer = Producer::with_outbox(Refuser, ProducerConfig::default(), outbox.clone());
+    let err = producer.send_confirmed(msg(1)).await.err();
+    assert!(matches!(err, Some(SendError::Refused { .. })), "{err:?}");
+    assert!(
+        eventually_empty(&outbox).await,
+        "the caller holds the message now"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_owner_of_an_outbox_file_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o");
+    let held = Outbox::open(&path)?;
+    // A second owner of the same file is refused at open: one process per outbox file.
+    assert!(Outbox::open(&path).is_err());
+    drop(held);
+    Ok(())
+}
