@@ -65,6 +65,15 @@ fn messages(n: usize) -> Vec<Message> {
         .collect()
 }
 
+/// Awaits every confirm.
+async fn confirm_all(handles: Vec<reliable_core::producer::SendHandle>) {
+    for h in handles {
+        if let Err(e) = h.await {
+            panic!("confirm: {e}");
+        }
+    }
+}
+
 /// Sends `msgs` through a fresh producer and awaits every confirm.
 async fn produce(msgs: Vec<Message>) -> Duration {
     let broker = InMemoryBroker::new();
@@ -78,11 +87,7 @@ async fn produce(msgs: Vec<Message>) -> Duration {
             Err(e) => panic!("send: {e}"),
         }
     }
-    for h in handles {
-        if let Err(e) = h.await {
-            panic!("confirm: {e}");
-        }
-    }
+    confirm_all(handles).await;
     start.elapsed()
 }
 
@@ -120,11 +125,7 @@ async fn produce_batches(
             Err(e) => panic!("send: {e}"),
         }
     }
-    for h in handles {
-        if let Err(e) = h.await {
-            panic!("confirm: {e}");
-        }
-    }
+    confirm_all(handles).await;
     let took = start.elapsed();
     #[cfg(feature = "outbox")]
     if let Some(path) = outbox_path {

@@ -9,6 +9,7 @@
 //! Results go to `results.json` and `results.md` in `--out`; the exit code is 0 only when every
 //! verdict holds. `scripts/faults` runs it against the project's brokers.
 
+mod bench_outbox;
 mod child;
 mod consume;
 mod journal;
@@ -76,6 +77,8 @@ struct Cli {
 enum Cmd {
     /// Runs the scenarios and writes the results.
     Run(run::RunArgs),
+    /// Producer throughput with and without the durable outbox, against the real brokers.
+    BenchOutbox(bench_outbox::BenchArgs),
     /// (child process) The producer of one scenario run.
     #[command(hide = true)]
     Produce(produce::ProduceArgs),
@@ -107,6 +110,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Run(args) => run::run(args).await,
+            Cmd::BenchOutbox(args) => bench_outbox::run(args).await.map(|()| true),
             Cmd::Produce(args) => produce::run(args).await.map(|()| true),
             Cmd::Consume(args) => consume::run(args).await.map(|()| true),
         }
