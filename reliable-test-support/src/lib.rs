@@ -40,8 +40,14 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The bootstrap servers of the Kafka cluster that `scripts/brokers up` starts.
 pub const DEFAULT_KAFKA_BOOTSTRAP: &str = "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094";
 
-const HOW_TO_START: &str = "start the project's brokers with `scripts/brokers up` \
-     (or set RELIABLE_AMQP_URL / RELIABLE_KAFKA_BOOTSTRAP)";
+const HOW_TO_START: &str = "start the project's brokers with `scripts/brokers up` and its \
+     stores with `scripts/stores up` (or set RELIABLE_AMQP_URL / RELIABLE_KAFKA_BOOTSTRAP / \
+     RELIABLE_REDIS_URL / RELIABLE_POSTGRES_URL)";
+
+/// Environment variable naming the Redis URL of the store tests (`scripts/stores env`).
+pub const REDIS_URL_ENV: &str = "RELIABLE_REDIS_URL";
+/// Environment variable naming the PostgreSQL URL of the store tests (`scripts/stores env`).
+pub const POSTGRES_URL_ENV: &str = "RELIABLE_POSTGRES_URL";
 
 /// Why a test cannot have the broker it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +222,48 @@ pub fn redact(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// The URL of a reachable Redis: `RELIABLE_REDIS_URL`, else the server `scripts/stores up`
+/// started (127.0.0.1:16379, password from `.stores/password`).
+pub fn redis_url() -> Result<String, Missing> {
+    store_url(REDIS_URL_ENV, |pw| {
+        format!("redis://default:{pw}@127.0.0.1:16379/0")
+    })
+}
+
+/// The URL of a reachable PostgreSQL: `RELIABLE_POSTGRES_URL`, else the cluster
+/// `scripts/stores up` started (127.0.0.1:15432, database and user `reliable`).
+pub fn postgres_url() -> Result<String, Missing> {
+    store_url(POSTGRES_URL_ENV, |pw| {
+        format!("postgres://reliable:{pw}@127.0.0.1:15432/reliable")
+    })
+}
+
+fn store_url(env: &str, default: impl Fn(&str) -> String) -> Result<String, Missing> {
+    let url = match std::env::var(env) {
+        Ok(url) => url,
+        Err(_) => {
+            let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stores/password");
+            match std::fs::read_to_string(&file) {
+                Ok(pw) => default(pw.trim()),
+                Err(e) => {
+                    return Err(Missing(format!(
+                        "{env} is not set and {} cannot be read ({e})",
+                        file.display()
+                    )))
+                }
+            }
+        }
+    };
+    let host_port = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
+        .map(|authority| authority.rsplit('@').next().unwrap_or_default().to_owned())
+        .ok_or_else(|| Missing(format!("{env} is not a URL: {}", redact(&url))))?;
+    reachable(&host_port)
+        .map(|()| url.clone())
+        .map_err(|why| Missing(format!("nothing answers at {}: {why}", redact(&url))))
 }
 
 /// A name unique to this test run, for queues and topics: `prefix-<pid>-<nanos>`.

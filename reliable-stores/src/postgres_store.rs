@@ -1,0 +1,547 @@
+//! [`PostgresStore`]: an idempotency store in a PostgreSQL table, shared by every consumer
+//! process, with the inbox form in which the key commits in the same transaction as the
+//! business write.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::message::IdempotencyKey;
+use tokio_postgres::{NoTls, Transaction};
+
+use crate::error::StoresError;
+use crate::util::{bounded, millis_i64, positive, redact_url, url_password, Scrubber};
+
+/// The table the store uses unless configured otherwise.
+pub const DEFAULT_TABLE: &str = "reliable_idempotency";
+
+/// Expired keys are purged on every this many completions, at most 1 000 at a time.
+const PURGE_EVERY: u64 = 256;
+
+/// The future a [`PostgresStore::apply_once`] closure returns: the business write, run inside
+/// the transaction it is given.
+pub type TxFuture<'t, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 't>>;
+
+/// What [`PostgresStore::apply_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied<T> {
+    /// The key was new: the write ran and committed together with the key. Holds its result.
+    New(T),
+    /// The key's effect had committed before: nothing ran. Acknowledge the message.
+    Duplicate,
+}
+
+/// Why [`PostgresStore::apply_once`] did not commit. Either way the transaction was rolled back:
+/// neither the effect nor the key is recorded, and the message must be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError<E> {
+    /// PostgreSQL failed or did not answer in time (retryable). When the failure was the commit
+    /// itself, the outcome is unknown; a retry answers [`Applied::Duplicate`] if it did commit.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The business write returned an error.
+    #[error("the write inside the idempotent transaction failed: {0}")]
+    Write(E),
+}
+
+/// Settings of a [`PostgresStore`].
+///
+/// ```
+/// use reliable_stores::PostgresStoreConfig;
+///
+/// let config = PostgresStoreConfig { table: "orders_inbox".into(), ..Default::default() };
+/// assert_eq!(config.pool_size, 16);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresStoreConfig {
+    /// How long a completed key is remembered: the deduplication window. Default 24 h.
+    pub ttl: Duration,
+    /// How long a reservation lasts without `complete` or `release`. Must exceed the longest
+    /// handler run. Default 5 min.
+    pub lease: Duration,
+    /// The table, a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), created
+    /// if missing. Default [`DEFAULT_TABLE`].
+    pub table: String,
+    /// The longest any one call waits (for a pooled connection and for the server) before it
+    /// answers [`StoreError::Unavailable`]. Default 5 s.
+    pub timeout: Duration,
+    /// Most connections the store's pool opens. Default 16.
+    pub pool_size: usize,
+}
+
+impl Default for PostgresStoreConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(300),
+            table: DEFAULT_TABLE.to_owned(),
+            timeout: Duration::from_secs(5),
+            pool_size: 16,
+        }
+    }
+}
+
+/// An [`IdempotencyStore`] in a PostgreSQL table, shared by every process that uses the same
+/// database and table. Its clock is the server's (`now()`), so consumers on machines with
+/// skewed clocks agree on leases and TTLs.
+///
+/// Two ways to use it:
+///
+/// - As any store, under the pipeline's [`DedupeLayer`](reliable_core::pipeline::DedupeLayer):
+///   `reserve` inserts the key with a lease, `complete` marks it done. Between the effect and
+///   `complete` a crash leaves the key reserved; when the lease ends a redelivery applies the
+///   effect again.
+/// - The inbox form, when the effect is a write to the same database: [`apply_once`](Self::apply_once)
+///   (or [`complete_in`](Self::complete_in) inside your own transaction) records the key **in
+///   the transaction of the business write**. Both commit or neither does, so no crash can apply
+///   the effect twice; a concurrent duplicate waits on the key's row lock and then answers
+///   [`Applied::Duplicate`].
+///
+/// ```no_run
+/// # async fn demo(msg: reliable_core::message::Message) -> Result<(), Box<dyn std::error::Error>> {
+/// use reliable_stores::{Applied, PostgresStore, PostgresStoreConfig};
+///
+/// let store = PostgresStore::connect(
+///     "postgres://app:secret@127.0.0.1:5432/shop",
+///     PostgresStoreConfig::default(),
+/// )
+/// .await?;
+/// let order = String::from_utf8_lossy(msg.payload()).into_owned();
+/// let applied = store
+///     .apply_once(msg.idempotency_key(), |tx| {
+///         Box::pin(async move {
+///             tx.execute("INSERT INTO orders (body) VALUES ($1)", &[&order]).await
+///         })
+///     })
+///     .await?;
+/// if let Applied::Duplicate = applied {
+///     // Applied before: just acknowledge.
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    config: PostgresStoreConfig,
+    owner: String,
+    url: String,
+    scrubber: Scrubber,
+    completions: AtomicU64,
+    sql: Sql,
+}
+
+/// The statements, with the table name filled in.
+struct Sql {
+    reserve: String,
+    state: String,
+    complete: String,
+    release: String,
+    claim_done: String,
+    purge: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Self {
+        let upsert = |done: bool, owner: &str, when: &str| {
+            format!(
+                "INSERT INTO {t} (key, done, owner, expires_at) \
+                 VALUES ($1, {done}, {owner}, now() + $2::bigint * interval '1 millisecond') \
+                 ON CONFLICT (key) DO UPDATE SET done = EXCLUDED.done, owner = EXCLUDED.owner, \
+                 expires_at = EXCLUDED.expires_at {when}"
+            )
+        };
+        Self {
+            reserve: upsert(
+                false,
+                "$3",
+                &format!("WHERE {t}.expires_at <= now() RETURNING 1"),
+            ),
+            state: format!("SELECT done, expires_at > now() FROM {t} WHERE key = $1"),
+            complete: upsert(true, "NULL", ""),
+            release: format!("DELETE FROM {t} WHERE key = $1 AND owner = $2 AND NOT done"),
+            claim_done: upsert(
+                true,
+                "NULL",
+                &format!("WHERE NOT {t}.done OR {t}.expires_at <= now() RETURNING 1"),
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN \
+                 (SELECT key FROM {t} WHERE expires_at <= now() LIMIT 1000)"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.inner.url)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn valid_table(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 48
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host:port/db` or a `host=.. user=..`
+    /// string), and creates the table if it is missing.
+    ///
+    /// Fails with [`StoresError::InvalidConfig`] for a zero duration or pool size or a table
+    /// name that is not a plain identifier, [`StoresError::InvalidUrl`] for a URL PostgreSQL
+    /// cannot use, [`StoresError::Unreachable`] when the server does not answer or refuses the
+    /// login within the timeout, and [`StoresError::Migration`] when the table cannot be
+    /// created.
+    pub async fn connect(url: &str, config: PostgresStoreConfig) -> Result<Self, StoresError> {
+        let shown = redact_url(url);
+        let mut scrubber = Scrubber::default();
+        if let Some(pw) = url_password(url) {
+            scrubber.add(pw);
+        }
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| StoresError::InvalidUrl {
+            store: "PostgreSQL",
+            url: shown.clone(),
+            reason: scrubber.scrub(&e.to_string()),
+            expected: "postgres://user:password@host:port/database",
+        })?;
+        if let Some(pw) = pg.get_password() {
+            scrubber.add(&String::from_utf8_lossy(pw));
+        }
+        if config.pool_size == 0 {
+            return Err(StoresError::InvalidConfig {
+                setting: "pool_size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.timeout))
+            .create_timeout(Some(config.timeout))
+            .recycle_timeout(Some(config.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoresError::InvalidConfig {
+                setting: "pool_size",
+                reason: e.to_string(),
+            })?;
+        Self::build(pool, config, shown, scrubber).await
+    }
+
+    /// Uses an existing pool (its connections must reach the database the table lives in), and
+    /// creates the table if it is missing. Errors as [`connect`](Self::connect).
+    pub async fn from_pool(pool: Pool, config: PostgresStoreConfig) -> Result<Self, StoresError> {
+        Self::build(
+            pool,
+            config,
+            "(a caller's pool)".into(),
+            Scrubber::default(),
+        )
+        .await
+    }
+
+    async fn build(
+        pool: Pool,
+        config: PostgresStoreConfig,
+        url: String,
+        scrubber: Scrubber,
+    ) -> Result<Self, StoresError> {
+        positive("ttl", config.ttl)?;
+        positive("lease", config.lease)?;
+        positive("timeout", config.timeout)?;
+        if !valid_table(&config.table) {
+            return Err(StoresError::InvalidConfig {
+                setting: "table",
+                reason: format!(
+                    "{:?} is not a plain lower-case identifier ([a-z_][a-z0-9_]*, at most 48 bytes)",
+                    config.table
+                ),
+            });
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&config.table),
+                pool,
+                owner: uuid::Uuid::now_v7().to_string(),
+                url,
+                scrubber,
+                completions: AtomicU64::new(0),
+                config,
+            }),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The SQL that creates the store's table and index (what [`connect`](Self::connect) runs),
+    /// for a migration tool when the application's user may not create tables.
+    pub fn schema_sql(table: &str) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (\n  key text PRIMARY KEY,\n  done boolean NOT NULL,\n  \
+             owner text,\n  expires_at timestamptz NOT NULL\n);\n\
+             CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);"
+        )
+    }
+
+    async fn migrate(&self) -> Result<(), StoresError> {
+        let inner = &self.inner;
+        let mut client = bounded(inner.config.timeout, "connect", async {
+            inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| inner.scrubber.unavailable("connect", e))
+        })
+        .await
+        .map_err(|e| StoresError::Unreachable {
+            store: "PostgreSQL",
+            url: inner.url.clone(),
+            reason: e.to_string(),
+        })?;
+        let migration = |e: tokio_postgres::Error| StoresError::Migration {
+            table: inner.config.table.clone(),
+            reason: inner.scrubber.scrub(&e.to_string()),
+        };
+        let tx = client.transaction().await.map_err(migration)?;
+        // Two processes starting at once must not race on CREATE TABLE.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('reliable_stores_migration'))",
+            &[],
+        )
+        .await
+        .map_err(migration)?;
+        tx.batch_execute(&Self::schema_sql(&inner.config.table))
+            .await
+            .map_err(migration)?;
+        tx.commit().await.map_err(migration)
+    }
+
+    /// The store's connection pool: borrow a connection from it for your own transactions.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Records `key` as done inside `tx`, the transaction of your business write: the inbox
+    /// pattern by hand. Commit `tx` and both are recorded; roll it back and neither is.
+    ///
+    /// Use it under a [`DedupeLayer`](reliable_core::pipeline::DedupeLayer) over this store:
+    /// the layer's `reserve` makes a concurrent duplicate wait, and after a crash between the
+    /// commit and the acknowledgement the redelivered copy is recognised as a duplicate.
+    pub async fn complete_in(
+        &self,
+        tx: &Transaction<'_>,
+        key: &IdempotencyKey,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        bounded(inner.config.timeout, "PostgreSQL complete_in", async {
+            tx.execute(
+                inner.sql.complete.as_str(),
+                &[&key.as_str(), &millis_i64(inner.config.ttl)],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| inner.scrubber.unavailable("PostgreSQL complete_in", e))
+        })
+        .await
+    }
+
+    /// Runs `write` and records `key` in one transaction, unless `key`'s effect committed
+    /// before: the inbox pattern. Returns [`Applied::New`] with the write's result, or
+    /// [`Applied::Duplicate`] when the key was done already (nothing ran).
+    ///
+    /// A concurrent call with the same key, from any process, waits on the key's row until
+    /// this transaction ends, then answers `Duplicate` (committed) or runs (rolled back).
+    /// On any error the transaction is rolled back; see [`ApplyError`].
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    pub async fn apply_once<T, E, F>(
+        &self,
+        key: &IdempotencyKey,
+        write: F,
+    ) -> Result<Applied<T>, ApplyError<E>>
+    where
+        F: for<'t> FnOnce(&'t Transaction<'t>) -> TxFuture<'t, T, E>,
+    {
+        let inner = &self.inner;
+        let what = "PostgreSQL apply_once";
+        let fail = |e: tokio_postgres::Error| inner.scrubber.unavailable(what, e);
+        let mut client = self.client().await?;
+        let tx = bounded(inner.config.timeout, what, async {
+            client.transaction().await.map_err(fail)
+        })
+        .await?;
+        // Row lock on the key until commit: a concurrent duplicate waits here.
+        let claimed = bounded(inner.config.lease, what, async {
+            tx.query_opt(
+                inner.sql.claim_done.as_str(),
+                &[&key.as_str(), &millis_i64(inner.config.ttl)],
+            )
+            .await
+            .map_err(fail)
+        })
+        .await?;
+        if claimed.is_none() {
+            let _ = tx.rollback().await;
+            tracing::debug!("duplicate: the key's effect committed before");
+            return Ok(Applied::Duplicate);
+        }
+        let result = match write(&tx).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(ApplyError::Write(e));
+            }
+        };
+        bounded(inner.config.timeout, what, async {
+            tx.commit().await.map_err(fail)
+        })
+        .await?;
+        Ok(Applied::New(result))
+    }
+
+    /// Removes every key whose TTL (or lease) has passed; returns how many. The store also does
+    /// this by itself, a thousand at a time, as keys complete.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.execute("PostgreSQL purge", |s| &s.purge, &[]).await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let inner = &self.inner;
+        bounded(inner.config.timeout, "PostgreSQL connection", async {
+            inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| inner.scrubber.unavailable("PostgreSQL connection", e))
+        })
+        .await
+    }
+
+    async fn execute(
+        &self,
+        what: &'static str,
+        sql: impl FnOnce(&Sql) -> &String,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let client = self.client().await?;
+        bounded(inner.config.timeout, what, async {
+            client
+                .execute(sql(&inner.sql).as_str(), params)
+                .await
+                .map_err(|e| inner.scrubber.unavailable(what, e))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
+        let inner = &self.inner;
+        let what = "PostgreSQL reserve";
+        let client = self.client().await?;
+        bounded(inner.config.timeout, what, async {
+            let fail = |e| inner.scrubber.unavailable(what, e);
+            let lease = millis_i64(inner.config.lease);
+            let won = client
+                .query_opt(
+                    inner.sql.reserve.as_str(),
+                    &[&key.as_str(), &lease, &inner.owner],
+                )
+                .await
+                .map_err(fail)?;
+            if won.is_some() {
+                return Ok(Reservation::New);
+            }
+            let row = client
+                .query_opt(inner.sql.state.as_str(), &[&key.as_str()])
+                .await
+                .map_err(fail)?;
+            Ok(
+                match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
+                    Some((true, true)) => Reservation::Duplicate,
+                    // Held by another worker, or it expired or went between the two statements:
+                    // the next attempt decides.
+                    _ => Reservation::InProgress,
+                },
+            )
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let ttl = millis_i64(self.inner.config.ttl);
+        self.execute(
+            "PostgreSQL complete",
+            |s| &s.complete,
+            &[&key.as_str(), &ttl],
+        )
+        .await?;
+        if self.inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+            if let Err(e) = self.execute("PostgreSQL purge", |s| &s.purge, &[]).await {
+                tracing::warn!(error = %e, "purging expired idempotency keys failed; will retry");
+            }
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let owner = self.inner.owner.as_str();
+        self.execute(
+            "PostgreSQL release",
+            |s| &s.release,
+            &[&key.as_str(), &owner],
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_must_be_plain_identifiers() {
+        assert!(valid_table("reliable_idempotency"));
+        assert!(valid_table("_inbox2"));
+        assert!(!valid_table(""));
+        assert!(!valid_table("2inbox"));
+        assert!(!valid_table("Inbox"));
+        assert!(!valid_table("public.inbox"));
+        assert!(!valid_table("inbox; DROP TABLE x"));
+        assert!(!valid_table(&"a".repeat(49)));
+    }
+}

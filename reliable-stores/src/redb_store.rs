@@ -1,0 +1,305 @@
+//! [`RedbStore`]: an embedded idempotency store in one redb file, for one consumer process that
+//! must recognise duplicates across its own restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::message::IdempotencyKey;
+
+use crate::error::StoresError;
+use crate::util::{millis, now_ms, positive};
+
+/// key → (state, expires at in ms since the epoch).
+const KEYS: TableDefinition<&str, (u8, u64)> = TableDefinition::new("reliable_idempotency_v1");
+/// (expires at, key) → (): completed keys by expiry, so purging reads only what expired.
+const EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("reliable_idempotency_expiry_v1");
+
+const RESERVED: u8 = 0;
+const DONE: u8 = 1;
+/// Expired keys are purged on every this many completions, at most [`PURGE_LIMIT`] at a time.
+const PURGE_EVERY: u64 = 256;
+const PURGE_LIMIT: usize = 4096;
+
+/// Settings of a [`RedbStore`].
+///
+/// ```
+/// use std::time::Duration;
+/// use reliable_stores::RedbStoreConfig;
+///
+/// let config = RedbStoreConfig { ttl: Duration::from_secs(7 * 24 * 3600), ..Default::default() };
+/// assert_eq!(config.lease, Duration::from_secs(300));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedbStoreConfig {
+    /// How long a completed key is remembered: the deduplication window. Must exceed the longest
+    /// time a duplicate can arrive after the original. Default 24 h.
+    pub ttl: Duration,
+    /// How long a reservation lasts without `complete` or `release`. Must exceed the longest
+    /// handler run. Default 5 min.
+    pub lease: Duration,
+}
+
+impl Default for RedbStoreConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(300),
+        }
+    }
+}
+
+/// An [`IdempotencyStore`] in a local redb file. Completed keys are committed with an fsync
+/// before [`complete`](IdempotencyStore::complete) returns, so they survive a crash of the
+/// process or the machine; reservations are cheap, unsynced commits (a lost reservation only
+/// frees the key, which is what a crash means anyway).
+///
+/// redb lets one process open a file at a time: a second open fails with
+/// [`StoresError::AlreadyOpen`]. That exclusivity is also why opening the file drops every
+/// reservation in it: they belonged to a process that is gone, so their messages may run again
+/// at once rather than after the lease. Share one store through an `Arc` within the process;
+/// use [`RedisStore`](crate::RedisStore) or [`PostgresStore`](crate::PostgresStore) to share
+/// keys between processes.
+///
+/// Each call runs on Tokio's blocking pool, so the store must be used inside a Tokio runtime.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), reliable_stores::StoresError> {
+/// use std::sync::Arc;
+/// use reliable_core::pipeline::DedupeLayer;
+/// use reliable_stores::{RedbStore, RedbStoreConfig};
+///
+/// let store = Arc::new(RedbStore::open("/var/lib/orders/dedupe.redb", RedbStoreConfig::default())?);
+/// let dedupe = DedupeLayer::new(store);
+/// # let _ = dedupe;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    config: RedbStoreConfig,
+    completions: AtomicU64,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store's file at `path`.
+    ///
+    /// Fails with [`StoresError::InvalidConfig`] for a zero TTL or lease,
+    /// [`StoresError::AlreadyOpen`] when the file is open elsewhere, and
+    /// [`StoresError::Storage`] when it cannot be created or is not a redb database.
+    pub fn open(path: impl AsRef<Path>, config: RedbStoreConfig) -> Result<Self, StoresError> {
+        positive("ttl", config.ttl)?;
+        positive("lease", config.lease)?;
+        let path = path.as_ref().to_owned();
+        let shown = path.display().to_string();
+        let storage = |e: &dyn std::fmt::Display| StoresError::Storage {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoresError::AlreadyOpen { path: shown });
+            }
+            Err(e) => return Err(storage(&e)),
+        };
+        let dropped = drop_reservations(&db).map_err(|e| storage(&e))?;
+        if dropped > 0 {
+            tracing::info!(
+                path = %path.display(),
+                dropped,
+                "dropped reservations left by an earlier process"
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                config,
+                completions: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Removes every completed key whose TTL has passed (and expired reservations); returns how
+    /// many keys went. The store also does this by itself, a little at a time, as keys complete.
+    pub async fn purge_expired(&self) -> Result<usize, StoreError> {
+        self.blocking("purge", |inner| {
+            let txn = inner.write(Durability::Immediate)?;
+            let removed = purge(&txn, now_ms(), usize::MAX)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                reason: format!("redb {what} did not finish: {e}"),
+            })?
+    }
+}
+
+impl Inner {
+    fn write(&self, durability: Durability) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        txn.set_durability(durability).map_err(unavailable)?;
+        Ok(txn)
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        reason: format!("redb: {e}"),
+    }
+}
+
+/// Removes every reservation (run at open, when no other process can hold one).
+fn drop_reservations(db: &Database) -> Result<usize, String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let dropped;
+    {
+        txn.open_table(EXPIRY).map_err(|e| e.to_string())?;
+        let mut keys = txn.open_table(KEYS).map_err(|e| e.to_string())?;
+        let before = keys.len().map_err(|e| e.to_string())?;
+        keys.retain(|_, (state, _)| state != RESERVED)
+            .map_err(|e| e.to_string())?;
+        dropped = before - keys.len().map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    usize::try_from(dropped).map_err(|e| e.to_string())
+}
+
+/// Removes up to `limit` completed keys that expired before `now`; returns how many.
+fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, StoreError> {
+    let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+    let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+    let due: Vec<(u64, String)> = expiry
+        .range::<(u64, &str)>(..(now, ""))
+        .map_err(unavailable)?
+        .take(limit)
+        .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)?;
+    let mut removed = 0;
+    for (at, key) in &due {
+        expiry.remove((*at, key.as_str())).map_err(unavailable)?;
+        // The key may have been reclaimed and completed again since: only its current
+        // expiry counts.
+        let current = keys
+            .get(key.as_str())
+            .map_err(unavailable)?
+            .map(|v| v.value());
+        if current == Some((DONE, *at)) {
+            keys.remove(key.as_str()).map_err(unavailable)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[async_trait]
+impl IdempotencyStore for RedbStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
+        let key = key.clone();
+        self.blocking("reserve", move |inner| {
+            let now = now_ms();
+            // A lost reservation only frees the key again: no fsync needed.
+            let txn = inner.write(Durability::None)?;
+            let answer = {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                let current = keys
+                    .get(key.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| v.value());
+                match current {
+                    Some((DONE, until)) if until > now => Reservation::Duplicate,
+                    Some((_, until)) if until > now => Reservation::InProgress,
+                    _ => {
+                        let until = now.saturating_add(millis(inner.config.lease));
+                        keys.insert(key.as_str(), (RESERVED, until))
+                            .map_err(unavailable)?;
+                        Reservation::New
+                    }
+                }
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking("complete", move |inner| {
+            let now = now_ms();
+            let until = now.saturating_add(millis(inner.config.ttl));
+            let txn = inner.write(Durability::Immediate)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+                keys.insert(key.as_str(), (DONE, until))
+                    .map_err(unavailable)?;
+                expiry
+                    .insert((until, key.as_str()), ())
+                    .map_err(unavailable)?;
+            }
+            if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+                purge(&txn, now, PURGE_LIMIT)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking("release", move |inner| {
+            let txn = inner.write(Durability::None)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                let current = keys
+                    .get(key.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| v.value());
+                // A completed key stays completed.
+                if matches!(current, Some((RESERVED, _))) {
+                    keys.remove(key.as_str()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+}

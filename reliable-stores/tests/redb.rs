@@ -1,0 +1,109 @@
+//! `RedbStore` against a real redb file: the store protocol, expiry, restarts.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reliable_core::idempotency::{IdempotencyStore, Reservation};
+use reliable_stores::{RedbStore, RedbStoreConfig, StoresError};
+
+fn short() -> RedbStoreConfig {
+    RedbStoreConfig {
+        ttl: Duration::from_millis(500),
+        lease: Duration::from_millis(500),
+    }
+}
+
+#[tokio::test]
+async fn redb_store_follows_the_store_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("keys.redb"), RedbStoreConfig::default()).unwrap();
+    common::protocol(&store).await;
+    let store: Arc<dyn IdempotencyStore> = Arc::new(store);
+    common::one_winner(store.clone(), store).await;
+}
+
+#[tokio::test]
+async fn redb_store_frees_leases_and_forgets_keys_after_their_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("keys.redb"), short()).unwrap();
+    common::expiry(&store, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn completed_keys_survive_a_reopen_and_reservations_of_the_dead_process_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let (done, held) = (common::key("done"), common::key("held"));
+    {
+        let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+        assert_eq!(store.reserve(&done).await.unwrap(), Reservation::New);
+        store.complete(&done).await.unwrap();
+        assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+    }
+    let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+    assert_eq!(store.reserve(&done).await.unwrap(), Reservation::Duplicate);
+    assert_eq!(
+        store.reserve(&held).await.unwrap(),
+        Reservation::New,
+        "a reservation of the earlier process must not block the key for a whole lease"
+    );
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_file_says_to_share_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let _first = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+    let err = RedbStore::open(&path, RedbStoreConfig::default()).unwrap_err();
+    assert!(matches!(err, StoresError::AlreadyOpen { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("RedisStore or PostgresStore"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bad_settings_and_paths_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let zero = RedbStoreConfig {
+        lease: Duration::ZERO,
+        ..RedbStoreConfig::default()
+    };
+    let err = RedbStore::open(dir.path().join("a.redb"), zero).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoresError::InvalidConfig {
+                setting: "lease",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = RedbStore::open(
+        dir.path().join("missing/dir/a.redb"),
+        RedbStoreConfig::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoresError::Storage { .. }), "{err:?}");
+    assert!(err.to_string().contains("writable"), "{err}");
+}
+
+#[tokio::test]
+async fn purge_removes_expired_keys_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("keys.redb"), short()).unwrap();
+    for i in 0..10 {
+        let k = common::key(&format!("old{i}"));
+        assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
+        store.complete(&k).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let fresh = common::key("fresh");
+    assert_eq!(store.reserve(&fresh).await.unwrap(), Reservation::New);
+    store.complete(&fresh).await.unwrap();
+    assert_eq!(store.purge_expired().await.unwrap(), 10);
+    assert_eq!(store.reserve(&fresh).await.unwrap(), Reservation::Duplicate);
+}
