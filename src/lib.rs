@@ -8,6 +8,7 @@
 //! | `amqp`  | `reliable-amqp`  | `amqp`               |
 //! | `kafka` | `reliable-kafka` | `kafka`              |
 //! | `core::outbox` | `reliable-core` | `outbox` (the crash-safe producer outbox, on redb) |
+//! | `stores` | `reliable-stores` | `redb-store`, `redis-store`, `postgres-store` (off by default: durable idempotency stores) |
 //!
 //! See the README for the loss matrix: every way a message gets lost between a producer and a
 //! consumer, and which part of the SDK answers it.
@@ -22,3 +23,10 @@ pub use reliable_amqp as amqp;
 
 #[cfg(feature = "kafka")]
 pub use reliable_kafka as kafka;
+
+#[cfg(any(
+    feature = "redb-store",
+    feature = "redis-store",
+    feature = "postgres-store"
+))]
+pub use reliable_stores as stores;
