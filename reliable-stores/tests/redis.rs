@@ -88,3 +88,106 @@ async fn connecting_fails_clearly_without_leaking_the_password() {
         }
     ));
 }
+
+/// End to end, on a real queue: while Redis is cut off the consumer neither acks (the message
+/// stays with the broker, requeued) nor dead-letters it (the quorum queue has no DLX, so a
+/// reject would drop it) nor runs the effect; once Redis is back the effect runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_redis_is_down_neither_acks_nor_loses_the_message() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use reliable_amqp::settings::AmqpSettings;
+    use reliable_amqp::topology::{self, QueueSpec};
+    use reliable_amqp::{AmqpConsumer, AmqpPublisher};
+    use reliable_core::pipeline::{
+        handler_fn, DeadLetter, DedupeLayer, HandlerBuilder, HandlerError, Pipeline, PipelineConfig,
+    };
+    use reliable_core::{Message, Transport};
+
+    let redis = require!(redis_url());
+    let amqp = require!(reliable_test_support::amqp_url());
+    let proxy = common::Proxy::start(common::host_port(&redis)).await;
+    let config = RedisStoreConfig {
+        timeout: Duration::from_millis(300),
+        ..RedisStoreConfig::default()
+    };
+    let store = Arc::new(store(&common::via(&redis, proxy.addr), config).await);
+
+    let conn = reliable_amqp::lapin::Connection::connect(&amqp, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let queue = reliable_test_support::unique_name("store-down");
+    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
+        .await
+        .unwrap();
+    let publisher = AmqpPublisher::connect(&amqp, AmqpSettings::safe())
+        .await
+        .unwrap();
+    publisher
+        .publish(&Message::new(&b"order-1"[..]).with_routing_key(&queue))
+        .await
+        .unwrap();
+
+    proxy.cut();
+    let applied = Arc::new(AtomicUsize::new(0));
+    let effect = {
+        let applied = applied.clone();
+        handler_fn(move |_msg: Message| {
+            let applied = applied.clone();
+            async move {
+                applied.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let handler = HandlerBuilder::new(effect)
+        .layer(DedupeLayer::new(store))
+        .build();
+    let source = AmqpConsumer::connect(&amqp, &queue, AmqpSettings::safe())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let pipeline =
+        Pipeline::new(source, handler, DeadLetter::BrokerReject).with_config(PipelineConfig {
+            requeue_delay: Duration::from_millis(200),
+            ..PipelineConfig::default()
+        });
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    // The outage: the delivery goes round (taken, store unavailable, requeued), never applied.
+    let outage_until = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.snapshot().requeued < 3 && std::time::Instant::now() < outage_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = stats.snapshot();
+    assert!(
+        during.requeued >= 3,
+        "the message must be requeued while Redis is down: {during:?}"
+    );
+    assert_eq!(during.dead_lettered, 0, "{during:?}");
+    assert_eq!(during.succeeded, 0, "{during:?}");
+    assert_eq!(applied.load(Ordering::SeqCst), 0);
+
+    proxy.restore();
+    let back_until = std::time::Instant::now() + Duration::from_secs(20);
+    while applied.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < back_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    let after = run.await.unwrap().unwrap();
+    assert_eq!(
+        applied.load(Ordering::SeqCst),
+        1,
+        "applied once after Redis came back"
+    );
+    assert_eq!(after.succeeded, 1, "{after:?}");
+    assert_eq!(after.dead_lettered, 0, "{after:?}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}
