@@ -107,3 +107,65 @@ async fn purge_removes_expired_keys_and_keeps_live_ones() {
     assert_eq!(store.purge_expired().await.unwrap(), 10);
     assert_eq!(store.reserve(&fresh).await.unwrap(), Reservation::Duplicate);
 }
+
+/// Set in the child process of the kill -9 test: the store file it writes to.
+const CRASH_CHILD: &str = "RELIABLE_REDB_CRASH_CHILD";
+
+/// A child process completes keys (printing each after `complete` returned) and holds one
+/// reservation; it is killed with SIGKILL mid-stream. Reopened, the file knows every key the
+/// child reported complete, and the dead child's reservation does not block its key.
+#[tokio::test]
+async fn completed_keys_survive_a_kill_9_of_the_process() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    if let Ok(path) = std::env::var(CRASH_CHILD) {
+        // The child: never returns; the parent kills it.
+        let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+        let held = reliable_core::message::IdempotencyKey::new("held").unwrap();
+        assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+        for i in 0.. {
+            let k = reliable_core::message::IdempotencyKey::new(format!("k{i}")).unwrap();
+            assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
+            store.complete(&k).await.unwrap();
+            println!("done k{i}");
+        }
+        unreachable!();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "completed_keys_survive_a_kill_9_of_the_process",
+            "--nocapture",
+        ])
+        .env(CRASH_CHILD, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reported = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        if let Some(key) = line.unwrap().strip_prefix("done ") {
+            reported.push(key.to_owned());
+            if reported.len() == 200 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(reported.len(), 200, "the child stopped early");
+    let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+    for key in &reported {
+        let k = reliable_core::message::IdempotencyKey::new(key.as_str()).unwrap();
+        assert_eq!(
+            store.reserve(&k).await.unwrap(),
+            Reservation::Duplicate,
+            "{key} forgotten"
+        );
+    }
+    let held = reliable_core::message::IdempotencyKey::new("held").unwrap();
+    assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+}
