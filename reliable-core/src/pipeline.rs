@@ -494,7 +494,9 @@ pub enum DeadLetter {
     },
     /// Reject the delivery and let the broker dead-letter it. Only loss-free when the broker
     /// routes rejected messages to a dead-letter exchange (AMQP DLX, ideally at-least-once on a
-    /// quorum queue); Kafka has no such thing, so use [`DeadLetter::Publish`] there.
+    /// quorum queue); Kafka has no such thing, so use [`DeadLetter::Publish`] there: over a
+    /// source that cannot dead-letter on reject the pipeline refuses to start with
+    /// [`PipelineError::NoBrokerDeadLetter`].
     BrokerReject,
 }
 
@@ -604,6 +606,11 @@ pub enum PipelineError {
     /// The final close/commit failed; unsettled or uncommitted messages will be redelivered.
     #[error("closing the delivery source failed: {0}")]
     Close(#[source] ConsumeError),
+    /// [`DeadLetter::BrokerReject`] over a source whose broker has no dead letter (Kafka): a
+    /// rejected message would be dropped, so the pipeline refused to start. Nothing was
+    /// consumed.
+    #[error("DeadLetter::BrokerReject would drop poison messages: this source's broker has no dead letter (Kafka has none); use DeadLetter::publish(producer, \"<topic>.dlq\") to dead-letter through a confirmed publish")]
+    NoBrokerDeadLetter,
 }
 
 /// The consumer pipeline; see the module docs.
@@ -659,6 +666,14 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
         mut self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<PipelineStats, PipelineError> {
+        if matches!(*self.dead_letter, DeadLetter::BrokerReject)
+            && !self.source.rejects_to_dead_letter()
+        {
+            tracing::error!(
+                "DeadLetter::BrokerReject over a source without a broker dead letter; not starting"
+            );
+            return Err(PipelineError::NoBrokerDeadLetter);
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();

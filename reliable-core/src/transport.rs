@@ -288,6 +288,15 @@ pub trait DeliverySource: Send {
     /// Called once after the pipeline has drained and settled every delivery: stop consuming and
     /// make the final commit (offset-based transports commit their watermark here).
     async fn close(&mut self) -> Result<(), ConsumeError>;
+
+    /// Whether [`Acker::reject`] hands the message to a broker-side dead letter (an AMQP queue
+    /// can route rejected messages to its dead-letter exchange). `false` where a reject can
+    /// only drop the message, as on Kafka: the pipeline then refuses
+    /// [`DeadLetter::BrokerReject`](crate::pipeline::DeadLetter::BrokerReject) before it takes
+    /// a delivery. Default `true`.
+    fn rejects_to_dead_letter(&self) -> bool {
+        true
+    }
 }
 
 /// Why a delivery source failed.

@@ -13,7 +13,7 @@ use reliable_core::memory::{DeliveryFault, InMemoryBroker};
 use reliable_core::message::headers;
 use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
-    PipelineConfig, RetryLayer, RetryPolicy, TimeoutLayer,
+    PipelineConfig, PipelineError, RetryLayer, RetryPolicy, TimeoutLayer,
 };
 use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::{IdempotencyKey, Message, Transport};
@@ -311,6 +311,60 @@ async fn broker_reject_dead_letters_through_the_broker() -> TestResult {
     assert_eq!(stats.dead_lettered, 1);
     assert_eq!(broker.rejected("q").len(), 1);
     assert_eq!(broker.acked_count("q"), 0);
+    Ok(())
+}
+
+/// A source like Kafka's: a reject can only drop the message.
+struct NoDeadLetterSource<S>(S);
+
+#[async_trait::async_trait]
+impl<S: reliable_core::DeliverySource> reliable_core::DeliverySource for NoDeadLetterSource<S> {
+    async fn next(
+        &mut self,
+    ) -> Result<Option<reliable_core::Delivery>, reliable_core::ConsumeError> {
+        self.0.next().await
+    }
+    async fn close(&mut self) -> Result<(), reliable_core::ConsumeError> {
+        self.0.close().await
+    }
+    fn rejects_to_dead_letter(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn broker_reject_is_refused_where_a_reject_would_drop_the_message() -> TestResult {
+    let broker = broker();
+    publish(&broker, &["permanent"]).await?;
+    let refused = Pipeline::new(
+        NoDeadLetterSource(broker.consumer("q").end_when_drained()),
+        Recorder::default().handler(),
+        DeadLetter::BrokerReject,
+    )
+    .run()
+    .await;
+    assert!(
+        matches!(refused, Err(PipelineError::NoBrokerDeadLetter)),
+        "{refused:?}"
+    );
+    assert!(refused
+        .unwrap_err()
+        .to_string()
+        .contains("DeadLetter::publish"));
+    assert!(
+        broker.rejected("q").is_empty(),
+        "nothing was taken, so nothing was dropped"
+    );
+    // The same source with a publishing dead letter runs, and the message reaches the DLQ.
+    let stats = Pipeline::new(
+        NoDeadLetterSource(broker.consumer("q").end_when_drained()),
+        Recorder::default().handler(),
+        dead_letter(&broker),
+    )
+    .run()
+    .await?;
+    assert_eq!(stats.dead_lettered, 1);
+    assert!(broker.rejected("q").is_empty());
     Ok(())
 }
 

@@ -23,12 +23,13 @@ use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
     PipelineConfig,
 };
+use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, IdempotencyKey, Message};
 use reliable_kafka::config::consumer_preset;
 use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use reliable_kafka::rdkafka::message::Message as _;
 use reliable_kafka::rdkafka::ClientConfig;
-use reliable_kafka::{KafkaConsumer, TopicSpec};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -235,9 +236,22 @@ async fn run_safe(
                 .subscribe(TopicSpec::new(&child.dest).partitions(KAFKA_PARTITIONS))
                 .build()
                 .await?;
-            // Kafka has no broker-side dead letter; the effect handler never fails (a journal
-            // failure ends the process instead), so nothing reaches the dead-letter path.
-            let stats = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+            // Kafka has no broker-side dead letter, so poison records would go to a topic
+            // through a confirmed publish. The effect handler never fails (a journal failure
+            // ends the process instead), so nothing reaches it in these runs.
+            let dlq = format!("{}.dlq", child.dest);
+            let dlq_transport = KafkaTransport::builder(&child.brokers.kafka_bootstrap)
+                .topic(TopicSpec::new(&dlq))
+                .build()
+                .await?;
+            let dead_letter = DeadLetter::publish(
+                Producer::new(
+                    dlq_transport.clone(),
+                    dlq_transport.recommended_producer_config(),
+                ),
+                dlq,
+            );
+            let stats = Pipeline::new(source, handler, dead_letter)
                 .with_config(config)
                 .run()
                 .await?;

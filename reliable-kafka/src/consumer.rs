@@ -795,6 +795,11 @@ impl DeliverySource for KafkaConsumer {
         tracing::debug!(partitions = committed, "final commit done");
         Ok(())
     }
+
+    /// Kafka has no dead letter: a reject only moves the offset past the record.
+    fn rejects_to_dead_letter(&self) -> bool {
+        false
+    }
 }
 
 impl Drop for KafkaConsumer {

@@ -91,6 +91,20 @@ async fn consume(
     places: HashMap<MessageId, Place>,
     ordering: Ordering,
 ) -> Observed {
+    // Kafka has no broker dead letter: poison records would go to a topic.
+    let dlq = format!("{}.dlq", spec.name);
+    let dlq_transport = KafkaTransport::builder(bootstrap)
+        .topic(TopicSpec::new(&dlq))
+        .build()
+        .await
+        .unwrap();
+    let dead_letter = DeadLetter::publish(
+        Producer::new(
+            dlq_transport.clone(),
+            dlq_transport.recommended_producer_config(),
+        ),
+        dlq,
+    );
     let source = KafkaConsumer::builder(bootstrap, &unique_name("rk-ord-g"))
         .subscribe(spec)
         .ordering(ordering)
@@ -148,15 +162,11 @@ async fn consume(
             }
         })
     };
-    let pipeline = Pipeline::new(
-        source,
-        HandlerBuilder::new(handler).build(),
-        DeadLetter::BrokerReject,
-    )
-    .with_config(PipelineConfig {
-        concurrency: 8,
-        ..PipelineConfig::default()
-    });
+    let pipeline = Pipeline::new(source, HandlerBuilder::new(handler).build(), dead_letter)
+        .with_config(PipelineConfig {
+            concurrency: 8,
+            ..PipelineConfig::default()
+        });
     let stats = tokio::time::timeout(
         Duration::from_secs(25),
         pipeline.run_until(async {

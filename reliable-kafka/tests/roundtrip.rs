@@ -36,7 +36,8 @@ async fn produced_messages_come_back_with_key_headers_and_ids() {
     let cluster = require!(kafka(3));
     let topic = unique_name("rk-rt");
     let spec = TopicSpec::new(&topic).partitions(3);
-    let t = transport(&cluster.bootstrap, std::slice::from_ref(&spec)).await;
+    let dlq = format!("{topic}.dlq");
+    let t = transport(&cluster.bootstrap, &[spec.clone(), TopicSpec::new(&dlq)]).await;
     let msgs: Vec<Message> = (0..30)
         .map(|i| {
             Message::new(format!("m{i}"))
@@ -67,6 +68,10 @@ async fn produced_messages_come_back_with_key_headers_and_ids() {
         .build()
         .await
         .unwrap();
+    assert!(
+        !source.rejects_to_dead_letter(),
+        "a Kafka reject only skips the record: the pipeline must refuse DeadLetter::BrokerReject"
+    );
     let seen = Arc::new(Mutex::new(Vec::<Message>::new()));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let done_tx = Arc::new(Mutex::new(Some(done_tx)));
@@ -90,7 +95,10 @@ async fn produced_messages_come_back_with_key_headers_and_ids() {
     let pipeline = Pipeline::new(
         source,
         HandlerBuilder::new(handler).build(),
-        DeadLetter::BrokerReject,
+        DeadLetter::publish(
+            Producer::new(t.clone(), t.recommended_producer_config()),
+            &dlq,
+        ),
     );
     let stats = tokio::time::timeout(
         Duration::from_secs(60),
