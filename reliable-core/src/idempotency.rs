@@ -87,6 +87,12 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for std::sync::Arc<S> {
     }
 }
 
+/// The default deduplication window of every store: how long a completed key is remembered.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The default lease of every store: how long a reservation lasts without `complete` or
+/// `release`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+
 /// Limits of an [`InMemoryIdempotencyStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InMemoryStoreConfig {
@@ -105,8 +111,8 @@ pub struct InMemoryStoreConfig {
 impl Default for InMemoryStoreConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(300),
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
             capacity: 1_000_000,
         }
     }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::idempotency::{
+    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+};
 use reliable_core::message::IdempotencyKey;
 use tokio_postgres::{NoTls, Transaction};
 
@@ -78,8 +80,8 @@ pub struct PostgresStoreConfig {
 impl Default for PostgresStoreConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(300),
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
             table: DEFAULT_TABLE.to_owned(),
             timeout: Duration::from_secs(5),
             pool_size: 16,
@@ -307,15 +309,7 @@ impl PostgresStore {
 
     async fn migrate(&self) -> Result<(), StoresError> {
         let inner = &self.inner;
-        let mut client = bounded(inner.config.timeout, "connect", async {
-            inner
-                .pool
-                .get()
-                .await
-                .map_err(|e| inner.scrubber.unavailable("connect", e))
-        })
-        .await
-        .map_err(|e| StoresError::Unreachable {
+        let mut client = self.client().await.map_err(|e| StoresError::Unreachable {
             store: "PostgreSQL",
             url: inner.url.clone(),
             reason: e.to_string(),
@@ -425,7 +419,9 @@ impl PostgresStore {
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
-            let n = self.execute("PostgreSQL purge", |s| &s.purge, &[]).await?;
+            let n = self
+                .execute("PostgreSQL purge", &self.inner.sql.purge, &[])
+                .await?;
             total += n;
             if n == 0 {
                 return Ok(total);
@@ -448,14 +444,14 @@ impl PostgresStore {
     async fn execute(
         &self,
         what: &'static str,
-        sql: impl FnOnce(&Sql) -> &String,
+        sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let client = self.client().await?;
         bounded(inner.config.timeout, what, async {
             client
-                .execute(sql(&inner.sql).as_str(), params)
+                .execute(sql, params)
                 .await
                 .map_err(|e| inner.scrubber.unavailable(what, e))
         })
@@ -504,12 +500,15 @@ impl IdempotencyStore for PostgresStore {
         let ttl = millis_i64(self.inner.config.ttl);
         self.execute(
             "PostgreSQL complete",
-            |s| &s.complete,
+            &self.inner.sql.complete,
             &[&key.as_str(), &ttl],
         )
         .await?;
         if self.inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-            if let Err(e) = self.execute("PostgreSQL purge", |s| &s.purge, &[]).await {
+            if let Err(e) = self
+                .execute("PostgreSQL purge", &self.inner.sql.purge, &[])
+                .await
+            {
                 tracing::warn!(error = %e, "purging expired idempotency keys failed; will retry");
             }
         }
@@ -521,7 +520,7 @@ impl IdempotencyStore for PostgresStore {
         let owner = self.inner.owner.as_str();
         self.execute(
             "PostgreSQL release",
-            |s| &s.release,
+            &self.inner.sql.release,
             &[&key.as_str(), &owner],
         )
         .await

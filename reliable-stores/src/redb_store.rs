@@ -11,7 +11,9 @@ use redb::{
     Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::idempotency::{
+    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+};
 use reliable_core::message::IdempotencyKey;
 
 use crate::error::StoresError;
@@ -51,8 +53,8 @@ pub struct RedbStoreConfig {
 impl Default for RedbStoreConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(300),
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
         }
     }
 }

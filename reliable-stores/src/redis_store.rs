@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
-use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::idempotency::{
+    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+};
 use reliable_core::message::IdempotencyKey;
 
 use crate::error::StoresError;
@@ -59,8 +61,8 @@ pub struct RedisStoreConfig {
 impl Default for RedisStoreConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(300),
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             timeout: Duration::from_secs(2),
         }

@@ -195,12 +195,10 @@ async fn a_failed_write_rolls_back_its_key_so_the_retry_runs() {
         "rolled back"
     );
     let retried = s
-        .apply_once(&k, |tx| {
-            Box::pin(async move { tx.execute(insert.as_str(), &[&key]).await.map(|_| ()) })
-        })
+        .apply_once(&k, |tx| insert_row(tx, insert, key))
         .await
         .unwrap();
-    assert_eq!(retried, Applied::New(()));
+    assert_eq!(retried, Applied::New(1));
     assert_eq!(
         count(&s, &format!("SELECT count(*) FROM {effects}")).await,
         1

@@ -240,6 +240,13 @@ pub fn postgres_url() -> Result<String, Missing> {
     })
 }
 
+/// The `host:port` of a `scheme://[user[:password]@]host:port/..` URL.
+pub fn host_port(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    authority.rsplit('@').next().map(str::to_owned)
+}
+
 fn store_url(env: &str, default: impl Fn(&str) -> String) -> Result<String, Missing> {
     let url = match std::env::var(env) {
         Ok(url) => url,
@@ -256,11 +263,8 @@ fn store_url(env: &str, default: impl Fn(&str) -> String) -> Result<String, Miss
             }
         }
     };
-    let host_port = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split(['/', '?']).next())
-        .map(|authority| authority.rsplit('@').next().unwrap_or_default().to_owned())
-        .ok_or_else(|| Missing(format!("{env} is not a URL: {}", redact(&url))))?;
+    let host_port =
+        host_port(&url).ok_or_else(|| Missing(format!("{env} is not a URL: {}", redact(&url))))?;
     reachable(&host_port)
         .map(|()| url.clone())
         .map_err(|why| Missing(format!("nothing answers at {}: {why}", redact(&url))))

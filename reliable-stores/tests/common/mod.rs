@@ -108,6 +108,11 @@ pub async fn one_winner(a: Arc<dyn IdempotencyStore>, b: Arc<dyn IdempotencyStor
     assert_eq!(unique.len(), keys.len());
 }
 
+/// The `host:port` of `url`.
+pub fn host_port(url: &str) -> String {
+    reliable_test_support::host_port(url).expect("a URL")
+}
+
 /// A TCP proxy to `target` that the test can cut: while cut, it refuses new connections and
 /// closes open ones, like a store that went down.
 pub struct Proxy {
@@ -168,13 +173,6 @@ pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
         .map(|(u, _)| format!("{u}@"))
         .unwrap_or_default();
     format!("{scheme}://{userinfo}{addr}{tail}")
-}
-
-/// The `host:port` of `url`.
-pub fn host_port(url: &str) -> String {
-    let rest = url.split_once("://").expect("a URL").1;
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    authority.rsplit('@').next().unwrap_or_default().to_owned()
 }
 
 /// The password of `url`.
