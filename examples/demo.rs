@@ -115,10 +115,7 @@ async fn main() -> DemoResult<()> {
         .await?;
     // Kafka has no broker-side dead letter: poison messages go to a topic through a confirmed
     // publish, and their offsets are committed only after that.
-    let dead_letter = DeadLetter::publish(
-        Producer::new(transport.clone(), transport.recommended_producer_config()),
-        "reliable-demo.dlq",
-    );
+    let dead_letter = transport.dead_letter("reliable-demo.dlq");
     let kafka = consume_matching(
         source,
         dead_letter,

@@ -23,7 +23,6 @@ use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
     PipelineConfig,
 };
-use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, IdempotencyKey, Message};
 use reliable_kafka::config::consumer_preset;
 use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
@@ -244,14 +243,7 @@ async fn run_safe(
                 .topic(TopicSpec::new(&dlq))
                 .build()
                 .await?;
-            let dead_letter = DeadLetter::publish(
-                Producer::new(
-                    dlq_transport.clone(),
-                    dlq_transport.recommended_producer_config(),
-                ),
-                dlq,
-            );
-            let stats = Pipeline::new(source, handler, dead_letter)
+            let stats = Pipeline::new(source, handler, dlq_transport.dead_letter(dlq))
                 .with_config(config)
                 .run()
                 .await?;

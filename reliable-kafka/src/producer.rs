@@ -53,7 +53,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
-use reliable_core::producer::ProducerConfig;
+use reliable_core::pipeline::DeadLetter;
+use reliable_core::producer::{Producer as CoreProducer, ProducerConfig};
 use reliable_core::{Message, PublishError, Transport};
 use tracing::Instrument;
 
@@ -272,6 +273,31 @@ impl KafkaTransport {
             confirm_timeout: self.inner.confirm_timeout,
             ..ProducerConfig::default()
         }
+    }
+
+    /// The dead letter Kafka needs, since it has none of its own: poison records are published
+    /// to `topic` through this transport, and the original's offset is committed only after
+    /// that publish is confirmed. Ensure `topic` when building the transport
+    /// ([`KafkaTransportBuilder::topic`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), reliable_kafka::Error> {
+    /// use reliable_kafka::{KafkaTransport, TopicSpec};
+    ///
+    /// let dlq = KafkaTransport::builder("127.0.0.1:9092")
+    ///     .topic(TopicSpec::new("orders.dlq"))
+    ///     .build()
+    ///     .await?;
+    /// let dead_letter = dlq.dead_letter("orders.dlq");
+    /// # let _ = dead_letter;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn dead_letter(&self, topic: impl Into<String>) -> DeadLetter {
+        DeadLetter::publish(
+            CoreProducer::new(self.clone(), self.recommended_producer_config()),
+            topic,
+        )
     }
 
     /// The validated client configuration.

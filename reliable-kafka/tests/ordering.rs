@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reliable_core::pipeline::{handler_fn, DeadLetter, HandlerBuilder, Pipeline, PipelineConfig};
+use reliable_core::pipeline::{handler_fn, HandlerBuilder, Pipeline, PipelineConfig};
 use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, Message, MessageId};
 use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
@@ -98,13 +98,7 @@ async fn consume(
         .build()
         .await
         .unwrap();
-    let dead_letter = DeadLetter::publish(
-        Producer::new(
-            dlq_transport.clone(),
-            dlq_transport.recommended_producer_config(),
-        ),
-        dlq,
-    );
+    let dead_letter = dlq_transport.dead_letter(dlq);
     let source = KafkaConsumer::builder(bootstrap, &unique_name("rk-ord-g"))
         .subscribe(spec)
         .ordering(ordering)

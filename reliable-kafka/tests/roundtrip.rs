@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reliable_core::pipeline::{handler_fn, DeadLetter, HandlerBuilder, HandlerError, Pipeline};
+use reliable_core::pipeline::{handler_fn, HandlerBuilder, HandlerError, Pipeline};
 use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, Message, MessageId};
 use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
@@ -95,10 +95,7 @@ async fn produced_messages_come_back_with_key_headers_and_ids() {
     let pipeline = Pipeline::new(
         source,
         HandlerBuilder::new(handler).build(),
-        DeadLetter::publish(
-            Producer::new(t.clone(), t.recommended_producer_config()),
-            &dlq,
-        ),
+        t.dead_letter(&dlq),
     );
     let stats = tokio::time::timeout(
         Duration::from_secs(60),
@@ -230,10 +227,7 @@ async fn poison_message_lands_in_the_dead_letter_topic() {
             Ok(())
         }
     });
-    let dead_letter = DeadLetter::publish(
-        Producer::new(t.clone(), t.recommended_producer_config()),
-        &dlq,
-    );
+    let dead_letter = t.dead_letter(&dlq);
     let pipeline = Pipeline::new(source, HandlerBuilder::new(handler).build(), dead_letter);
     let stats = pipeline.stats();
     let stats = tokio::time::timeout(
