@@ -179,6 +179,14 @@ async fn scenario(env: &Env, store: &'static str) -> Result<Outcome, String> {
         .await
         .map_err(|e| e.to_string())?;
     let store_table = unique_name("idem").replace('-', "_");
+    if store == "postgres" {
+        // Once, before the workers start: two concurrent CREATE TABLEs of one name race.
+        pg_sql(
+            &env.postgres,
+            &format!("CREATE TABLE {table} (key text NOT NULL, pid integer)"),
+        )
+        .await?;
+    }
     let journals = [dir.path().join("w0"), dir.path().join("w1")];
     let mut workers = Vec::new();
     for journal in &journals {
@@ -322,15 +330,28 @@ fn read_effects(journal: &Path) -> Result<Vec<String>, String> {
         .collect())
 }
 
-async fn count_rows(url: &str, table: &str) -> Result<usize, String> {
+/// A connection to the test database (through the store's pool).
+async fn pg_client(url: &str) -> Result<reliable_stores::deadpool_postgres::Object, String> {
     let store = PostgresStore::connect(url, PostgresStoreConfig::default())
         .await
         .map_err(|e| e.to_string())?;
-    let client = store.pool().get().await.map_err(|e| e.to_string())?;
-    let row = client
+    store.pool().get().await.map_err(|e| e.to_string())
+}
+
+async fn pg_sql(url: &str, sql: &str) -> Result<(), String> {
+    pg_client(url)
+        .await?
+        .batch_execute(sql)
+        .await
+        .map_err(|e| format!("{sql}: {e:?}"))
+}
+
+async fn count_rows(url: &str, table: &str) -> Result<usize, String> {
+    let row = pg_client(url)
+        .await?
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{e:?}"))?;
     usize::try_from(row.get::<_, i64>(0)).map_err(|e| e.to_string())
 }
 
@@ -408,17 +429,10 @@ async fn worker(args: &[String]) -> Result<(), String> {
                 lease,
                 ..PostgresStoreConfig::default()
             };
+            // The orchestrator created the effects table `table`.
             let shared = PostgresStore::connect(&env.postgres, config)
                 .await
                 .map_err(|e| e.to_string())?;
-            let client = shared.pool().get().await.map_err(|e| e.to_string())?;
-            client
-                .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (key text NOT NULL, pid integer)"
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
-            drop(client);
             let (table, journal) = (table.clone(), journal.clone());
             Arc::new(handler_fn(move |msg: Message| {
                 let (shared, journal) = (shared.clone(), journal.clone());
