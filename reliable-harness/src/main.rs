@@ -9,6 +9,7 @@
 //! Results go to `results.json` and `results.md` in `--out`; the exit code is 0 only when every
 //! verdict holds. `scripts/faults` runs it against the project's brokers.
 
+mod bench;
 mod bench_outbox;
 mod child;
 mod consume;
@@ -77,8 +78,13 @@ struct Cli {
 enum Cmd {
     /// Runs the scenarios and writes the results.
     Run(run::RunArgs),
+    /// The SDK against raw lapin / rdkafka and Kafka's Java producer, on the real brokers.
+    Bench(bench::BenchArgs),
     /// Producer throughput with and without the durable outbox, against the real brokers.
     BenchOutbox(bench_outbox::BenchArgs),
+    /// (child process) Resident memory per pending message.
+    #[command(hide = true)]
+    BenchMemory(bench::MemoryArgs),
     /// (child process) The producer of one scenario run.
     #[command(hide = true)]
     Produce(produce::ProduceArgs),
@@ -110,6 +116,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Run(args) => run::run(args).await,
+            Cmd::Bench(args) => bench::run(args).await,
+            Cmd::BenchMemory(args) => bench::memory_child(args).await.map(|()| true),
             Cmd::BenchOutbox(args) => bench_outbox::run(args).await.map(|()| true),
             Cmd::Produce(args) => produce::run(args).await.map(|()| true),
             Cmd::Consume(args) => consume::run(args).await.map(|()| true),

@@ -1,0 +1,287 @@
+//! RabbitMQ producers: raw lapin against the SDK, confirms against transactions.
+
+use std::time::Instant;
+
+use futures::FutureExt;
+use reliable_amqp::lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use reliable_amqp::lapin::types::ShortString;
+use reliable_amqp::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use reliable_amqp::topology::{self, QueueSpec};
+use reliable_amqp::{AmqpPublisher, AmqpSettings, PublishMode, QueueType};
+use reliable_core::producer::{Producer, ProducerConfig};
+use reliable_core::Message;
+use tokio::sync::Semaphore;
+
+use super::{stamp, BenchArgs, Collector, Report, Sample, Tally};
+use crate::child::payload;
+use crate::HarnessError;
+
+/// The case names, as they appear in the tables.
+pub const RAW: &str = "raw lapin, confirm window";
+/// The SDK producer with a confirm window.
+pub const SDK: &str = "SDK, confirm window";
+const SDK_TX: &str = "SDK, transaction per message";
+const SDK_TX_BATCH: &str = "SDK, transaction per batch";
+const RAW_EACH: &str = "raw lapin, waiting for each confirm";
+
+/// The group name of a queue type's cases.
+pub fn group(queue_type: QueueType) -> &'static str {
+    match queue_type {
+        QueueType::Quorum => "RabbitMQ, quorum queue",
+        _ => "RabbitMQ, classic durable queue",
+    }
+}
+
+fn setup(e: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Setup(e.to_string())
+}
+
+async fn connect(args: &BenchArgs) -> Result<Connection, HarnessError> {
+    Connection::connect(&args.brokers.amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(|e| HarnessError::BrokerUnavailable {
+            broker: "RabbitMQ",
+            detail: e.to_string(),
+        })
+}
+
+fn settings(queue_type: QueueType, mode: PublishMode) -> Result<AmqpSettings, HarnessError> {
+    Ok(AmqpSettings::safe()
+        .with_queue_type(queue_type)
+        .map_err(|e| HarnessError::Setup(e.to_string()))?
+        .with_publish_mode(mode))
+}
+
+fn properties() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+/// Raw lapin: persistent, mandatory publishes on a confirm-mode channel with at most `window`
+/// unconfirmed at once (`window` 1: waiting for each confirm).
+pub async fn raw(
+    args: &BenchArgs,
+    queue: &str,
+    messages: u64,
+    window: usize,
+) -> Result<Sample, HarnessError> {
+    let conn = connect(args).await?;
+    let channel = conn.create_channel().await.map_err(setup)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(setup)?;
+    let publish = |seq: u64| {
+        let channel: Channel = channel.clone();
+        async move {
+            channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &payload(seq),
+                    properties(),
+                )
+                .await
+        }
+    };
+    // Warm-up: one confirmed publish before the clock starts.
+    publish(u64::MAX).await.map_err(setup)?.await.map_err(setup)?;
+    let permits = std::sync::Arc::new(Semaphore::new(window));
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let permit = permits.clone().acquire_owned().await.map_err(setup)?;
+        let confirm = publish(seq).await.map_err(setup)?;
+        collector.push(
+            sent,
+            async move {
+                let confirmation = confirm.await.map_err(|e| e.to_string())?;
+                drop(permit);
+                if confirmation.is_ack() && confirmation.take_message().is_none() {
+                    Ok(())
+                } else {
+                    Err("nacked or returned".to_owned())
+                }
+            }
+            .boxed(),
+        )?;
+    }
+    let latencies_us = collector.finish().await?;
+    let took = started.elapsed();
+    let _ = conn.close(200, "done".into()).await;
+    Ok(Sample {
+        messages,
+        took,
+        latencies_us,
+        reported_ms: None,
+    })
+}
+
+/// The SDK's producer over its RabbitMQ publisher, `window` = `max_in_flight`.
+pub async fn sdk(
+    args: &BenchArgs,
+    queue: &str,
+    messages: u64,
+    window: usize,
+    settings: AmqpSettings,
+) -> Result<Sample, HarnessError> {
+    let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings).await?;
+    let producer = Producer::new(
+        publisher,
+        ProducerConfig {
+            max_in_flight: window,
+            ..ProducerConfig::default()
+        },
+    );
+    let message = |seq| Message::new(payload(seq)).with_routing_key(queue);
+    producer.send(message(u64::MAX)).await?.await?;
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let handle = producer.send(message(seq)).await?;
+        collector.push(
+            sent,
+            async move { handle.await.map(|_| ()).map_err(|e| e.to_string()) }.boxed(),
+        )?;
+    }
+    let latencies_us = collector.finish().await?;
+    let took = started.elapsed();
+    producer.close().await;
+    Ok(Sample {
+        messages,
+        took,
+        latencies_us,
+        reported_ms: None,
+    })
+}
+
+/// The SDK's publisher in transaction mode, one `tx.commit` per batch of `batch`; latencies
+/// are per commit.
+async fn sdk_tx_batch(
+    args: &BenchArgs,
+    queue: &str,
+    messages: u64,
+    batch: usize,
+    queue_type: QueueType,
+) -> Result<Sample, HarnessError> {
+    let publisher = AmqpPublisher::connect(
+        &args.brokers.amqp_url,
+        settings(queue_type, PublishMode::Transactions)?,
+    )
+    .await?;
+    let message = |seq| Message::new(payload(seq)).with_routing_key(queue);
+    let check = |results: Vec<Result<(), reliable_core::PublishError>>| {
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map_err(|e| HarnessError::Setup(format!("a transaction failed: {e}")))
+    };
+    check(publisher.publish_batch(&[message(u64::MAX)]).await)?;
+    let mut latencies_us = Vec::new();
+    let started = Instant::now();
+    let mut seq = 0;
+    while seq < messages {
+        let n = (messages - seq).min(batch as u64);
+        let msgs: Vec<Message> = (seq..seq + n).map(message).collect();
+        let sent = Instant::now();
+        check(publisher.publish_batch(&msgs).await)?;
+        latencies_us.push(sent.elapsed().as_micros() as u64);
+        seq += n;
+    }
+    Ok(Sample {
+        messages,
+        took: started.elapsed(),
+        latencies_us,
+        reported_ms: None,
+    })
+}
+
+async fn purge(channel: &Channel, queue: &str) -> Result<(), HarnessError> {
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .map_err(setup)?;
+    Ok(())
+}
+
+/// Runs the RabbitMQ producer cases for classic and quorum queues.
+pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessError> {
+    let conn = connect(args).await?;
+    let channel = conn.create_channel().await.map_err(setup)?;
+    let stamp = stamp();
+    for queue_type in [QueueType::ClassicDurable, QueueType::Quorum] {
+        let g = group(queue_type);
+        let queue = format!("bench.producer.{queue_type:?}.{stamp}").to_lowercase();
+        let spec = match queue_type {
+            QueueType::Quorum => QueueSpec::quorum(&queue),
+            _ => QueueSpec::classic_durable(&queue),
+        };
+        topology::declare_queue(&channel, &spec).await?;
+        let confirms = settings(queue_type, PublishMode::Confirms)?;
+        let mut windows = args.windows.clone();
+        if !windows.contains(&args.window) {
+            windows.push(args.window);
+            windows.sort_unstable();
+        }
+        for &window in &windows {
+            let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
+            for _ in 0..args.rounds {
+                raw_t.add(raw(args, &queue, args.amqp_messages, window).await?);
+                purge(&channel, &queue).await?;
+                sdk_t.add(sdk(args, &queue, args.amqp_messages, window, confirms.clone()).await?);
+                purge(&channel, &queue).await?;
+            }
+            eprintln!(
+                "bench: {g}, window {window}: raw {:?}, SDK {:?}",
+                raw_t.result(g, RAW, None).rounds,
+                sdk_t.result(g, SDK, None).rounds
+            );
+            report.cases.push(raw_t.result(g, RAW, Some(window)));
+            report.cases.push(sdk_t.result(g, SDK, Some(window)));
+        }
+        let (mut tx, mut tx_batch, mut each) = (Tally::default(), Tally::default(), Tally::default());
+        let transactions = settings(queue_type, PublishMode::Transactions)?;
+        for _ in 0..args.rounds {
+            tx.add(sdk(args, &queue, args.slow_messages, args.window, transactions.clone()).await?);
+            purge(&channel, &queue).await?;
+            tx_batch.add(sdk_tx_batch(args, &queue, args.amqp_messages, args.tx_batch, queue_type).await?);
+            purge(&channel, &queue).await?;
+            each.add(raw(args, &queue, args.slow_messages, 1).await?);
+            purge(&channel, &queue).await?;
+        }
+        report.cases.push(tx.result(g, SDK_TX, None));
+        report
+            .cases
+            .push(tx_batch.result(g, &format!("{SDK_TX_BATCH} of {}", args.tx_batch), None));
+        report.cases.push(each.result(g, RAW_EACH, Some(1)));
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let w = Some(args.window);
+        report.target(
+            &format!("{g}: SDK / raw lapin, window {}", args.window),
+            (g, SDK, w),
+            (g, RAW, w),
+            0.95,
+        );
+        report.target(
+            &format!("{g}: SDK confirms (window {}) / SDK transaction per message", args.window),
+            (g, SDK, w),
+            (g, SDK_TX, None),
+            10.0,
+        );
+    }
+    let _ = conn.close(200, "done".into()).await;
+    report.notes.push(format!(
+        "RabbitMQ: persistent messages, mandatory, publisher confirms (or tx.select), {} messages per windowed case, {} per slow case; latency of the transaction-per-batch case is per commit",
+        args.amqp_messages, args.slow_messages
+    ));
+    Ok(())
+}

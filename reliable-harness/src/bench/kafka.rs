@@ -1,0 +1,246 @@
+//! Kafka producers: raw rdkafka, the SDK and Kafka's own Java producer, with the same settings.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use reliable_core::producer::{Producer, ProducerConfig};
+use reliable_core::Message;
+use reliable_kafka::config::producer_preset;
+use reliable_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use reliable_kafka::rdkafka::ClientConfig;
+use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
+use tokio::sync::Semaphore;
+
+use super::{stamp, BenchArgs, Collector, Report, Sample, Tally};
+use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
+use crate::HarnessError;
+
+const GROUP: &str = "Kafka, acks=all + idempotence, RF 3, min.insync.replicas 2";
+const RAW: &str = "raw rdkafka (FutureProducer)";
+const SDK: &str = "SDK";
+const JAVA: &str = "Java producer (kafka-tools ProducerPerformance 4.3.1)";
+
+/// librdkafka's defaults for the batching settings the preset leaves alone, given to the Java
+/// producer so both batch alike (Java's own `batch.size` default is 16 KiB).
+const LINGER_MS: &str = "5";
+const BATCH_BYTES: &str = "1000000";
+
+fn setup(e: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Setup(e.to_string())
+}
+
+/// The SDK's producer preset: the settings every case uses.
+fn preset(args: &BenchArgs) -> ClientConfig {
+    producer_preset(
+        &args.brokers.kafka_bootstrap,
+        ProducerConfig::default().confirm_timeout,
+    )
+}
+
+async fn raw(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, HarnessError> {
+    let producer: FutureProducer = preset(args).create().map_err(setup)?;
+    let send = |seq: u64| {
+        let p = payload(seq);
+        let producer = producer.clone();
+        async move {
+            loop {
+                match producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(&p)) {
+                    Ok(delivery) => return Ok(delivery),
+                    Err((e, _)) if e.rdkafka_error_code() == Some(reliable_kafka::rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(setup(e)),
+                }
+            }
+        }
+    };
+    let warm = send(u64::MAX).await?;
+    warm.await.map_err(setup)?.map_err(|(e, _)| setup(e))?;
+    let permits = Arc::new(Semaphore::new(args.kafka_window));
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let permit = permits.clone().acquire_owned().await.map_err(setup)?;
+        let delivery = send(seq).await?;
+        collector.push(
+            sent,
+            async move {
+                let outcome = delivery.await.map_err(|e| e.to_string())?;
+                drop(permit);
+                outcome.map(|_| ()).map_err(|(e, _)| e.to_string())
+            }
+            .boxed(),
+        )?;
+    }
+    let latencies_us = collector.finish().await?;
+    Ok(Sample {
+        messages,
+        took: started.elapsed(),
+        latencies_us,
+        reported_ms: None,
+    })
+}
+
+async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, HarnessError> {
+    let transport = KafkaTransport::builder(&args.brokers.kafka_bootstrap)
+        .default_topic(TopicSpec::new(topic).partitions(KAFKA_PARTITIONS))
+        .build()
+        .await?;
+    let producer = Producer::new(
+        transport.clone(),
+        ProducerConfig {
+            max_in_flight: args.kafka_window,
+            ..transport.recommended_producer_config()
+        },
+    );
+    producer.send(Message::new(payload(u64::MAX))).await?.await?;
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let handle = producer.send(Message::new(payload(seq))).await?;
+        collector.push(
+            sent,
+            async move { handle.await.map(|_| ()).map_err(|e| e.to_string()) }.boxed(),
+        )?;
+    }
+    let latencies_us = collector.finish().await?;
+    let took = started.elapsed();
+    producer.close().await;
+    Ok(Sample {
+        messages,
+        took,
+        latencies_us,
+        reported_ms: None,
+    })
+}
+
+/// Kafka's Java producer benchmark with the preset's settings, in a JVM of its own.
+async fn java(
+    args: &BenchArgs,
+    libs: &Path,
+    topic: &str,
+    messages: u64,
+) -> Result<Sample, HarnessError> {
+    let config = preset(args);
+    let prop = |k: &str, default: &str| {
+        format!("{k}={}", config.get(k).unwrap_or(default))
+    };
+    let output = tokio::process::Command::new("java")
+        .arg("-Xmx1g")
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg("org.apache.kafka.tools.ProducerPerformance")
+        .args(["--topic", topic])
+        .args(["--num-records", &messages.to_string()])
+        .args(["--record-size", &PAYLOAD_BYTES.to_string()])
+        .args(["--throughput", "-1"])
+        .arg("--producer-props")
+        .arg(format!("bootstrap.servers={}", args.brokers.kafka_bootstrap))
+        .arg(prop("acks", "all"))
+        .arg(prop("enable.idempotence", "true"))
+        .arg(prop("max.in.flight.requests.per.connection", "5"))
+        .arg(prop("retries", "2147483647"))
+        .arg(format!("linger.ms={}", config.get("linger.ms").unwrap_or(LINGER_MS)))
+        .arg(format!("batch.size={}", config.get("batch.size").unwrap_or(BATCH_BYTES)))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| HarnessError::Setup(format!("cannot run java: {e}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(HarnessError::Setup(format!(
+            "ProducerPerformance failed ({}): {}{}",
+            output.status,
+            stdout.lines().last().unwrap_or_default(),
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )));
+    }
+    parse_java(&stdout, messages)
+}
+
+/// Reads the summary line of `ProducerPerformance`: "N records sent, R records/sec (..), A ms
+/// avg latency, M ms max latency, P50 ms 50th, P95 ms 95th, P99 ms 99th, .. ms 99.9th."
+fn parse_java(stdout: &str, messages: u64) -> Result<Sample, HarnessError> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.contains("records sent") && l.contains("50th"))
+        .ok_or_else(|| HarnessError::Setup(format!("no summary line from ProducerPerformance in: {stdout}")))?;
+    let before = |marker: &str| -> Option<f64> {
+        let head = &line[..line.find(marker)?];
+        head.split([' ', ',', '(']).filter(|w| !w.is_empty()).nth_back(if marker == " records/sec" { 0 } else { 1 })?.parse().ok()
+    };
+    let (Some(rate), Some(p50), Some(p99)) = (before(" records/sec"), before(" 50th"), before(" 99th")) else {
+        return Err(HarnessError::Setup(format!("cannot read ProducerPerformance's summary: {line}")));
+    };
+    Ok(Sample {
+        messages,
+        took: Duration::from_secs_f64(messages as f64 / rate.max(1e-9)),
+        latencies_us: Vec::new(),
+        reported_ms: Some((p50, p99)),
+    })
+}
+
+/// Runs the Kafka producer cases.
+pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessError> {
+    let libs = args.kafka_libs.clone().ok_or_else(|| {
+        HarnessError::Setup(
+            "the Java producer needs Apache Kafka's jars: set RELIABLE_KAFKA_LIBS (eval \"$(scripts/brokers env)\") or pass --kafka-libs".into(),
+        )
+    })?;
+    let topic = format!("bench-producer-{}", stamp());
+    ensure_topic(
+        &preset(args),
+        &TopicSpec::new(&topic).partitions(KAFKA_PARTITIONS),
+    )
+    .await
+    .map_err(reliable_kafka::Error::from)?;
+    let (mut raw_t, mut sdk_t, mut java_t) = (Tally::default(), Tally::default(), Tally::default());
+    for _ in 0..args.rounds {
+        raw_t.add(raw(args, &topic, args.kafka_messages).await?);
+        sdk_t.add(sdk(args, &topic, args.kafka_messages).await?);
+        java_t.add(java(args, &libs, &topic, args.kafka_messages).await?);
+        eprintln!(
+            "bench: Kafka: raw {:?}, SDK {:?}, Java {:?}",
+            raw_t.result(GROUP, RAW, None).rounds,
+            sdk_t.result(GROUP, SDK, None).rounds,
+            java_t.result(GROUP, JAVA, None).rounds
+        );
+    }
+    let w = Some(args.kafka_window);
+    report.cases.push(raw_t.result(GROUP, RAW, w));
+    report.cases.push(sdk_t.result(GROUP, SDK, w));
+    report.cases.push(java_t.result(GROUP, JAVA, None));
+    report.target("Kafka: SDK / raw rdkafka", (GROUP, SDK, w), (GROUP, RAW, w), 0.95);
+    report.target("Kafka: SDK / Java producer", (GROUP, SDK, w), (GROUP, JAVA, None), 1.0);
+    report.notes.push(format!(
+        "Kafka: {} messages per case to a {KAFKA_PARTITIONS}-partition topic; every client with the SDK's producer preset (acks=all, enable.idempotence=true, max.in.flight 5, unbounded retries), linger.ms {LINGER_MS} and batch.size {BATCH_BYTES} (librdkafka's defaults, passed to Java); raw and SDK keep at most {} unconfirmed; Java's latencies are its own report",
+        args.kafka_messages, args.kafka_window
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_java_summary_line() {
+        let out = "1000 records sent, 500.0 records/sec (0.05 MB/sec), 3.1 ms avg latency, 9.0 ms max latency.\n\
+                   200000 records sent, 98765.4 records/sec (9.42 MB/sec), 12.34 ms avg latency, 250.00 ms max latency, 7 ms 50th, 30 ms 95th, 45 ms 99th, 120 ms 99.9th.\n";
+        let s = parse_java(out, 200_000).expect("parsed");
+        assert!((s.rate() - 98765.4).abs() < 1.0, "rate {}", s.rate());
+        assert_eq!(s.reported_ms, Some((7.0, 45.0)));
+        assert!(parse_java("nothing here", 1).is_err());
+    }
+}

@@ -1,0 +1,387 @@
+//! `reliable-harness bench`: the SDK against the clients it wraps, on the same brokers, in one
+//! run.
+//!
+//! | part | cases | ratio reported |
+//! |---|---|---|
+//! | `amqp` | raw lapin with a confirm window, the SDK with the same window (16 … 4096), the SDK in transaction mode (one commit per message, and per batch), raw lapin waiting for each confirm; classic and quorum queues | SDK / raw at each window; confirms / transactions per message |
+//! | `kafka` | raw rdkafka, the SDK, Kafka's own Java producer (`ProducerPerformance`) | SDK / raw, SDK / Java |
+//! | `consume` | raw auto-commit (Kafka) and auto-ack (RabbitMQ) consumers against the SDK's manual-commit / manual-ack consumer under the pipeline with in-memory dedupe | SDK / raw |
+//! | `memory` | resident bytes per unconfirmed message at 100k pending (a fresh child process) | — |
+//!
+//! Every message is a 100-byte payload, persistent (RabbitMQ) or acks=all with idempotence to
+//! an RF 3 / min.insync.replicas 2 topic (Kafka). Cases of one comparison alternate round by
+//! round, so drift on the machine hits them alike; the best round of each counts, and every
+//! round's figure is kept in the JSON. Latency is from the send call (including any wait for
+//! window space) to the confirm. Results: `bench.json`, `bench.md` and `window.png` in `--out`.
+
+mod amqp;
+mod consume;
+mod kafka;
+mod memory;
+mod plot;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::child::BrokerArgs;
+use crate::HarnessError;
+
+pub use memory::{child as memory_child, MemoryArgs};
+
+/// A part of the benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Part {
+    /// RabbitMQ producers: confirm windows and transactions.
+    Amqp,
+    /// Kafka producers: raw rdkafka, the SDK, the Java producer.
+    Kafka,
+    /// Consumers: raw auto-commit / auto-ack against the SDK with dedupe.
+    Consume,
+    /// Memory per pending message.
+    Memory,
+}
+
+/// Options of `bench`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Which parts to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Amqp, Part::Kafka, Part::Consume, Part::Memory])]
+    pub only: Vec<Part>,
+    /// RabbitMQ messages per windowed case and round.
+    #[arg(long, default_value_t = 30_000)]
+    pub amqp_messages: u64,
+    /// RabbitMQ messages per case for the slow cases (a transaction or a confirm wait per
+    /// message).
+    #[arg(long, default_value_t = 1_000)]
+    pub slow_messages: u64,
+    /// Messages per transaction in the transaction-per-batch case.
+    #[arg(long, default_value_t = 100)]
+    pub tx_batch: usize,
+    /// The confirm windows of the sweep (messages unconfirmed at once).
+    #[arg(long, value_delimiter = ',', default_values_t = [16, 64, 256, 1024, 4096])]
+    pub windows: Vec<usize>,
+    /// The window of the headline comparison (the SDK's default `max_in_flight`).
+    #[arg(long, default_value_t = 1024)]
+    pub window: usize,
+    /// Kafka messages per producer case and round.
+    #[arg(long, default_value_t = 200_000)]
+    pub kafka_messages: u64,
+    /// Messages unconfirmed at once for raw rdkafka and the SDK (Kafka).
+    #[arg(long, default_value_t = 8192)]
+    pub kafka_window: usize,
+    /// Messages per consumer case and round.
+    #[arg(long, default_value_t = 100_000)]
+    pub consume_messages: u64,
+    /// Pending messages for the memory figure.
+    #[arg(long, default_value_t = 100_000)]
+    pub pending: u64,
+    /// Rounds per comparison (the best one of each case counts).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Fail (exit 1) when a target ratio is missed.
+    #[arg(long)]
+    pub check: bool,
+    /// The directory of Apache Kafka's jars (for the Java producer).
+    #[arg(long, env = "RELIABLE_KAFKA_LIBS")]
+    pub kafka_libs: Option<PathBuf>,
+    /// Where the results go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Where the brokers are.
+    #[command(flatten)]
+    pub brokers: BrokerArgs,
+}
+
+/// One measured run of one case.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Messages sent (or consumed).
+    pub messages: u64,
+    /// Wall time of the run.
+    pub took: Duration,
+    /// Latencies in microseconds (per message, or per commit where a case commits batches).
+    pub latencies_us: Vec<u64>,
+    /// p50 and p99 in milliseconds as reported by a client that measures its own (the Java
+    /// producer), instead of `latencies_us`.
+    pub reported_ms: Option<(f64, f64)>,
+}
+
+impl Sample {
+    /// Messages per second.
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.took.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&mut self, p: f64) -> Option<f64> {
+        if let Some((p50, p99)) = self.reported_ms {
+            return Some(if p < 0.9 { p50 } else { p99 });
+        }
+        if self.latencies_us.is_empty() {
+            return None;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        Some(self.latencies_us[i] as f64 / 1000.0)
+    }
+}
+
+/// The rounds of one case: keeps the best one.
+#[derive(Debug, Default)]
+pub struct Tally {
+    best: Option<Sample>,
+    rates: Vec<f64>,
+}
+
+impl Tally {
+    /// Adds a round.
+    pub fn add(&mut self, sample: Sample) {
+        self.rates.push(sample.rate().round());
+        if self.best.as_ref().is_none_or(|b| sample.rate() > b.rate()) {
+            self.best = Some(sample);
+        }
+    }
+
+    /// The result row of the case.
+    pub fn result(&mut self, group: &str, case: &str, window: Option<usize>) -> CaseResult {
+        let (messages, rate, p50, p99) = match &mut self.best {
+            Some(s) => (
+                s.messages,
+                s.rate().round(),
+                s.percentile_ms(0.50),
+                s.percentile_ms(0.99),
+            ),
+            None => (0, 0.0, None, None),
+        };
+        CaseResult {
+            group: group.to_owned(),
+            case: case.to_owned(),
+            window,
+            messages,
+            msgs_per_s: rate,
+            p50_ms: p50.map(round2),
+            p99_ms: p99.map(round2),
+            rounds: self.rates.clone(),
+        }
+    }
+}
+
+/// One case's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// The comparison it belongs to (e.g. `RabbitMQ quorum`).
+    pub group: String,
+    /// The client and mode (e.g. `SDK, confirms`).
+    pub case: String,
+    /// The confirm window, where one applies.
+    pub window: Option<usize>,
+    /// Messages per round.
+    pub messages: u64,
+    /// The best round's throughput.
+    pub msgs_per_s: f64,
+    /// The best round's median latency.
+    pub p50_ms: Option<f64>,
+    /// The best round's 99th percentile latency.
+    pub p99_ms: Option<f64>,
+    /// Every round's throughput.
+    pub rounds: Vec<f64>,
+}
+
+/// A target ratio between two cases of the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub what: String,
+    /// The ratio measured.
+    pub ratio: f64,
+    /// The least ratio the target asks for.
+    pub at_least: f64,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Producer and consumer cases.
+    pub cases: Vec<CaseResult>,
+    /// Target ratios.
+    pub targets: Vec<Target>,
+    /// Memory per pending message.
+    pub memory: Option<memory::MemoryResult>,
+    /// Notes on the run (settings used, versions).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    fn find(&self, group: &str, case: &str, window: Option<usize>) -> Option<&CaseResult> {
+        self.cases
+            .iter()
+            .find(|c| c.group == group && c.case == case && c.window == window)
+    }
+
+    /// Records the ratio `num / den` of two cases' throughput as a target.
+    pub fn target(&mut self, what: &str, num: (&str, &str, Option<usize>), den: (&str, &str, Option<usize>), at_least: f64) {
+        let (Some(n), Some(d)) = (self.find(num.0, num.1, num.2), self.find(den.0, den.1, den.2))
+        else {
+            return;
+        };
+        let ratio = round2(n.msgs_per_s / d.msgs_per_s.max(1e-9));
+        self.targets.push(Target {
+            what: what.to_owned(),
+            ratio,
+            at_least,
+            met: ratio >= at_least,
+        });
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// A confirm to wait for, as the collector sees it.
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Awaits confirms in send order, recording each one's latency from its send call.
+pub struct Collector {
+    tx: mpsc::UnboundedSender<(Instant, Confirm)>,
+    task: tokio::task::JoinHandle<Result<Vec<u64>, String>>,
+}
+
+impl Collector {
+    /// Starts collecting; `expected` sizes the latency buffer.
+    pub fn new(expected: u64) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Confirm)>();
+        let task = tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(expected as usize);
+            while let Some((sent, confirm)) = rx.recv().await {
+                confirm.await?;
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            Ok(latencies)
+        });
+        Self { tx, task }
+    }
+
+    /// Hands over the confirm of a message whose send call started at `sent`.
+    pub fn push(&self, sent: Instant, confirm: Confirm) -> Result<(), HarnessError> {
+        self.tx
+            .send((sent, confirm))
+            .map_err(|_| HarnessError::Setup("the confirm collector stopped".into()))
+    }
+
+    /// Waits for every confirm; the first failure ends the case.
+    pub async fn finish(self) -> Result<Vec<u64>, HarnessError> {
+        drop(self.tx);
+        self.task
+            .await
+            .map_err(|e| HarnessError::Setup(e.to_string()))?
+            .map_err(|e| HarnessError::Setup(format!("a confirm failed: {e}")))
+    }
+}
+
+/// A name unique to this run.
+pub fn stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Runs the benchmark; `Ok(false)` when `--check` is given and a target is missed.
+pub async fn run(args: BenchArgs) -> Result<bool, HarnessError> {
+    std::fs::create_dir_all(&args.out)?;
+    let mut report = Report::default();
+    report.notes.push(format!(
+        "{} rounds per comparison, cases alternating, best round counts; 100-byte payloads",
+        args.rounds
+    ));
+    let started = Instant::now();
+    if args.only.contains(&Part::Amqp) {
+        amqp::run(&args, &mut report).await?;
+    }
+    if args.only.contains(&Part::Kafka) {
+        kafka::run(&args, &mut report).await?;
+    }
+    if args.only.contains(&Part::Consume) {
+        consume::run(&args, &mut report).await?;
+    }
+    if args.only.contains(&Part::Memory) {
+        report.memory = Some(memory::measure(&args).await?);
+    }
+    report
+        .notes
+        .push(format!("{:.0} s in all", started.elapsed().as_secs_f64()));
+    let md = markdown(&args, &report);
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_string_pretty(&report).map_err(|e| HarnessError::Setup(e.to_string()))?,
+    )?;
+    std::fs::write(args.out.join("bench.md"), &md)?;
+    if args.only.contains(&Part::Amqp) {
+        plot::window_curve(&report, &args.out.join("window.png"))?;
+    }
+    println!("{md}");
+    Ok(!args.check || report.targets.iter().all(|t| t.met))
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into())
+}
+
+fn markdown(args: &BenchArgs, report: &Report) -> String {
+    let mut md = String::new();
+    if !report.targets.is_empty() {
+        md.push_str("| target | ratio | at least | met |\n|---|---:|---:|---|\n");
+        for t in &report.targets {
+            md.push_str(&format!(
+                "| {} | {:.2} | {:.2} | {} |\n",
+                t.what,
+                t.ratio,
+                t.at_least,
+                if t.met { "yes" } else { "**no**" }
+            ));
+        }
+        md.push('\n');
+    }
+    let mut groups: Vec<&str> = Vec::new();
+    for c in &report.cases {
+        if !groups.contains(&c.group.as_str()) {
+            groups.push(&c.group);
+        }
+    }
+    for g in groups {
+        md.push_str(&format!(
+            "**{g}**\n\n| case | window | messages | msg/s | p50 ms | p99 ms | rounds (msg/s) |\n|---|---:|---:|---:|---:|---:|---|\n"
+        ));
+        for c in report.cases.iter().filter(|c| c.group == g) {
+            let rounds: Vec<String> = c.rounds.iter().map(|r| format!("{r:.0}")).collect();
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.0} | {} | {} | {} |\n",
+                c.case,
+                c.window.map(|w| w.to_string()).unwrap_or_else(|| "–".into()),
+                c.messages,
+                c.msgs_per_s,
+                opt(c.p50_ms),
+                opt(c.p99_ms),
+                rounds.join(", ")
+            ));
+        }
+        md.push('\n');
+    }
+    if let Some(m) = &report.memory {
+        md.push_str(&m.markdown());
+        md.push('\n');
+    }
+    for n in &report.notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    let _ = args;
+    md
+}
