@@ -14,7 +14,7 @@ use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::Message;
 use tokio::sync::Semaphore;
 
-use super::{stamp, BenchArgs, Collector, Report, Sample, Tally};
+use super::{stamp, with_cpu, BenchArgs, Collector, Report, Sample, Tally};
 use crate::child::payload;
 use crate::HarnessError;
 
@@ -120,6 +120,7 @@ pub async fn raw(
         took,
         latencies_us,
         reported_ms: None,
+        cpu: None,
     })
 }
 
@@ -159,6 +160,7 @@ pub async fn sdk(
         took,
         latencies_us,
         reported_ms: None,
+        cpu: None,
     })
 }
 
@@ -200,6 +202,7 @@ async fn sdk_tx_batch(
         took: started.elapsed(),
         latencies_us,
         reported_ms: None,
+        cpu: None,
     })
 }
 
@@ -233,9 +236,9 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         for &window in &windows {
             let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
             for _ in 0..args.rounds {
-                raw_t.add(raw(args, &queue, args.amqp_messages, window).await?);
+                raw_t.add(with_cpu(raw(args, &queue, args.amqp_messages, window)).await?);
                 purge(&channel, &queue).await?;
-                sdk_t.add(sdk(args, &queue, args.amqp_messages, window, confirms.clone()).await?);
+                sdk_t.add(with_cpu(sdk(args, &queue, args.amqp_messages, window, confirms.clone())).await?);
                 purge(&channel, &queue).await?;
             }
             eprintln!(
@@ -249,11 +252,11 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         let (mut tx, mut tx_batch, mut each) = (Tally::default(), Tally::default(), Tally::default());
         let transactions = settings(queue_type, PublishMode::Transactions)?;
         for _ in 0..args.rounds {
-            tx.add(sdk(args, &queue, args.slow_messages, args.window, transactions.clone()).await?);
+            tx.add(with_cpu(sdk(args, &queue, args.slow_messages, args.window, transactions.clone())).await?);
             purge(&channel, &queue).await?;
-            tx_batch.add(sdk_tx_batch(args, &queue, args.amqp_messages, args.tx_batch, queue_type).await?);
+            tx_batch.add(with_cpu(sdk_tx_batch(args, &queue, args.amqp_messages, args.tx_batch, queue_type)).await?);
             purge(&channel, &queue).await?;
-            each.add(raw(args, &queue, args.slow_messages, 1).await?);
+            each.add(with_cpu(raw(args, &queue, args.slow_messages, 1)).await?);
             purge(&channel, &queue).await?;
         }
         report.cases.push(tx.result(g, SDK_TX, None));

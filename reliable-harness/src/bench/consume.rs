@@ -20,16 +20,19 @@ use reliable_core::{DeliverySource, Message, Transport};
 use reliable_kafka::config::consumer_preset;
 use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use reliable_kafka::rdkafka::ClientConfig;
-use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering as KafkaOrdering, TopicSpec};
 use tokio::sync::Notify;
 
-use super::{stamp, BenchArgs, Report, Sample, Tally};
+use super::{stamp, with_cpu, BenchArgs, Report, Sample, Tally};
 use crate::child::{payload, KAFKA_PARTITIONS};
 use crate::HarnessError;
 
 const KAFKA: &str = "Kafka consumer";
 const KAFKA_RAW: &str = "raw rdkafka StreamConsumer, auto-commit";
-const KAFKA_SDK: &str = "SDK KafkaConsumer + pipeline, manual commit, in-memory dedupe";
+const KAFKA_SDK: &str =
+    "SDK KafkaConsumer + pipeline, manual commit, in-memory dedupe, ordered per partition (default)";
+const KAFKA_SDK_UNORDERED: &str =
+    "SDK KafkaConsumer + pipeline, manual commit, in-memory dedupe, Ordering::Unordered";
 const AMQP: &str = "RabbitMQ consumer, quorum queue";
 const AMQP_RAW: &str = "raw lapin, auto-ack";
 const AMQP_SDK: &str = "SDK AmqpConsumer + pipeline, manual ack, in-memory dedupe";
@@ -72,6 +75,7 @@ impl Count {
                 took: last - first,
                 latencies_us: Vec::new(),
                 reported_ms: None,
+                cpu: None,
             }),
             _ => Err(HarnessError::Setup(format!(
                 "the consumer handled {} of {messages} messages",
@@ -141,6 +145,7 @@ async fn kafka_sdk(
     topic: &str,
     dlq: &KafkaTransport,
     messages: u64,
+    ordering: KafkaOrdering,
 ) -> Result<Sample, HarnessError> {
     let group = format!("{topic}-sdk-{}", stamp_nanos());
     let source = KafkaConsumer::builder_from_config(consumer_preset(
@@ -148,6 +153,7 @@ async fn kafka_sdk(
         &group,
     ))
     .subscribe(TopicSpec::new(topic).partitions(KAFKA_PARTITIONS))
+    .ordering(ordering)
     .build()
     .await?;
     sdk_pipeline(source, dlq.dead_letter(format!("{topic}.dlq")), messages).await
@@ -236,21 +242,36 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         .build()
         .await?;
     fill(transport.clone(), args.consume_messages, None).await?;
-    let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
+    let (mut raw_t, mut sdk_t, mut unordered_t) =
+        (Tally::default(), Tally::default(), Tally::default());
+    let n = args.consume_messages;
     for _ in 0..args.rounds {
-        raw_t.add(kafka_raw(args, &topic, args.consume_messages).await?);
-        sdk_t.add(kafka_sdk(args, &topic, &transport, args.consume_messages).await?);
+        raw_t.add(with_cpu(kafka_raw(args, &topic, n)).await?);
+        let ordered = kafka_sdk(args, &topic, &transport, n, KafkaOrdering::PerPartition);
+        sdk_t.add(with_cpu(ordered).await?);
+        let unordered = kafka_sdk(args, &topic, &transport, n, KafkaOrdering::Unordered);
+        unordered_t.add(with_cpu(unordered).await?);
         eprintln!(
-            "bench: Kafka consumer: raw {:?}, SDK {:?}",
+            "bench: Kafka consumer: raw {:?}, SDK {:?}, SDK unordered {:?}",
             raw_t.result(KAFKA, KAFKA_RAW, None).rounds,
-            sdk_t.result(KAFKA, KAFKA_SDK, None).rounds
+            sdk_t.result(KAFKA, KAFKA_SDK, None).rounds,
+            unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None).rounds
         );
     }
     report.cases.push(raw_t.result(KAFKA, KAFKA_RAW, None));
     report.cases.push(sdk_t.result(KAFKA, KAFKA_SDK, None));
+    report
+        .cases
+        .push(unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None));
     report.target(
-        "Kafka: SDK manual-commit consumer with dedupe / raw auto-commit",
+        "Kafka: SDK manual-commit consumer with dedupe (default ordering) / raw auto-commit",
         (KAFKA, KAFKA_SDK, None),
+        (KAFKA, KAFKA_RAW, None),
+        0.90,
+    );
+    report.target(
+        "Kafka: SDK manual-commit consumer with dedupe (unordered) / raw auto-commit",
+        (KAFKA, KAFKA_SDK_UNORDERED, None),
         (KAFKA, KAFKA_RAW, None),
         0.90,
     );
@@ -269,11 +290,11 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings.clone()).await?;
         for _ in 0..args.rounds {
             fill(publisher.clone(), messages, Some(&queue)).await?;
-            raw_t.add(amqp_raw(args, &queue, messages).await?);
+            raw_t.add(with_cpu(amqp_raw(args, &queue, messages)).await?);
             fill(publisher.clone(), messages, Some(&queue)).await?;
             let source =
                 AmqpConsumer::connect(&args.brokers.amqp_url, &queue, settings.clone()).await?;
-            sdk_t.add(sdk_pipeline(source, DeadLetter::BrokerReject, messages).await?);
+            sdk_t.add(with_cpu(sdk_pipeline(source, DeadLetter::BrokerReject, messages)).await?);
             eprintln!(
                 "bench: RabbitMQ consumer: raw {:?}, SDK {:?}",
                 raw_t.result(AMQP, AMQP_RAW, None).rounds,

@@ -9,17 +9,19 @@ use futures::FutureExt;
 use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::Message;
 use reliable_kafka::config::producer_preset;
+use reliable_kafka::rdkafka::message::{Header, OwnedHeaders};
 use reliable_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
 use tokio::sync::Semaphore;
 
-use super::{stamp, BenchArgs, Collector, Report, Sample, Tally};
+use super::{stamp, with_cpu, KafkaCase, BenchArgs, Collector, Report, Sample, Tally};
 use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
 use crate::HarnessError;
 
 const GROUP: &str = "Kafka, acks=all + idempotence, RF 3, min.insync.replicas 2";
 const RAW: &str = "raw rdkafka (FutureProducer)";
+const RAW_HEADERS: &str = "raw rdkafka + the SDK's two identity headers";
 const SDK: &str = "SDK";
 const JAVA: &str = "Java producer (kafka-tools ProducerPerformance 4.3.1)";
 
@@ -40,14 +42,35 @@ fn preset(args: &BenchArgs) -> ClientConfig {
     )
 }
 
-async fn raw(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, HarnessError> {
+/// Raw rdkafka; with `headers`, each record also carries the two identity headers the SDK
+/// writes (its message id and idempotency key), to tell their cost from the SDK's own.
+async fn raw(
+    args: &BenchArgs,
+    topic: &str,
+    messages: u64,
+    headers: bool,
+) -> Result<Sample, HarnessError> {
     let producer: FutureProducer = preset(args).create().map_err(setup)?;
     let send = |seq: u64| {
         let p = payload(seq);
         let producer = producer.clone();
+        let identity = headers.then(|| {
+            let m = Message::new(Vec::new());
+            m.wire_headers()
+                .fold(OwnedHeaders::new(), |h, (key, value)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                })
+        });
         async move {
             loop {
-                match producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(&p)) {
+                let mut record = FutureRecord::<(), [u8]>::to(topic).payload(&p);
+                if let Some(h) = &identity {
+                    record = record.headers(h.clone());
+                }
+                match producer.send_result(record) {
                     Ok(delivery) => return Ok(delivery),
                     Err((e, _)) if e.rdkafka_error_code() == Some(reliable_kafka::rdkafka::types::RDKafkaErrorCode::QueueFull) => {
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -82,6 +105,7 @@ async fn raw(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, Har
         took: started.elapsed(),
         latencies_us,
         reported_ms: None,
+        cpu: None,
     })
 }
 
@@ -116,6 +140,7 @@ async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, Har
         took,
         latencies_us,
         reported_ms: None,
+        cpu: None,
     })
 }
 
@@ -188,16 +213,20 @@ fn parse_java(stdout: &str, messages: u64) -> Result<Sample, HarnessError> {
         took: Duration::from_secs_f64(messages as f64 / rate.max(1e-9)),
         latencies_us: Vec::new(),
         reported_ms: Some((p50, p99)),
+        cpu: None,
     })
 }
 
 /// Runs the Kafka producer cases.
 pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessError> {
-    let libs = args.kafka_libs.clone().ok_or_else(|| {
+    let libs = args.kafka_libs.clone();
+    let java_libs = || {
+        libs.as_deref().ok_or_else(|| {
         HarnessError::Setup(
             "the Java producer needs Apache Kafka's jars: set RELIABLE_KAFKA_LIBS (eval \"$(scripts/brokers env)\") or pass --kafka-libs".into(),
         )
-    })?;
+        })
+    };
     let topic = format!("bench-producer-{}", stamp());
     ensure_topic(
         &preset(args),
@@ -206,21 +235,34 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
     .await
     .map_err(reliable_kafka::Error::from)?;
     let (mut raw_t, mut sdk_t, mut java_t) = (Tally::default(), Tally::default(), Tally::default());
+    let mut headers_t = Tally::default();
     for _ in 0..args.rounds {
-        raw_t.add(raw(args, &topic, args.kafka_messages).await?);
-        sdk_t.add(sdk(args, &topic, args.kafka_messages).await?);
-        java_t.add(java(args, &libs, &topic, args.kafka_messages).await?);
+        let run = |case| args.kafka_cases.contains(&case);
+        if run(KafkaCase::Raw) {
+            raw_t.add(with_cpu(raw(args, &topic, args.kafka_messages, false)).await?);
+        }
+        if run(KafkaCase::RawHeaders) {
+            headers_t.add(with_cpu(raw(args, &topic, args.kafka_messages, true)).await?);
+        }
+        if run(KafkaCase::Sdk) {
+            sdk_t.add(with_cpu(sdk(args, &topic, args.kafka_messages)).await?);
+        }
+        if run(KafkaCase::Java) {
+            java_t.add(with_cpu(java(args, java_libs()?, &topic, args.kafka_messages)).await?);
+        }
         eprintln!(
-            "bench: Kafka: raw {:?}, SDK {:?}, Java {:?}",
+            "bench: Kafka: raw {:?}, raw + headers {:?}, SDK {:?}, Java {:?}",
             raw_t.result(GROUP, RAW, None).rounds,
+            headers_t.result(GROUP, RAW_HEADERS, None).rounds,
             sdk_t.result(GROUP, SDK, None).rounds,
             java_t.result(GROUP, JAVA, None).rounds
         );
     }
     let w = Some(args.kafka_window);
-    report.cases.push(raw_t.result(GROUP, RAW, w));
-    report.cases.push(sdk_t.result(GROUP, SDK, w));
-    report.cases.push(java_t.result(GROUP, JAVA, None));
+    report.push(raw_t.result(GROUP, RAW, w));
+    report.push(headers_t.result(GROUP, RAW_HEADERS, w));
+    report.push(sdk_t.result(GROUP, SDK, w));
+    report.push(java_t.result(GROUP, JAVA, None));
     report.target("Kafka: SDK / raw rdkafka", (GROUP, SDK, w), (GROUP, RAW, w), 0.95);
     report.target("Kafka: SDK / Java producer", (GROUP, SDK, w), (GROUP, JAVA, None), 1.0);
     report.notes.push(format!(

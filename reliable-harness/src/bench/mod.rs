@@ -47,6 +47,19 @@ pub enum Part {
     Memory,
 }
 
+/// A Kafka producer case.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaCase {
+    /// Raw rdkafka.
+    Raw,
+    /// Raw rdkafka with the SDK's identity headers.
+    RawHeaders,
+    /// The SDK.
+    Sdk,
+    /// Kafka's Java producer.
+    Java,
+}
+
 /// Options of `bench`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -78,6 +91,9 @@ pub struct BenchArgs {
     /// Messages per consumer case and round.
     #[arg(long, default_value_t = 100_000)]
     pub consume_messages: u64,
+    /// Which Kafka producer cases to run (for profiling one alone).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [KafkaCase::Raw, KafkaCase::RawHeaders, KafkaCase::Sdk, KafkaCase::Java])]
+    pub kafka_cases: Vec<KafkaCase>,
     /// Pending messages for the memory figure.
     #[arg(long, default_value_t = 100_000)]
     pub pending: u64,
@@ -110,6 +126,18 @@ pub struct Sample {
     /// p50 and p99 in milliseconds as reported by a client that measures its own (the Java
     /// producer), instead of `latencies_us`.
     pub reported_ms: Option<(f64, f64)>,
+    /// CPU time the client used in the case (set by [`with_cpu`]).
+    pub cpu: Option<Duration>,
+}
+
+/// Runs a case, noting the CPU time this process (and any client process it waited for) used.
+pub async fn with_cpu(
+    case: impl Future<Output = Result<Sample, HarnessError>>,
+) -> Result<Sample, HarnessError> {
+    let before = cpu_time();
+    let mut sample = case.await?;
+    sample.cpu = Some(cpu_time().saturating_sub(before));
+    Ok(sample)
 }
 
 impl Sample {
@@ -149,14 +177,16 @@ impl Tally {
 
     /// The result row of the case.
     pub fn result(&mut self, group: &str, case: &str, window: Option<usize>) -> CaseResult {
-        let (messages, rate, p50, p99) = match &mut self.best {
+        let (messages, rate, p50, p99, cpu) = match &mut self.best {
             Some(s) => (
                 s.messages,
                 s.rate().round(),
                 s.percentile_ms(0.50),
                 s.percentile_ms(0.99),
+                s.cpu
+                    .map(|c| round2(c.as_secs_f64() * 1e6 / s.messages.max(1) as f64)),
             ),
-            None => (0, 0.0, None, None),
+            None => (0, 0.0, None, None, None),
         };
         CaseResult {
             group: group.to_owned(),
@@ -166,6 +196,7 @@ impl Tally {
             msgs_per_s: rate,
             p50_ms: p50.map(round2),
             p99_ms: p99.map(round2),
+            cpu_us_per_msg: cpu,
             rounds: self.rates.clone(),
         }
     }
@@ -188,6 +219,8 @@ pub struct CaseResult {
     pub p50_ms: Option<f64>,
     /// The best round's 99th percentile latency.
     pub p99_ms: Option<f64>,
+    /// Client CPU time per message in the best round (microseconds, whole case).
+    pub cpu_us_per_msg: Option<f64>,
     /// Every round's throughput.
     pub rounds: Vec<f64>,
 }
@@ -219,6 +252,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds a case's row, unless the case did not run.
+    pub fn push(&mut self, case: CaseResult) {
+        if !case.rounds.is_empty() {
+            self.cases.push(case);
+        }
+    }
+
     fn find(&self, group: &str, case: &str, window: Option<usize>) -> Option<&CaseResult> {
         self.cases
             .iter()
@@ -284,6 +324,26 @@ impl Collector {
             .map_err(|e| HarnessError::Setup(e.to_string()))?
             .map_err(|e| HarnessError::Setup(format!("a confirm failed: {e}")))
     }
+}
+
+/// CPU time this process and its waited-for children have used so far (user + system).
+pub fn cpu_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces) start at the last ')'.
+            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<u64>())
+        })
+        .unwrap_or_default();
+    // USER_HZ is 100 on every Linux the project runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 /// A name unique to this run.
@@ -358,18 +418,19 @@ fn markdown(args: &BenchArgs, report: &Report) -> String {
     }
     for g in groups {
         md.push_str(&format!(
-            "**{g}**\n\n| case | window | messages | msg/s | p50 ms | p99 ms | rounds (msg/s) |\n|---|---:|---:|---:|---:|---:|---|\n"
+            "**{g}**\n\n| case | window | messages | msg/s | p50 ms | p99 ms | client CPU µs/msg | rounds (msg/s) |\n|---|---:|---:|---:|---:|---:|---:|---|\n"
         ));
         for c in report.cases.iter().filter(|c| c.group == g) {
             let rounds: Vec<String> = c.rounds.iter().map(|r| format!("{r:.0}")).collect();
             md.push_str(&format!(
-                "| {} | {} | {} | {:.0} | {} | {} | {} |\n",
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {} |\n",
                 c.case,
                 c.window.map(|w| w.to_string()).unwrap_or_else(|| "–".into()),
                 c.messages,
                 c.msgs_per_s,
                 opt(c.p50_ms),
                 opt(c.p99_ms),
+                opt(c.cpu_us_per_msg),
                 rounds.join(", ")
             ));
         }
