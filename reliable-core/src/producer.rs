@@ -335,7 +335,7 @@ struct Inner {
     config: ProducerConfig,
     window: Arc<Semaphore>,
     window_size: u32,
-    pending: DashMap<u64, PendingEntry>,
+    pending: DashMap<u64, PendingEntry, rustc_hash::FxBuildHasher>,
     next_ticket: AtomicU64,
     closed: AtomicBool,
     counters: Counters,
@@ -406,7 +406,7 @@ impl Producer {
                 window: Arc::new(Semaphore::new(window_size as usize)),
                 window_size,
                 config,
-                pending: DashMap::new(),
+                pending: DashMap::with_hasher(rustc_hash::FxBuildHasher),
                 next_ticket: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -552,7 +552,7 @@ impl Producer {
             PendingEntry {
                 id,
                 key: msg.idempotency_key().clone(),
-                attempts: 0,
+                attempts: 1,
                 first_sent: now,
                 last_sent: now,
             },
@@ -670,20 +670,27 @@ impl Inner {
         let cfg = &self.config;
         // `None`: a deadline too far away to represent (e.g. `Duration::MAX`) is no deadline.
         let deadline = first_sent.checked_add(cfg.deadline);
-        let mut delays = cfg.backoff.delays();
+        // Built at the first resend: most messages never need it.
+        let mut delays = None;
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let now = Instant::now();
-            if let Some(mut e) = self.pending.get_mut(&ticket) {
-                e.attempts = attempts;
-                e.last_sent = now;
-            }
+            // The first attempt's entry was written by `start`.
+            let now = if attempts == 1 {
+                first_sent
+            } else {
+                let now = Instant::now();
+                if let Some(mut e) = self.pending.get_mut(&ticket) {
+                    e.attempts = attempts;
+                    e.last_sent = now;
+                }
+                now
+            };
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let budget = cfg
                 .confirm_timeout
                 .min(deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now)));
-            let result = match tokio::time::timeout(budget, self.transport.publish(&msg)).await {
+            let result = match tokio::time::timeout(budget, (*self.transport).publish(&msg)).await {
                 Ok(r) => r,
                 Err(_) => Err(PublishError::Timeout),
             };
@@ -715,7 +722,10 @@ impl Inner {
                     attempts,
                 });
             }
-            let delay = delays.next().unwrap_or(cfg.backoff.max_delay);
+            let delay = delays
+                .get_or_insert_with(|| cfg.backoff.delays())
+                .next()
+                .unwrap_or(cfg.backoff.max_delay);
             let now = Instant::now();
             let past_deadline =
                 deadline.is_some_and(|d| now.checked_add(delay).is_none_or(|t| t >= d));

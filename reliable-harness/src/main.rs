@@ -116,7 +116,11 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Run(args) => run::run(args).await,
-            Cmd::Bench(args) => bench::run(args).await,
+            // On a worker thread, like an application's own tasks (spawns from there go to
+            // the worker's local queue instead of waking another thread each time).
+            Cmd::Bench(args) => tokio::spawn(bench::run(args))
+                .await
+                .unwrap_or_else(|e| Err(HarnessError::Setup(e.to_string()))),
             Cmd::BenchMemory(args) => bench::memory_child(args).await.map(|()| true),
             Cmd::BenchOutbox(args) => bench_outbox::run(args).await.map(|()| true),
             Cmd::Produce(args) => produce::run(args).await.map(|()| true),

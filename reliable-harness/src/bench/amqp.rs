@@ -90,7 +90,11 @@ pub async fn raw(
         }
     };
     // Warm-up: one confirmed publish before the clock starts.
-    publish(u64::MAX).await.map_err(setup)?.await.map_err(setup)?;
+    publish(u64::MAX)
+        .await
+        .map_err(setup)?
+        .await
+        .map_err(setup)?;
     let permits = std::sync::Arc::new(Semaphore::new(window));
     let collector = Collector::new(messages);
     let started = Instant::now();
@@ -238,7 +242,16 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             for _ in 0..args.rounds {
                 raw_t.add(with_cpu(raw(args, &queue, args.amqp_messages, window)).await?);
                 purge(&channel, &queue).await?;
-                sdk_t.add(with_cpu(sdk(args, &queue, args.amqp_messages, window, confirms.clone())).await?);
+                sdk_t.add(
+                    with_cpu(sdk(
+                        args,
+                        &queue,
+                        args.amqp_messages,
+                        window,
+                        confirms.clone(),
+                    ))
+                    .await?,
+                );
                 purge(&channel, &queue).await?;
             }
             eprintln!(
@@ -246,24 +259,45 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
                 raw_t.result(g, RAW, None).rounds,
                 sdk_t.result(g, SDK, None).rounds
             );
-            report.cases.push(raw_t.result(g, RAW, Some(window)));
-            report.cases.push(sdk_t.result(g, SDK, Some(window)));
+            report.push(raw_t.result(g, RAW, Some(window)));
+            report.push(sdk_t.result(g, SDK, Some(window)));
         }
-        let (mut tx, mut tx_batch, mut each) = (Tally::default(), Tally::default(), Tally::default());
+        let (mut tx, mut tx_batch, mut each) =
+            (Tally::default(), Tally::default(), Tally::default());
         let transactions = settings(queue_type, PublishMode::Transactions)?;
         for _ in 0..args.rounds {
-            tx.add(with_cpu(sdk(args, &queue, args.slow_messages, args.window, transactions.clone())).await?);
+            tx.add(
+                with_cpu(sdk(
+                    args,
+                    &queue,
+                    args.slow_messages,
+                    args.window,
+                    transactions.clone(),
+                ))
+                .await?,
+            );
             purge(&channel, &queue).await?;
-            tx_batch.add(with_cpu(sdk_tx_batch(args, &queue, args.amqp_messages, args.tx_batch, queue_type)).await?);
+            tx_batch.add(
+                with_cpu(sdk_tx_batch(
+                    args,
+                    &queue,
+                    args.amqp_messages,
+                    args.tx_batch,
+                    queue_type,
+                ))
+                .await?,
+            );
             purge(&channel, &queue).await?;
             each.add(with_cpu(raw(args, &queue, args.slow_messages, 1)).await?);
             purge(&channel, &queue).await?;
         }
-        report.cases.push(tx.result(g, SDK_TX, None));
-        report
-            .cases
-            .push(tx_batch.result(g, &format!("{SDK_TX_BATCH} of {}", args.tx_batch), None));
-        report.cases.push(each.result(g, RAW_EACH, Some(1)));
+        report.push(tx.result(g, SDK_TX, None));
+        report.cases.push(tx_batch.result(
+            g,
+            &format!("{SDK_TX_BATCH} of {}", args.tx_batch),
+            None,
+        ));
+        report.push(each.result(g, RAW_EACH, Some(1)));
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -275,7 +309,10 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             0.95,
         );
         report.target(
-            &format!("{g}: SDK confirms (window {}) / SDK transaction per message", args.window),
+            &format!(
+                "{g}: SDK confirms (window {}) / SDK transaction per message",
+                args.window
+            ),
             (g, SDK, w),
             (g, SDK_TX, None),
             10.0,

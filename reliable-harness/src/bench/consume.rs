@@ -148,14 +148,12 @@ async fn kafka_sdk(
     ordering: KafkaOrdering,
 ) -> Result<Sample, HarnessError> {
     let group = format!("{topic}-sdk-{}", stamp_nanos());
-    let source = KafkaConsumer::builder_from_config(consumer_preset(
-        &args.brokers.kafka_bootstrap,
-        &group,
-    ))
-    .subscribe(TopicSpec::new(topic).partitions(KAFKA_PARTITIONS))
-    .ordering(ordering)
-    .build()
-    .await?;
+    let source =
+        KafkaConsumer::builder_from_config(consumer_preset(&args.brokers.kafka_bootstrap, &group))
+            .subscribe(TopicSpec::new(topic).partitions(KAFKA_PARTITIONS))
+            .ordering(ordering)
+            .build()
+            .await?;
     sdk_pipeline(source, dlq.dead_letter(format!("{topic}.dlq")), messages).await
 }
 
@@ -258,11 +256,9 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None).rounds
         );
     }
-    report.cases.push(raw_t.result(KAFKA, KAFKA_RAW, None));
-    report.cases.push(sdk_t.result(KAFKA, KAFKA_SDK, None));
-    report
-        .cases
-        .push(unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None));
+    report.push(raw_t.result(KAFKA, KAFKA_RAW, None));
+    report.push(sdk_t.result(KAFKA, KAFKA_SDK, None));
+    report.push(unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None));
     report.target(
         "Kafka: SDK manual-commit consumer with dedupe (default ordering) / raw auto-commit",
         (KAFKA, KAFKA_SDK, None),
@@ -301,8 +297,8 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
                 sdk_t.result(AMQP, AMQP_SDK, None).rounds
             );
         }
-        report.cases.push(raw_t.result(AMQP, AMQP_RAW, None));
-        report.cases.push(sdk_t.result(AMQP, AMQP_SDK, None));
+        report.push(raw_t.result(AMQP, AMQP_RAW, None));
+        report.push(sdk_t.result(AMQP, AMQP_SDK, None));
         report.target(
             "RabbitMQ: SDK manual-ack consumer with dedupe / raw auto-ack",
             (AMQP, AMQP_SDK, None),

@@ -15,7 +15,7 @@ use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
 use tokio::sync::Semaphore;
 
-use super::{stamp, with_cpu, KafkaCase, BenchArgs, Collector, Report, Sample, Tally};
+use super::{stamp, with_cpu, BenchArgs, Collector, KafkaCase, Report, Sample, Tally};
 use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
 use crate::HarnessError;
 
@@ -72,7 +72,12 @@ async fn raw(
                 }
                 match producer.send_result(record) {
                     Ok(delivery) => return Ok(delivery),
-                    Err((e, _)) if e.rdkafka_error_code() == Some(reliable_kafka::rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                    Err((e, _))
+                        if e.rdkafka_error_code()
+                            == Some(
+                                reliable_kafka::rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ) =>
+                    {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     Err((e, _)) => return Err(setup(e)),
@@ -121,7 +126,10 @@ async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, Har
             ..transport.recommended_producer_config()
         },
     );
-    producer.send(Message::new(payload(u64::MAX))).await?.await?;
+    producer
+        .send(Message::new(payload(u64::MAX)))
+        .await?
+        .await?;
     let collector = Collector::new(messages);
     let started = Instant::now();
     for seq in 0..messages {
@@ -152,9 +160,7 @@ async fn java(
     messages: u64,
 ) -> Result<Sample, HarnessError> {
     let config = preset(args);
-    let prop = |k: &str, default: &str| {
-        format!("{k}={}", config.get(k).unwrap_or(default))
-    };
+    let prop = |k: &str, default: &str| format!("{k}={}", config.get(k).unwrap_or(default));
     let output = tokio::process::Command::new("java")
         .arg("-Xmx1g")
         .arg("-cp")
@@ -165,13 +171,22 @@ async fn java(
         .args(["--record-size", &PAYLOAD_BYTES.to_string()])
         .args(["--throughput", "-1"])
         .arg("--producer-props")
-        .arg(format!("bootstrap.servers={}", args.brokers.kafka_bootstrap))
+        .arg(format!(
+            "bootstrap.servers={}",
+            args.brokers.kafka_bootstrap
+        ))
         .arg(prop("acks", "all"))
         .arg(prop("enable.idempotence", "true"))
         .arg(prop("max.in.flight.requests.per.connection", "5"))
         .arg(prop("retries", "2147483647"))
-        .arg(format!("linger.ms={}", config.get("linger.ms").unwrap_or(LINGER_MS)))
-        .arg(format!("batch.size={}", config.get("batch.size").unwrap_or(BATCH_BYTES)))
+        .arg(format!(
+            "linger.ms={}",
+            config.get("linger.ms").unwrap_or(LINGER_MS)
+        ))
+        .arg(format!(
+            "batch.size={}",
+            config.get("batch.size").unwrap_or(BATCH_BYTES)
+        ))
         .stdin(Stdio::null())
         .output()
         .await
@@ -200,13 +215,25 @@ fn parse_java(stdout: &str, messages: u64) -> Result<Sample, HarnessError> {
         .lines()
         .rev()
         .find(|l| l.contains("records sent") && l.contains("50th"))
-        .ok_or_else(|| HarnessError::Setup(format!("no summary line from ProducerPerformance in: {stdout}")))?;
+        .ok_or_else(|| {
+            HarnessError::Setup(format!(
+                "no summary line from ProducerPerformance in: {stdout}"
+            ))
+        })?;
     let before = |marker: &str| -> Option<f64> {
         let head = &line[..line.find(marker)?];
-        head.split([' ', ',', '(']).filter(|w| !w.is_empty()).nth_back(if marker == " records/sec" { 0 } else { 1 })?.parse().ok()
+        head.split([' ', ',', '('])
+            .filter(|w| !w.is_empty())
+            .nth_back(if marker == " records/sec" { 0 } else { 1 })?
+            .parse()
+            .ok()
     };
-    let (Some(rate), Some(p50), Some(p99)) = (before(" records/sec"), before(" 50th"), before(" 99th")) else {
-        return Err(HarnessError::Setup(format!("cannot read ProducerPerformance's summary: {line}")));
+    let (Some(rate), Some(p50), Some(p99)) =
+        (before(" records/sec"), before(" 50th"), before(" 99th"))
+    else {
+        return Err(HarnessError::Setup(format!(
+            "cannot read ProducerPerformance's summary: {line}"
+        )));
     };
     Ok(Sample {
         messages,
@@ -263,8 +290,18 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
     report.push(headers_t.result(GROUP, RAW_HEADERS, w));
     report.push(sdk_t.result(GROUP, SDK, w));
     report.push(java_t.result(GROUP, JAVA, None));
-    report.target("Kafka: SDK / raw rdkafka", (GROUP, SDK, w), (GROUP, RAW, w), 0.95);
-    report.target("Kafka: SDK / Java producer", (GROUP, SDK, w), (GROUP, JAVA, None), 1.0);
+    report.target(
+        "Kafka: SDK / raw rdkafka",
+        (GROUP, SDK, w),
+        (GROUP, RAW, w),
+        0.95,
+    );
+    report.target(
+        "Kafka: SDK / Java producer",
+        (GROUP, SDK, w),
+        (GROUP, JAVA, None),
+        1.0,
+    );
     report.notes.push(format!(
         "Kafka: {} messages per case to a {KAFKA_PARTITIONS}-partition topic; every client with the SDK's producer preset (acks=all, enable.idempotence=true, max.in.flight 5, unbounded retries), linger.ms {LINGER_MS} and batch.size {BATCH_BYTES} (librdkafka's defaults, passed to Java); raw and SDK keep at most {} unconfirmed; Java's latencies are its own report",
         args.kafka_messages, args.kafka_window

@@ -117,7 +117,12 @@ pub async fn child(args: MemoryArgs) -> Result<(), HarnessError> {
         bytes_per_pending: per(after.saturating_sub(before)),
         bytes_per_bare_message: per(bare_after.saturating_sub(bare_before)),
     };
-    tracing::info!(?pending, bare = bare.len(), handles = handles.len(), "measured");
+    tracing::info!(
+        ?pending,
+        bare = bare.len(),
+        handles = handles.len(),
+        "measured"
+    );
     println!(
         "{}",
         serde_json::to_string(&result).map_err(|e| HarnessError::Setup(e.to_string()))?

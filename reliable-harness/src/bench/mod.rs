@@ -266,9 +266,17 @@ impl Report {
     }
 
     /// Records the ratio `num / den` of two cases' throughput as a target.
-    pub fn target(&mut self, what: &str, num: (&str, &str, Option<usize>), den: (&str, &str, Option<usize>), at_least: f64) {
-        let (Some(n), Some(d)) = (self.find(num.0, num.1, num.2), self.find(den.0, den.1, den.2))
-        else {
+    pub fn target(
+        &mut self,
+        what: &str,
+        num: (&str, &str, Option<usize>),
+        den: (&str, &str, Option<usize>),
+        at_least: f64,
+    ) {
+        let (Some(n), Some(d)) = (
+            self.find(num.0, num.1, num.2),
+            self.find(den.0, den.1, den.2),
+        ) else {
             return;
         };
         let ratio = round2(n.msgs_per_s / d.msgs_per_s.max(1e-9));
@@ -378,7 +386,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, HarnessError> {
     report
         .notes
         .push(format!("{:.0} s in all", started.elapsed().as_secs_f64()));
-    let md = markdown(&args, &report);
+    let md = markdown(&report);
     std::fs::write(
         args.out.join("bench.json"),
         serde_json::to_string_pretty(&report).map_err(|e| HarnessError::Setup(e.to_string()))?,
@@ -395,7 +403,7 @@ fn opt(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into())
 }
 
-fn markdown(args: &BenchArgs, report: &Report) -> String {
+fn markdown(report: &Report) -> String {
     let mut md = String::new();
     if !report.targets.is_empty() {
         md.push_str("| target | ratio | at least | met |\n|---|---:|---:|---|\n");
@@ -425,7 +433,9 @@ fn markdown(args: &BenchArgs, report: &Report) -> String {
             md.push_str(&format!(
                 "| {} | {} | {} | {:.0} | {} | {} | {} | {} |\n",
                 c.case,
-                c.window.map(|w| w.to_string()).unwrap_or_else(|| "–".into()),
+                c.window
+                    .map(|w| w.to_string())
+                    .unwrap_or_else(|| "–".into()),
                 c.messages,
                 c.msgs_per_s,
                 opt(c.p50_ms),
@@ -443,6 +453,65 @@ fn markdown(args: &BenchArgs, report: &Report) -> String {
     for n in &report.notes {
         md.push_str(&format!("- {n}\n"));
     }
-    let _ = args;
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(messages: u64, millis: u64, latencies_us: Vec<u64>) -> Sample {
+        Sample {
+            messages,
+            took: Duration::from_millis(millis),
+            latencies_us,
+            reported_ms: None,
+            cpu: Some(Duration::from_millis(millis / 2)),
+        }
+    }
+
+    #[test]
+    fn the_best_round_counts_and_every_round_is_kept() {
+        let mut t = Tally::default();
+        t.add(sample(1_000, 1_000, vec![9_000; 10]));
+        t.add(sample(1_000, 500, (1..=100).map(|i| i * 1_000).collect()));
+        t.add(sample(1_000, 800, vec![1; 10]));
+        let r = t.result("g", "c", Some(16));
+        assert_eq!(r.msgs_per_s, 2_000.0);
+        assert_eq!(r.rounds, vec![1_000.0, 2_000.0, 1_250.0]);
+        // The best round's latencies: 1..=100 ms.
+        assert_eq!(r.p50_ms, Some(51.0));
+        assert_eq!(r.p99_ms, Some(99.0));
+        assert_eq!(r.cpu_us_per_msg, Some(250.0));
+    }
+
+    #[test]
+    fn targets_compare_two_cases_of_the_run_and_say_when_they_are_missed() {
+        let mut report = Report::default();
+        let mut fast = Tally::default();
+        fast.add(sample(1_000, 100, vec![]));
+        let mut slow = Tally::default();
+        slow.add(sample(1_000, 1_000, vec![]));
+        report.push(fast.result("g", "fast", None));
+        report.push(slow.result("g", "slow", None));
+        report.push(Tally::default().result("g", "not run", None));
+        assert_eq!(report.cases.len(), 2);
+        report.target(
+            "fast / slow",
+            ("g", "fast", None),
+            ("g", "slow", None),
+            10.0,
+        );
+        report.target(
+            "slow / fast",
+            ("g", "slow", None),
+            ("g", "fast", None),
+            0.95,
+        );
+        report.target("missing", ("g", "not run", None), ("g", "fast", None), 1.0);
+        assert_eq!(report.targets.len(), 2);
+        assert!(report.targets[0].met && report.targets[0].ratio == 10.0);
+        assert!(!report.targets[1].met && report.targets[1].ratio == 0.1);
+        assert!(markdown(&report).contains("| slow / fast | 0.10 | 0.95 | **no** |"));
+    }
 }
