@@ -98,7 +98,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub pending: u64,
     /// Rounds per comparison (the best one of each case counts).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: u32,
     /// Fail (exit 1) when a target ratio is missed.
     #[arg(long)]

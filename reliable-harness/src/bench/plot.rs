@@ -63,8 +63,14 @@ pub fn window_curve(report: &Report, path: &Path) -> Result<(), HarnessError> {
     if all.is_empty() {
         return Ok(());
     }
-    let x_min = all.iter().map(|p| p.0).min().unwrap_or(1).max(1);
-    let x_max = all.iter().map(|p| p.0).max().unwrap_or(2).max(x_min + 1);
+    // The x axis is log2 of the window, labelled with the window itself.
+    let log2 = |w: u32| f64::from(w.max(1)).log2();
+    let x_min = all.iter().map(|p| log2(p.0)).fold(f64::INFINITY, f64::min);
+    let x_max = all
+        .iter()
+        .map(|p| log2(p.0))
+        .fold(0.0, f64::max)
+        .max(x_min + 1.0);
     let y_max = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15;
 
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
@@ -77,11 +83,13 @@ pub fn window_curve(report: &Report, path: &Path) -> Result<(), HarnessError> {
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_max.max(1.0))
+        .build_cartesian_2d(x_min - 0.3..x_max + 0.3, 0.0..y_max.max(1.0))
         .map_err(plot_error)?;
     chart
         .configure_mesh()
         .x_desc("confirm window (messages unconfirmed at once, log scale)")
+        .x_labels(((x_max - x_min) as usize + 2).min(16))
+        .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
         .y_desc("messages per second")
         .label_style(("sans-serif", 15))
         .y_label_formatter(&|y| format!("{:.0}", y))
@@ -98,7 +106,10 @@ pub fn window_curve(report: &Report, path: &Path) -> Result<(), HarnessError> {
             color.mix(0.55).stroke_width(2)
         };
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), style))
+            .draw_series(LineSeries::new(
+                points.iter().map(|&(x, y)| (log2(x), y)),
+                style,
+            ))
             .map_err(plot_error)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
@@ -106,7 +117,7 @@ pub fn window_curve(report: &Report, path: &Path) -> Result<(), HarnessError> {
             .draw_series(
                 points
                     .iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, style.filled())),
+                    .map(|&(x, y)| Circle::new((log2(x), y), 4, style.filled())),
             )
             .map_err(plot_error)?;
     }
