@@ -6,7 +6,7 @@ use futures::FutureExt;
 use reliable_amqp::lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
-use reliable_amqp::lapin::types::ShortString;
+use reliable_amqp::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use reliable_amqp::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_amqp::topology::{self, QueueSpec};
 use reliable_amqp::{AmqpPublisher, AmqpSettings, PublishMode, QueueType};
@@ -25,6 +25,7 @@ pub const SDK: &str = "SDK, confirm window";
 const SDK_TX: &str = "SDK, transaction per message";
 const SDK_TX_BATCH: &str = "SDK, transaction per batch";
 const RAW_EACH: &str = "raw lapin, waiting for each confirm";
+const RAW_IDENTITY: &str = "raw lapin + the SDK's message id and two identity headers";
 
 /// The group name of a queue type's cases.
 pub fn group(queue_type: QueueType) -> &'static str {
@@ -54,8 +55,24 @@ fn settings(queue_type: QueueType, mode: PublishMode) -> Result<AmqpSettings, Ha
         .with_publish_mode(mode))
 }
 
-fn properties() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
+/// Persistent; with `identity`, also the message id property and the two identity headers the
+/// SDK writes, to tell what carrying them costs from what the SDK itself costs.
+fn properties(identity: bool) -> BasicProperties {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    if !identity {
+        return properties;
+    }
+    let message = Message::new(Vec::new());
+    let mut table = FieldTable::default();
+    for (name, value) in message.wire_headers() {
+        table.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    properties
+        .with_message_id(ShortString::from(message.id_text()))
+        .with_headers(table)
 }
 
 /// Raw lapin: persistent, mandatory publishes on a confirm-mode channel with at most `window`
@@ -65,7 +82,9 @@ pub async fn raw(
     queue: &str,
     messages: u64,
     window: usize,
+    identity: bool,
 ) -> Result<Sample, HarnessError> {
+    let props = properties(identity);
     let conn = connect(args).await?;
     let channel = conn.create_channel().await.map_err(setup)?;
     channel
@@ -74,6 +93,7 @@ pub async fn raw(
         .map_err(setup)?;
     let publish = |seq: u64| {
         let channel: Channel = channel.clone();
+        let props = props.clone();
         async move {
             channel
                 .basic_publish(
@@ -84,7 +104,7 @@ pub async fn raw(
                         immediate: false,
                     },
                     &payload(seq),
-                    properties(),
+                    props,
                 )
                 .await
         }
@@ -239,9 +259,15 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         }
         for &window in &windows {
             let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
+            let mut identity_t = Tally::default();
             for _ in 0..args.rounds {
-                raw_t.add(with_cpu(raw(args, &queue, args.amqp_messages, window)).await?);
+                raw_t.add(with_cpu(raw(args, &queue, args.amqp_messages, window, false)).await?);
                 purge(&channel, &queue).await?;
+                if window == args.window {
+                    let identity = raw(args, &queue, args.amqp_messages, window, true);
+                    identity_t.add(with_cpu(identity).await?);
+                    purge(&channel, &queue).await?;
+                }
                 sdk_t.add(
                     with_cpu(sdk(
                         args,
@@ -260,6 +286,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
                 sdk_t.result(g, SDK, None).rounds
             );
             report.push(raw_t.result(g, RAW, Some(window)));
+            report.push(identity_t.result(g, RAW_IDENTITY, Some(window)));
             report.push(sdk_t.result(g, SDK, Some(window)));
         }
         let (mut tx, mut tx_batch, mut each) =
@@ -288,7 +315,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
                 .await?,
             );
             purge(&channel, &queue).await?;
-            each.add(with_cpu(raw(args, &queue, args.slow_messages, 1)).await?);
+            each.add(with_cpu(raw(args, &queue, args.slow_messages, 1, false)).await?);
             purge(&channel, &queue).await?;
         }
         report.push(tx.result(g, SDK_TX, None));
