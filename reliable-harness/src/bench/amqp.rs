@@ -25,7 +25,7 @@ pub const SDK: &str = "SDK, confirm window";
 const SDK_TX: &str = "SDK, transaction per message";
 const SDK_TX_BATCH: &str = "SDK, transaction per batch";
 const RAW_EACH: &str = "raw lapin, waiting for each confirm";
-const RAW_IDENTITY: &str = "raw lapin + the SDK's message id and two identity headers";
+const RAW_IDENTITY: &str = "raw lapin + the SDK's message id property and header";
 
 /// The group name of a queue type's cases.
 pub fn group(queue_type: QueueType) -> &'static str {

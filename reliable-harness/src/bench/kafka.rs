@@ -21,7 +21,7 @@ use crate::HarnessError;
 
 const GROUP: &str = "Kafka, acks=all + idempotence, RF 3, min.insync.replicas 2";
 const RAW: &str = "raw rdkafka (FutureProducer)";
-const RAW_HEADERS: &str = "raw rdkafka + the SDK's two identity headers";
+const RAW_HEADERS: &str = "raw rdkafka + the SDK's identity header (as the SDK writes it)";
 const SDK: &str = "SDK";
 const JAVA: &str = "Java producer (kafka-tools ProducerPerformance 4.3.1)";
 

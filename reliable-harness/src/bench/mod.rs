@@ -52,7 +52,7 @@ pub enum Part {
 pub enum KafkaCase {
     /// Raw rdkafka.
     Raw,
-    /// Raw rdkafka with the SDK's identity headers.
+    /// Raw rdkafka with the SDK's identity header.
     RawHeaders,
     /// The SDK.
     Sdk,
