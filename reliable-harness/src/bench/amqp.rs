@@ -12,9 +12,8 @@ use reliable_amqp::topology::{self, QueueSpec};
 use reliable_amqp::{AmqpPublisher, AmqpSettings, PublishMode, QueueType};
 use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::Message;
-use tokio::sync::Semaphore;
 
-use super::{stamp, with_cpu, BenchArgs, Collector, Report, Sample, Tally};
+use super::{stamp, through_producer, windowed, with_cpu, BenchArgs, Report, Sample, Tally};
 use crate::child::payload;
 use crate::HarnessError;
 
@@ -109,22 +108,11 @@ pub async fn raw(
                 .await
         }
     };
-    // Warm-up: one confirmed publish before the clock starts.
-    publish(u64::MAX)
-        .await
-        .map_err(setup)?
-        .await
-        .map_err(setup)?;
-    let permits = std::sync::Arc::new(Semaphore::new(window));
-    let collector = Collector::new(messages);
-    let started = Instant::now();
-    for seq in 0..messages {
-        let sent = Instant::now();
-        let permit = permits.clone().acquire_owned().await.map_err(setup)?;
-        let confirm = publish(seq).await.map_err(setup)?;
-        collector.push(
-            sent,
-            async move {
+    let sample = windowed(messages, window, |seq, permit| {
+        let confirm = publish(seq);
+        async move {
+            let confirm = confirm.await.map_err(setup)?;
+            Ok(async move {
                 let confirmation = confirm.await.map_err(|e| e.to_string())?;
                 drop(permit);
                 if confirmation.is_ack() && confirmation.take_message().is_none() {
@@ -133,19 +121,12 @@ pub async fn raw(
                     Err("nacked or returned".to_owned())
                 }
             }
-            .boxed(),
-        )?;
-    }
-    let latencies_us = collector.finish().await?;
-    let took = started.elapsed();
-    let _ = conn.close(200, "done".into()).await;
-    Ok(Sample {
-        messages,
-        took,
-        latencies_us,
-        reported_ms: None,
-        cpu: None,
+            .boxed())
+        }
     })
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    sample
 }
 
 /// The SDK's producer over its RabbitMQ publisher, `window` = `max_in_flight`.
@@ -164,28 +145,10 @@ pub async fn sdk(
             ..ProducerConfig::default()
         },
     );
-    let message = |seq| Message::new(payload(seq)).with_routing_key(queue);
-    producer.send(message(u64::MAX)).await?.await?;
-    let collector = Collector::new(messages);
-    let started = Instant::now();
-    for seq in 0..messages {
-        let sent = Instant::now();
-        let handle = producer.send(message(seq)).await?;
-        collector.push(
-            sent,
-            async move { handle.await.map(|_| ()).map_err(|e| e.to_string()) }.boxed(),
-        )?;
-    }
-    let latencies_us = collector.finish().await?;
-    let took = started.elapsed();
-    producer.close().await;
-    Ok(Sample {
-        messages,
-        took,
-        latencies_us,
-        reported_ms: None,
-        cpu: None,
+    through_producer(producer, messages, |seq| {
+        Message::new(payload(seq)).with_routing_key(queue)
     })
+    .await
 }
 
 /// The SDK's publisher in transaction mode, one `tx.commit` per batch of `batch`; latencies
@@ -221,13 +184,7 @@ async fn sdk_tx_batch(
         latencies_us.push(sent.elapsed().as_micros() as u64);
         seq += n;
     }
-    Ok(Sample {
-        messages,
-        took: started.elapsed(),
-        latencies_us,
-        reported_ms: None,
-        cpu: None,
-    })
+    Ok(Sample::measured(messages, started.elapsed(), latencies_us))
 }
 
 async fn purge(channel: &Channel, queue: &str) -> Result<(), HarnessError> {
@@ -282,8 +239,8 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             }
             eprintln!(
                 "bench: {g}, window {window}: raw {:?}, SDK {:?}",
-                raw_t.result(g, RAW, None).rounds,
-                sdk_t.result(g, SDK, None).rounds
+                raw_t.rounds(),
+                sdk_t.rounds()
             );
             report.push(raw_t.result(g, RAW, Some(window)));
             report.push(identity_t.result(g, RAW_IDENTITY, Some(window)));

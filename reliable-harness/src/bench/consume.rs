@@ -70,13 +70,7 @@ impl Count {
         let first = *self.first.lock().unwrap_or_else(|p| p.into_inner());
         let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
         match (first, last) {
-            (Some(first), Some(last)) => Ok(Sample {
-                messages,
-                took: last - first,
-                latencies_us: Vec::new(),
-                reported_ms: None,
-                cpu: None,
-            }),
+            (Some(first), Some(last)) => Ok(Sample::measured(messages, last - first, Vec::new())),
             _ => Err(HarnessError::Setup(format!(
                 "the consumer handled {} of {messages} messages",
                 self.handled.load(Ordering::Relaxed)
@@ -251,9 +245,9 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         unordered_t.add(with_cpu(unordered).await?);
         eprintln!(
             "bench: Kafka consumer: raw {:?}, SDK {:?}, SDK unordered {:?}",
-            raw_t.result(KAFKA, KAFKA_RAW, None).rounds,
-            sdk_t.result(KAFKA, KAFKA_SDK, None).rounds,
-            unordered_t.result(KAFKA, KAFKA_SDK_UNORDERED, None).rounds
+            raw_t.rounds(),
+            sdk_t.rounds(),
+            unordered_t.rounds()
         );
     }
     report.push(raw_t.result(KAFKA, KAFKA_RAW, None));
@@ -293,8 +287,8 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             sdk_t.add(with_cpu(sdk_pipeline(source, DeadLetter::BrokerReject, messages)).await?);
             eprintln!(
                 "bench: RabbitMQ consumer: raw {:?}, SDK {:?}",
-                raw_t.result(AMQP, AMQP_RAW, None).rounds,
-                sdk_t.result(AMQP, AMQP_SDK, None).rounds
+                raw_t.rounds(),
+                sdk_t.rounds()
             );
         }
         report.push(raw_t.result(AMQP, AMQP_RAW, None));

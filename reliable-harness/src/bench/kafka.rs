@@ -2,8 +2,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use reliable_core::producer::{Producer, ProducerConfig};
@@ -13,9 +12,10 @@ use reliable_kafka::rdkafka::message::{Header, OwnedHeaders};
 use reliable_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
-use tokio::sync::Semaphore;
 
-use super::{stamp, with_cpu, BenchArgs, Collector, KafkaCase, Report, Sample, Tally};
+use super::{
+    stamp, through_producer, windowed, with_cpu, BenchArgs, KafkaCase, Report, Sample, Tally,
+};
 use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
 use crate::HarnessError;
 
@@ -85,33 +85,19 @@ async fn raw(
             }
         }
     };
-    let warm = send(u64::MAX).await?;
-    warm.await.map_err(setup)?.map_err(|(e, _)| setup(e))?;
-    let permits = Arc::new(Semaphore::new(args.kafka_window));
-    let collector = Collector::new(messages);
-    let started = Instant::now();
-    for seq in 0..messages {
-        let sent = Instant::now();
-        let permit = permits.clone().acquire_owned().await.map_err(setup)?;
-        let delivery = send(seq).await?;
-        collector.push(
-            sent,
-            async move {
+    windowed(messages, args.kafka_window, |seq, permit| {
+        let delivery = send(seq);
+        async move {
+            let delivery = delivery.await?;
+            Ok(async move {
                 let outcome = delivery.await.map_err(|e| e.to_string())?;
                 drop(permit);
                 outcome.map(|_| ()).map_err(|(e, _)| e.to_string())
             }
-            .boxed(),
-        )?;
-    }
-    let latencies_us = collector.finish().await?;
-    Ok(Sample {
-        messages,
-        took: started.elapsed(),
-        latencies_us,
-        reported_ms: None,
-        cpu: None,
+            .boxed())
+        }
     })
+    .await
 }
 
 async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, HarnessError> {
@@ -126,30 +112,7 @@ async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, Har
             ..transport.recommended_producer_config()
         },
     );
-    producer
-        .send(Message::new(payload(u64::MAX)))
-        .await?
-        .await?;
-    let collector = Collector::new(messages);
-    let started = Instant::now();
-    for seq in 0..messages {
-        let sent = Instant::now();
-        let handle = producer.send(Message::new(payload(seq))).await?;
-        collector.push(
-            sent,
-            async move { handle.await.map(|_| ()).map_err(|e| e.to_string()) }.boxed(),
-        )?;
-    }
-    let latencies_us = collector.finish().await?;
-    let took = started.elapsed();
-    producer.close().await;
-    Ok(Sample {
-        messages,
-        took,
-        latencies_us,
-        reported_ms: None,
-        cpu: None,
-    })
+    through_producer(producer, messages, |seq| Message::new(payload(seq))).await
 }
 
 /// Kafka's Java producer benchmark with the preset's settings, in a JVM of its own.
@@ -279,10 +242,10 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         }
         eprintln!(
             "bench: Kafka: raw {:?}, raw + headers {:?}, SDK {:?}, Java {:?}",
-            raw_t.result(GROUP, RAW, None).rounds,
-            headers_t.result(GROUP, RAW_HEADERS, None).rounds,
-            sdk_t.result(GROUP, SDK, None).rounds,
-            java_t.result(GROUP, JAVA, None).rounds
+            raw_t.rounds(),
+            headers_t.rounds(),
+            sdk_t.rounds(),
+            java_t.rounds()
         );
     }
     let w = Some(args.kafka_window);

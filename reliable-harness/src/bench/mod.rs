@@ -25,8 +25,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use reliable_core::producer::Producer;
+use reliable_core::Message;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::child::BrokerArgs;
 use crate::HarnessError;
@@ -141,6 +145,17 @@ pub async fn with_cpu(
 }
 
 impl Sample {
+    /// A run measured here (latencies from the collector, CPU added by [`with_cpu`]).
+    pub fn measured(messages: u64, took: Duration, latencies_us: Vec<u64>) -> Self {
+        Self {
+            messages,
+            took,
+            latencies_us,
+            reported_ms: None,
+            cpu: None,
+        }
+    }
+
     /// Messages per second.
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.took.as_secs_f64().max(1e-9)
@@ -173,6 +188,11 @@ impl Tally {
         if self.best.as_ref().is_none_or(|b| sample.rate() > b.rate()) {
             self.best = Some(sample);
         }
+    }
+
+    /// Every round's throughput so far.
+    pub fn rounds(&self) -> &[f64] {
+        &self.rates
     }
 
     /// The result row of the case.
@@ -332,6 +352,58 @@ impl Collector {
             .map_err(|e| HarnessError::Setup(e.to_string()))?
             .map_err(|e| HarnessError::Setup(format!("a confirm failed: {e}")))
     }
+}
+
+/// Sends `messages` through a raw client with at most `window` unconfirmed: `send(seq, permit)`
+/// publishes message `seq` and returns its confirm, which must drop `permit` once confirmed.
+/// A warm-up publish (`u64::MAX`) is confirmed before the clock starts.
+pub async fn windowed<F, Fut>(messages: u64, window: usize, send: F) -> Result<Sample, HarnessError>
+where
+    F: Fn(u64, Option<OwnedSemaphorePermit>) -> Fut,
+    Fut: Future<Output = Result<Confirm, HarnessError>>,
+{
+    send(u64::MAX, None)
+        .await?
+        .await
+        .map_err(|e| HarnessError::Setup(format!("the warm-up publish failed: {e}")))?;
+    let permits = Arc::new(Semaphore::new(window));
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| HarnessError::Setup(e.to_string()))?;
+        collector.push(sent, send(seq, Some(permit)).await?)?;
+    }
+    let latencies_us = collector.finish().await?;
+    Ok(Sample::measured(messages, started.elapsed(), latencies_us))
+}
+
+/// Sends `messages` through the SDK producer (its own window bounds them), after one confirmed
+/// warm-up message (`u64::MAX`), then closes it.
+pub async fn through_producer(
+    producer: Producer,
+    messages: u64,
+    message: impl Fn(u64) -> Message,
+) -> Result<Sample, HarnessError> {
+    producer.send(message(u64::MAX)).await?.await?;
+    let collector = Collector::new(messages);
+    let started = Instant::now();
+    for seq in 0..messages {
+        let sent = Instant::now();
+        let handle = producer.send(message(seq)).await?;
+        collector.push(
+            sent,
+            async move { handle.await.map(|_| ()).map_err(|e| e.to_string()) }.boxed(),
+        )?;
+    }
+    let latencies_us = collector.finish().await?;
+    let took = started.elapsed();
+    producer.close().await;
+    Ok(Sample::measured(messages, took, latencies_us))
 }
 
 /// CPU time this process and its waited-for children have used so far (user + system).
