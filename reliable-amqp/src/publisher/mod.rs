@@ -55,29 +55,35 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+mod confirms;
+mod transactions;
+
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::{BoxFuture, Shared};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
-use lapin::message::BasicReturnMessage;
+use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
-use lapin::{Confirmation, PublisherConfirm};
-use reliable_core::message::headers;
+use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 use reliable_core::{Message, PublishError, Transport};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::Mutex;
 use tracing::Instrument;
 
-use crate::connect::{retryable, Link, Source};
-use crate::error::{soft_error, AmqpError};
+use crate::connect::{Link, Source};
+use crate::error::AmqpError;
 use crate::settings::{AmqpSettings, PublishMode};
+use confirms::{classify, Confirms, Target};
+use transactions::only_result;
+
+/// A caller that gave up on a confirm after waiting at least this long marks the channel
+/// suspect: a confirm normally takes milliseconds, so a wait this long means the link or the
+/// broker stalls, and the resend goes out on a fresh connection instead of into the same one.
+const SUSPECT_AFTER: Duration = Duration::from_secs(1);
 
 /// A publish refused, with the message handed back to the caller (invariant 2).
 #[derive(Debug, thiserror::Error)]
@@ -142,11 +148,7 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         })
         .await?;
     let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-    let (driver, pending) = mpsc::unbounded_channel();
-    tokio::spawn(
-        drive_confirms(link.channel.clone(), pending)
-            .instrument(tracing::debug_span!("amqp_confirm_driver", generation)),
-    );
+    let confirms = Confirms::start(tracing::debug_span!("amqp_confirm_driver", generation));
     tracing::info!(
         generation,
         channel = link.channel.id(),
@@ -157,7 +159,7 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         generation,
         channel: link.channel,
         connection: link.connection,
-        driver,
+        confirms,
         tx: Mutex::new(()),
     }))
 }
@@ -168,14 +170,15 @@ struct LiveChannel {
     channel: Channel,
     /// Kept alive (and closed on drop) when the adapter owns the connection.
     connection: Option<Connection>,
-    driver: mpsc::UnboundedSender<Pending>,
+    /// Decides this channel's confirms (confirm mode).
+    confirms: Confirms,
     /// Serialises transactions on the channel (transaction mode only).
     tx: Mutex<()>,
 }
 
 impl LiveChannel {
     fn usable(&self) -> bool {
-        self.channel.status().connected() && !self.driver.is_closed()
+        self.channel.status().connected() && self.confirms.is_running()
     }
 }
 
@@ -290,26 +293,6 @@ impl AmqpPublisher {
         }
     }
 
-    /// Transaction mode: publishes `batch` in one transaction (`tx.commit` once) and returns
-    /// one result per message, in order. On a failed commit the transaction is rolled back
-    /// and every message gets the (retryable) error; resend the batch with the same messages.
-    /// Returned (unroutable) messages get [`PublishError::Unroutable`]. Slower than confirms;
-    /// fails with [`PublishError::Fatal`] unless the settings use [`PublishMode::Transactions`].
-    pub async fn publish_batch(&self, batch: &[Message]) -> Vec<Result<(), PublishError>> {
-        if self.inner.settings.publish_mode() != PublishMode::Transactions {
-            let error = PublishError::Fatal {
-                reason:
-                    "publish_batch needs PublishMode::Transactions (AmqpSettings::transactional())"
-                        .to_owned(),
-            };
-            return batch.iter().map(|_| Err(error.clone())).collect();
-        }
-        match self.publish_tx(batch).await {
-            Ok(results) => results,
-            Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
-        }
-    }
-
     /// The current channel, or a freshly opened one.
     ///
     /// Opening runs in a task of its own, shared by every caller waiting for it: a caller
@@ -374,46 +357,60 @@ impl AmqpPublisher {
             .with_headers(table)
     }
 
-    async fn basic_publish(
+    /// lapin's `basic_publish` of `msg` on `channel`, owning what it needs: it can be handed
+    /// to the confirm driver, which then owns it to its end.
+    fn basic_publish(
         &self,
         channel: &Channel,
         msg: &Message,
-    ) -> Result<PublisherConfirm, lapin::Error> {
-        let exchange = msg.destination().unwrap_or(&self.inner.exchange);
-        let routing_key = msg.routing_key().unwrap_or_default();
-        channel
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: self.inner.settings.mandatory(),
-                    immediate: false,
-                },
-                msg.payload(),
-                self.properties(msg),
-            )
-            .await
+    ) -> impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static {
+        let channel = channel.clone();
+        let exchange = ShortString::from(msg.destination().unwrap_or(&self.inner.exchange));
+        let routing_key = ShortString::from(msg.routing_key().unwrap_or_default());
+        let options = BasicPublishOptions {
+            mandatory: self.inner.settings.mandatory(),
+            immediate: false,
+        };
+        let payload = msg.payload().clone();
+        let properties = self.properties(msg);
+        async move {
+            channel
+                .basic_publish(exchange, routing_key, options, &payload, properties)
+                .await
+        }
     }
 
     async fn publish_confirmed(&self, msg: &Message) -> Result<(), PublishError> {
         let live = self.live().await.map_err(|e| classify(&e))?;
         let result = self.publish_on(&live, msg).await;
-        if matches!(result, Err(PublishError::ConnectionLost { .. })) {
+        if matches!(
+            result,
+            Err(PublishError::ConnectionLost { .. } | PublishError::Timeout)
+        ) {
             self.invalidate(live.generation);
         }
         result
     }
 
     /// Publishes `msg` on `live` and waits for its confirm, at most the settings'
-    /// [`confirm_timeout`](AmqpSettings::confirm_timeout); then [`PublishError::Timeout`].
+    /// [`confirm_timeout`](AmqpSettings::confirm_timeout); then [`PublishError::Timeout`], and
+    /// the channel is suspect (as it is when the caller gives up after [`SUSPECT_AFTER`]).
     async fn publish_on(&self, live: &LiveChannel, msg: &Message) -> Result<(), PublishError> {
         let timeout = self.inner.settings.confirm_timeout();
-        tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg))
+        let suspect = SuspectOnDrop {
+            publisher: self,
+            generation: live.generation,
+            since: Instant::now(),
+            armed: true,
+        };
+        let result = tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(message_id = %msg.id(), ?timeout, "no confirm within the confirm timeout");
                 Err(PublishError::Timeout)
-            })
+            });
+        suspect.disarm();
+        result
     }
 
     async fn publish_on_unbounded(
@@ -421,97 +418,18 @@ impl AmqpPublisher {
         live: &LiveChannel,
         msg: &Message,
     ) -> Result<(), PublishError> {
-        let confirm = self
-            .basic_publish(&live.channel, msg)
-            .await
-            .map_err(|e| classify(&e))?;
+        let publish = self.basic_publish(&live.channel, msg);
         if !self.inner.settings.publisher_confirms() {
             // Explicit opt-out (DataLoss::NoPublisherConfirms): written to the socket is all
             // we know.
-            drop(confirm);
-            return Ok(());
+            return publish.await.map(drop).map_err(|e| classify(&e));
         }
-        let (reply, outcome) = oneshot::channel();
-        live.driver
-            .send(Pending {
-                id: msg.id_text().to_owned(),
-                confirm,
-                reply,
-            })
-            .map_err(|_| lost("the confirm driver stopped with its channel"))?;
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(lost("the channel closed before the confirm")))
-    }
-
-    async fn publish_tx(
-        &self,
-        batch: &[Message],
-    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
-        let live = self.live().await.map_err(|e| classify(&e))?;
-        let timeout = self.inner.settings.confirm_timeout();
-        let result = tokio::time::timeout(timeout, self.commit_on(&live, batch))
-            .await
-            .unwrap_or_else(|_| {
-                tracing::warn!(
-                    messages = batch.len(),
-                    ?timeout,
-                    "no tx.commit-ok within the confirm timeout"
-                );
-                if !matches!(self.inner.source, Source::Channel(_)) {
-                    // The channel may hold this batch's publishes uncommitted: close it (which
-                    // discards them) rather than let the next batch commit them.
-                    let channel = live.channel.clone();
-                    tokio::spawn(async move {
-                        let _ = channel.close(200, "transaction timed out".into()).await;
-                    });
-                    self.invalidate(live.generation);
-                }
-                Err(PublishError::Timeout)
-            });
-        if matches!(result, Err(PublishError::ConnectionLost { .. })) {
-            self.invalidate(live.generation);
-        }
-        result
-    }
-
-    /// Publishes and commits `batch` in one transaction, unbounded in time: the caller
-    /// ([`publish_tx`](Self::publish_tx)) bounds it by the confirm timeout.
-    async fn commit_on(
-        &self,
-        live: &LiveChannel,
-        batch: &[Message],
-    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
-        let _transaction = live.tx.lock().await;
-        let attempt = async {
-            for msg in batch {
-                self.basic_publish(&live.channel, msg).await?;
-            }
-            live.channel.tx_commit().await?;
-            // Returns arrive before commit-ok; outside confirm mode lapin keeps them here.
-            live.channel.wait_for_confirms().await
+        let target = Target {
+            id: msg.id_text().to_owned(),
+            exchange: msg.destination().unwrap_or(&self.inner.exchange).to_owned(),
+            size: msg.payload().len(),
         };
-        match attempt.await {
-            Ok(returned) => {
-                let mut returns = Returns::default();
-                returned.into_iter().for_each(|r| returns.add(r));
-                Ok(batch
-                    .iter()
-                    .map(|msg| match returns.take(msg.id_text()) {
-                        Some(r) => Err(unroutable(&r)),
-                        None => Ok(()),
-                    })
-                    .collect())
-            }
-            Err(e) => {
-                let error = classify(&e);
-                if !matches!(error, PublishError::ConnectionLost { .. }) {
-                    let _ = live.channel.tx_rollback().await;
-                }
-                tracing::warn!(%error, messages = batch.len(), "AMQP transaction rolled back");
-                Err(error)
-            }
-        }
+        live.confirms.publish(target, publish).await
     }
 }
 
@@ -541,258 +459,38 @@ impl Transport for AmqpPublisher {
     }
 }
 
-/// The one result of a one-message transaction. No result means no commit is known to stand
-/// behind the message, so it is never `Ok` (invariant 1).
-fn only_result(mut results: Vec<Result<(), PublishError>>) -> Result<(), PublishError> {
-    match (results.pop(), results.is_empty()) {
-        (Some(result), true) => result,
-        (None, _) => Err(PublishError::Fatal {
-            reason: "the transaction reported no result for the message, so no commit is known \
-                     to include it"
-                .to_owned(),
-        }),
-        (Some(_), false) => Err(PublishError::Fatal {
-            reason: "the transaction reported several results for one message".to_owned(),
-        }),
+/// Marks a channel suspect when a caller drops its wait for a confirm after
+/// [`SUSPECT_AFTER`] (the core producer's attempt timeout does): the next publish opens a
+/// fresh connection rather than resend into one that may have gone silent.
+struct SuspectOnDrop<'a> {
+    publisher: &'a AmqpPublisher,
+    generation: u64,
+    since: Instant,
+    armed: bool,
+}
+
+impl SuspectOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
     }
 }
 
-/// Returns kept for publishes not yet handed to the driver, at most.
-const MAX_UNMATCHED_RETURNS: usize = 4096;
-
-/// A publish waiting for its confirm, held by the channel's driver.
-struct Pending {
-    id: String,
-    confirm: PublisherConfirm,
-    reply: oneshot::Sender<Result<(), PublishError>>,
-}
-
-/// Returned messages not yet matched to their publish, by message id (several per id when
-/// the same message was published more than once).
-#[derive(Default)]
-struct Returns(HashMap<String, VecDeque<BasicReturnMessage>>);
-
-impl Returns {
-    fn add(&mut self, message: BasicReturnMessage) {
-        let id = message
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string())
-            .or_else(|| header(&message.delivery.properties, headers::MESSAGE_ID))
-            .unwrap_or_default();
-        self.0.entry(id).or_default().push_back(message);
-    }
-
-    fn take(&mut self, id: &str) -> Option<BasicReturnMessage> {
-        let queue = self.0.get_mut(id)?;
-        let message = queue.pop_front();
-        if queue.is_empty() {
-            self.0.remove(id);
+impl Drop for SuspectOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.since.elapsed() >= SUSPECT_AFTER {
+            tracing::warn!(
+                generation = self.generation,
+                waited = ?self.since.elapsed(),
+                "confirm wait abandoned: the channel is suspect, the next publish opens a fresh connection"
+            );
+            self.publisher.invalidate(self.generation);
         }
-        message
-    }
-}
-
-/// A text header of `properties`.
-pub(crate) fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    let value = properties.headers().as_ref()?.inner().get(name)?.clone();
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-/// The per-channel confirm driver: awaits every pending confirm and decides each one only
-/// after the returns of its batch are collected (see the module docs).
-async fn drive_confirms(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Pending>) {
-    type Resolved = (
-        String,
-        oneshot::Sender<Result<(), PublishError>>,
-        lapin::Result<Confirmation>,
-    );
-    let mut waiting = FuturesUnordered::new();
-    let mut returns = Returns::default();
-    let mut open = true;
-    while open || !waiting.is_empty() {
-        tokio::select! {
-            next = incoming.recv(), if open => match next {
-                Some(Pending { id, confirm, reply }) => {
-                    waiting.push(async move { (id, reply, confirm.await) });
-                }
-                None => open = false,
-            },
-            Some(first) = waiting.next(), if !waiting.is_empty() => {
-                let first: Resolved = first;
-                // A multiple-ack resolves its confirms one by one under lapin's lock; taking
-                // that lock (wait_for_confirms does, synchronously) waits until the whole
-                // batch is resolved. Then every confirm of the batch is ready to collect.
-                if let Some(Ok(returned)) = channel.wait_for_confirms().now_or_never() {
-                    returned.into_iter().for_each(|r| returns.add(r));
-                }
-                let mut batch = vec![first];
-                while let Some(Some(resolved)) = waiting.next().now_or_never() {
-                    batch.push(resolved);
-                }
-                for (id, reply, result) in decide_batch(batch, &mut returns) {
-                    tracing::trace!(message_id = %id, ?result, "confirm decided");
-                    let _ = reply.send(result);
-                }
-                if returns.0.len() > MAX_UNMATCHED_RETURNS {
-                    // Returns of publishes that were cancelled before reaching the driver
-                    // (their caller resends them); bounded so they cannot pile up.
-                    tracing::warn!(count = returns.0.len(), "dropping returns no publish claimed");
-                    returns.0.clear();
-                }
-            }
-        }
-    }
-}
-
-/// Decides a batch of resolved confirms. Every return the batch carries is collected first
-/// (lapin may have attached it to any confirm of the batch, or to an earlier one), then each
-/// publish is decided by its own message id: returned -> Unroutable, else ack -> Ok, nack ->
-/// Nacked, error -> classified.
-fn decide_batch<T>(
-    batch: Vec<(String, T, lapin::Result<Confirmation>)>,
-    returns: &mut Returns,
-) -> Vec<(String, T, Result<(), PublishError>)> {
-    let mut collected = Vec::with_capacity(batch.len());
-    for (id, extra, result) in batch {
-        let outcome = match result {
-            Ok(confirmation) => {
-                let acked = confirmation.is_ack();
-                if let Some(r) = confirmation.take_message() {
-                    returns.add(r);
-                }
-                Ok(acked)
-            }
-            Err(e) => Err(classify(&e)),
-        };
-        collected.push((id, extra, outcome));
-    }
-    collected
-        .into_iter()
-        .map(|(id, extra, outcome)| {
-            let result = match outcome {
-                Ok(acked) => match returns.take(&id) {
-                    Some(r) => Err(unroutable(&r)),
-                    None if acked => Ok(()),
-                    None => Err(PublishError::Nacked {
-                        reason: "basic.nack: the queue refused it (full with reject-publish, \
-                                 or a broker-side error)"
-                            .to_owned(),
-                    }),
-                },
-                Err(e) => Err(e),
-            };
-            (id, extra, result)
-        })
-        .collect()
-}
-
-fn unroutable(r: &BasicReturnMessage) -> PublishError {
-    PublishError::Unroutable {
-        reason: format!(
-            "{} {} (exchange `{}`, routing key `{}`)",
-            r.reply_code, r.reply_text, r.delivery.exchange, r.delivery.routing_key
-        ),
-    }
-}
-
-fn lost(reason: &str) -> PublishError {
-    PublishError::ConnectionLost {
-        reason: reason.to_owned(),
-    }
-}
-
-/// Classifies a lapin error of a publish: lost connection/channel is retryable; a channel
-/// closed by the broker for a configuration reason is fatal.
-pub(crate) fn classify(error: &lapin::Error) -> PublishError {
-    match soft_error(error) {
-        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Fatal {
-            reason: format!("{text}: declare the exchange first"),
-        },
-        Some((AMQPSoftError::ACCESSREFUSED, text)) => PublishError::Fatal {
-            reason: format!("{text}: grant the user write access"),
-        },
-        Some((AMQPSoftError::PRECONDITIONFAILED, text)) => PublishError::Fatal { reason: text },
-        _ if retryable(error) => lost(&error.to_string()),
-        _ => PublishError::Fatal {
-            reason: error.to_string(),
-        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::message::Delivery;
-
-    fn returned(id: &str) -> BasicReturnMessage {
-        let mut delivery = Delivery::mock(0, "".into(), "nowhere".into(), false, b"x".to_vec());
-        delivery.properties = BasicProperties::default().with_message_id(id.into());
-        BasicReturnMessage {
-            delivery,
-            reply_code: 312,
-            reply_text: "NO_ROUTE".into(),
-        }
-    }
-
-    #[test]
-    fn a_return_attached_to_another_confirm_goes_to_its_own_publish() {
-        // A multiple-ack resolved W and X together and lapin attached X's return to W.
-        let batch = vec![
-            (
-                "w".to_owned(),
-                (),
-                Ok(Confirmation::Ack(Some(returned("x")))),
-            ),
-            ("x".to_owned(), (), Ok(Confirmation::Ack(None))),
-        ];
-        let decided = decide_batch(batch, &mut Returns::default());
-        assert_eq!(decided[0].2, Ok(()), "w was routed");
-        assert!(matches!(decided[1].2, Err(PublishError::Unroutable { .. })));
-    }
-
-    #[test]
-    fn a_return_that_arrived_before_its_publish_was_decided_is_kept_for_it() {
-        let mut returns = Returns::default();
-        let first = decide_batch(
-            vec![(
-                "w".to_owned(),
-                (),
-                Ok(Confirmation::Ack(Some(returned("x")))),
-            )],
-            &mut returns,
-        );
-        assert_eq!(first[0].2, Ok(()));
-        let later = decide_batch(
-            vec![("x".to_owned(), (), Ok(Confirmation::Ack(None)))],
-            &mut returns,
-        );
-        assert!(matches!(later[0].2, Err(PublishError::Unroutable { .. })));
-        assert!(returns.0.is_empty());
-    }
-
-    #[test]
-    fn a_transaction_without_a_result_is_never_ok() {
-        assert!(matches!(
-            only_result(Vec::new()),
-            Err(PublishError::Fatal { .. })
-        ));
-        assert!(matches!(
-            only_result(vec![Ok(()), Ok(())]),
-            Err(PublishError::Fatal { .. })
-        ));
-        assert_eq!(only_result(vec![Ok(())]), Ok(()));
-        assert_eq!(
-            only_result(vec![Err(PublishError::Timeout)]),
-            Err(PublishError::Timeout)
-        );
-    }
 
     #[tokio::test]
     async fn an_unparsable_url_fails_at_once_without_quoting_it() {
@@ -813,25 +511,5 @@ mod tests {
                 .await
                 .unwrap_err();
         assert!(matches!(error, AmqpError::InvalidUrl), "{error:?}");
-    }
-
-    #[test]
-    fn nack_and_connection_loss_are_classified() {
-        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        let decided = decide_batch(
-            vec![
-                ("n".to_owned(), (), Ok(Confirmation::Nack(None))),
-                ("l".to_owned(), (), Err(io)),
-            ],
-            &mut Returns::default(),
-        );
-        assert!(matches!(decided[0].2, Err(PublishError::Nacked { .. })));
-        assert!(matches!(
-            decided[1].2,
-            Err(PublishError::ConnectionLost { .. })
-        ));
-        assert!(decided
-            .iter()
-            .all(|d| d.2.as_ref().unwrap_err().is_retryable()));
     }
 }

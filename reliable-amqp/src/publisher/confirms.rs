@@ -1,0 +1,498 @@
+//! Confirm tracking for one confirm-mode channel (loss-matrix rows L1, L2; invariant 9).
+//!
+//! lapin hands a `basic.return` to whichever confirm resolves next (or to a confirm nobody
+//! holds any more), and settles a multiple-ack in map order, so a return often rides on
+//! another publish's confirm. A publish is therefore decided here only once every return that
+//! could belong to it is in hand:
+//!
+//! * **Registration cannot be cancelled half-way.** [`Confirms::publish`] polls lapin's
+//!   `basic_publish` once under the channel's registry lock (lapin assigns the delivery tag
+//!   and queues the frames in that first poll) and hands the publish to the driver in the
+//!   same synchronous step. From then on the driver owns it, whatever happens to the caller:
+//!   no confirm is ever dropped, so no return is ever lost with it.
+//! * **Decisions in delivery-tag order, after the returns are accounted for.** The broker
+//!   sends a message's return before its ack, and lapin attaches each waiting return to the
+//!   next confirm it completes. It follows that once every publish up to X has resolved,
+//!   every return of a publish up to X has been attached to a confirm that already resolved
+//!   (possibly one registered after X). The driver decides X only when every publish up to X
+//!   has resolved *and* it holds and has collected every publish registered so far; then X's
+//!   return, if any, is in its table, matched by message id.
+//! * Returns that no publish claims can only be left when the channel is quiescent (nothing
+//!   registered is undecided); only then are they dropped.
+//!
+//! A channel closed by the broker fails every pending confirm with the same error; only the
+//! publish the error names is refused for good (see [`classify_for`]), the others are
+//! retryable and go out again on a fresh channel.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use lapin::message::BasicReturnMessage;
+use lapin::protocol::AMQPSoftError;
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use reliable_core::message::headers;
+use reliable_core::PublishError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connect::retryable;
+use crate::error::soft_error;
+
+/// What a publish was sent to, to tell whether a channel error names it.
+#[derive(Clone, Debug)]
+pub(super) struct Target {
+    /// The message id (also the key returns are matched by).
+    pub(super) id: String,
+    /// The exchange it was published to.
+    pub(super) exchange: String,
+    /// The body size in bytes.
+    pub(super) size: usize,
+}
+
+type Outcome = Result<(), PublishError>;
+type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// A publish handed to the driver, in registration order.
+struct Registered {
+    seq: u64,
+    target: Target,
+    publishing: Publishing,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The confirm side of one channel: the registry publishes go through and its driver's inbox.
+pub(super) struct Confirms {
+    /// Publishes registered so far; held while lapin assigns a delivery tag, so this order is
+    /// lapin's delivery-tag order.
+    registry: Arc<Mutex<u64>>,
+    driver: mpsc::UnboundedSender<Registered>,
+}
+
+impl Confirms {
+    /// The channel's confirm tracking, with its driver spawned on the current runtime.
+    pub(super) fn start(span: tracing::Span) -> Self {
+        let registry = Arc::new(Mutex::new(0));
+        let (driver, inbox) = mpsc::unbounded_channel();
+        tokio::spawn(tracing::Instrument::instrument(
+            drive(registry.clone(), inbox),
+            span,
+        ));
+        Self { registry, driver }
+    }
+
+    /// Whether the driver still runs (it stops only once every sender is gone).
+    pub(super) fn is_running(&self) -> bool {
+        !self.driver.is_closed()
+    }
+
+    /// Registers `publish` (lapin's `basic_publish` future) and returns the receiver of its
+    /// outcome. Registration and hand-off happen in one synchronous step: dropping the returned
+    /// receiver (a cancelled caller) leaves the publish tracked to its end.
+    pub(super) fn publish(
+        &self,
+        target: Target,
+        publish: impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let mut publishing: Publishing = Box::pin(publish);
+        let (reply, outcome) = oneshot::channel();
+        let driver = self.driver.clone();
+        let registry = self.registry.clone();
+        let mut target = Some(target);
+        let mut reply = Some(reply);
+        let registered = std::future::poll_fn(move |cx| {
+            let mut next = lock(&registry);
+            // lapin assigns the delivery tag and queues the frames in this first poll.
+            let first = publishing.as_mut().poll(cx);
+            let seq = *next;
+            *next += 1;
+            let (Some(target), Some(reply)) = (target.take(), reply.take()) else {
+                return Poll::Ready(Err(lost("publish polled after registration")));
+            };
+            let publishing: Publishing = match first {
+                Poll::Ready(result) => Box::pin(std::future::ready(result)),
+                Poll::Pending => std::mem::replace(
+                    &mut publishing,
+                    Box::pin(std::future::pending::<lapin::Result<PublisherConfirm>>()),
+                ),
+            };
+            let sent = driver.send(Registered {
+                seq,
+                target,
+                publishing,
+                reply,
+            });
+            drop(next);
+            Poll::Ready(sent.map_err(|_| lost("the confirm driver stopped with its channel")))
+        });
+        async move {
+            registered.await?;
+            outcome
+                .await
+                .unwrap_or_else(|_| Err(lost("the channel closed before the confirm")))
+        }
+    }
+}
+
+fn lock(registry: &Mutex<u64>) -> MutexGuard<'_, u64> {
+    // A counter is never left half-written: a poisoned lock is usable.
+    registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A registered publish not yet decided.
+struct Entry {
+    target: Target,
+    reply: oneshot::Sender<Outcome>,
+    /// `None` until its confirm (or error) arrived.
+    resolved: Option<Result<bool, lapin::Error>>,
+}
+
+/// The per-channel confirm driver (see the module docs for the rule it follows).
+async fn drive(registry: Arc<Mutex<u64>>, mut inbox: mpsc::UnboundedReceiver<Registered>) {
+    let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
+    let mut received = 0u64;
+    let mut waiting = FuturesUnordered::new();
+    let mut returns = Returns::default();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            next = inbox.recv(), if open => match next {
+                Some(r) => {
+                    received += 1;
+                    admit(r, &mut entries, &mut waiting);
+                }
+                None => open = false,
+            },
+            Some((seq, result)) = waiting.next(), if !waiting.is_empty() => {
+                record(seq, result, &mut entries, &mut returns);
+            }
+            else => break,
+        }
+        // Everything already registered and everything already resolved, then the count of
+        // registrations: a confirm that carries a return of a resolved publish resolved before
+        // it, so it was registered before this count was read.
+        while let Ok(r) = inbox.try_recv() {
+            received += 1;
+            admit(r, &mut entries, &mut waiting);
+        }
+        while let Some(Some((seq, result))) = waiting.next().now_or_never() {
+            record(seq, result, &mut entries, &mut returns);
+        }
+        if received < *lock(&registry) {
+            continue; // a registration is on its way to the inbox
+        }
+        while let Some(entry) = entries.first_entry() {
+            if entry.get().resolved.is_none() {
+                break;
+            }
+            let Entry {
+                target,
+                reply,
+                resolved,
+            } = entry.remove();
+            let outcome = decide(&target, resolved, &mut returns);
+            tracing::trace!(message_id = %target.id, ?outcome, "confirm decided");
+            let _ = reply.send(outcome);
+        }
+        if entries.is_empty() && !returns.0.is_empty() {
+            // Quiescent: every publish of this channel is decided, so no publish can claim
+            // these (messages published on the channel outside this adapter).
+            tracing::warn!(
+                count = returns.0.len(),
+                "dropping returns no publish of this channel claims"
+            );
+            returns.0.clear();
+        }
+        if !open && entries.is_empty() {
+            break;
+        }
+    }
+}
+
+type Resolving = Pin<Box<dyn Future<Output = (u64, lapin::Result<Confirmation>)> + Send>>;
+
+fn admit(
+    r: Registered,
+    entries: &mut BTreeMap<u64, Entry>,
+    waiting: &mut FuturesUnordered<Resolving>,
+) {
+    let Registered {
+        seq,
+        target,
+        publishing,
+        reply,
+    } = r;
+    entries.insert(
+        seq,
+        Entry {
+            target,
+            reply,
+            resolved: None,
+        },
+    );
+    waiting.push(Box::pin(async move {
+        let result = match publishing.await {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        };
+        (seq, result)
+    }));
+}
+
+fn record(
+    seq: u64,
+    result: lapin::Result<Confirmation>,
+    entries: &mut BTreeMap<u64, Entry>,
+    returns: &mut Returns,
+) {
+    let resolved = result.map(|confirmation| {
+        let acked = confirmation.is_ack();
+        if let Some(r) = confirmation.take_message() {
+            returns.add(r);
+        }
+        acked
+    });
+    if let Some(entry) = entries.get_mut(&seq) {
+        entry.resolved = Some(resolved);
+    }
+}
+
+/// The outcome of one resolved publish, once the returns it could own are collected:
+/// returned -> Unroutable, else ack -> Ok, nack -> Nacked, error -> [`classify_for`].
+fn decide(
+    target: &Target,
+    resolved: Option<Result<bool, lapin::Error>>,
+    returns: &mut Returns,
+) -> Outcome {
+    match resolved {
+        Some(Ok(acked)) => match returns.take(&target.id) {
+            Some(r) => Err(unroutable(&r)),
+            None if acked => Ok(()),
+            None => Err(PublishError::Nacked {
+                reason: "basic.nack: the queue refused it (full with reject-publish, or a \
+                         broker-side error)"
+                    .to_owned(),
+            }),
+        },
+        Some(Err(e)) => Err(classify_for(&e, target)),
+        None => Err(lost("the publish was decided before it resolved")),
+    }
+}
+
+/// Returned messages not yet matched to their publish, by message id (several per id when
+/// the same message was published more than once).
+#[derive(Default)]
+pub(super) struct Returns(HashMap<String, VecDeque<BasicReturnMessage>>);
+
+impl Returns {
+    pub(super) fn add(&mut self, message: BasicReturnMessage) {
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .or_else(|| header(&message.delivery.properties, headers::MESSAGE_ID))
+            .unwrap_or_default();
+        self.0.entry(id).or_default().push_back(message);
+    }
+
+    pub(super) fn take(&mut self, id: &str) -> Option<BasicReturnMessage> {
+        let queue = self.0.get_mut(id)?;
+        let message = queue.pop_front();
+        if queue.is_empty() {
+            self.0.remove(id);
+        }
+        message
+    }
+}
+
+/// A text header of `properties`.
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    let value = properties.headers().as_ref()?.inner().get(name)?.clone();
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+pub(super) fn unroutable(r: &BasicReturnMessage) -> PublishError {
+    PublishError::Unroutable {
+        reason: format!(
+            "{} {} (exchange `{}`, routing key `{}`)",
+            r.reply_code, r.reply_text, r.delivery.exchange, r.delivery.routing_key
+        ),
+    }
+}
+
+pub(super) fn lost(reason: &str) -> PublishError {
+    PublishError::ConnectionLost {
+        reason: reason.to_owned(),
+    }
+}
+
+/// Classifies a lapin error of a publish: lost connection/channel is retryable; a channel
+/// closed by the broker for a configuration reason is fatal.
+pub(crate) fn classify(error: &lapin::Error) -> PublishError {
+    match soft_error(error) {
+        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Fatal {
+            reason: format!("{text}: declare the exchange first"),
+        },
+        Some((AMQPSoftError::ACCESSREFUSED, text)) => PublishError::Fatal {
+            reason: format!("{text}: grant the user write access"),
+        },
+        Some((AMQPSoftError::PRECONDITIONFAILED, text)) => PublishError::Fatal { reason: text },
+        _ if retryable(error) => lost(&error.to_string()),
+        _ => PublishError::Fatal {
+            reason: error.to_string(),
+        },
+    }
+}
+
+/// Classifies the error a publish's confirm failed with, for that publish.
+///
+/// A broker closing the channel fails every pending confirm with one error. It is final only
+/// for the publish it names: a missing or forbidden exchange (`404`/`403` naming the
+/// publish's exchange) or a body over the broker's size limit (`406` naming the publish's
+/// size, [`PublishError::TooLarge`]). For every other publish on the channel it is the
+/// retryable [`PublishError::ConnectionLost`]: the channel went away under it, and it is
+/// resent on a fresh one. An error that names no publish is retryable for all of them
+/// (bounded by the producer's attempts and deadline).
+pub(super) fn classify_for(error: &lapin::Error, target: &Target) -> PublishError {
+    let Some((code, text)) = soft_error(error) else {
+        return classify(error);
+    };
+    let names_exchange = || quoted_after(&text, "exchange '") == Some(target.exchange.as_str());
+    let final_for_this = match code {
+        AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED => names_exchange(),
+        AMQPSoftError::PRECONDITIONFAILED => {
+            if let Some((size, limit)) = size_limit(&text) {
+                if size == target.size {
+                    return PublishError::TooLarge { size, limit };
+                }
+            }
+            false
+        }
+        _ => false,
+    };
+    if final_for_this {
+        classify(error)
+    } else {
+        lost(&format!(
+            "the broker closed the channel because of another publish ({text}); resent on a \
+             fresh channel"
+        ))
+    }
+}
+
+/// The text between `prefix` and the next `'` in `text`.
+fn quoted_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let start = text.find(prefix)? + prefix.len();
+    let len = text[start..].find('\'')?;
+    Some(&text[start..start + len])
+}
+
+/// `(size, limit)` of RabbitMQ's "message size N is larger than configured max size M".
+fn size_limit(text: &str) -> Option<(usize, usize)> {
+    let number_after = |prefix: &str| -> Option<usize> {
+        let start = text.find(prefix)? + prefix.len();
+        let digits: String = text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((number_after("message size ")?, number_after("max size ")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::message::Delivery;
+    use lapin::protocol::{AMQPError, AMQPErrorKind};
+
+    fn returned(id: &str) -> BasicReturnMessage {
+        let mut delivery = Delivery::mock(0, "".into(), "nowhere".into(), false, b"x".to_vec());
+        delivery.properties = BasicProperties::default().with_message_id(id.into());
+        BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        }
+    }
+
+    fn target(id: &str, exchange: &str, size: usize) -> Target {
+        Target {
+            id: id.to_owned(),
+            exchange: exchange.to_owned(),
+            size,
+        }
+    }
+
+    fn closed(code: AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(code), text.into()))
+            .into()
+    }
+
+    #[test]
+    fn a_return_attached_to_another_publish_goes_to_its_own() {
+        let mut returns = Returns::default();
+        returns.add(returned("x"));
+        assert_eq!(
+            decide(&target("w", "", 1), Some(Ok(true)), &mut returns),
+            Ok(())
+        );
+        assert!(matches!(
+            decide(&target("x", "", 1), Some(Ok(true)), &mut returns),
+            Err(PublishError::Unroutable { .. })
+        ));
+        assert!(returns.0.is_empty());
+    }
+
+    #[test]
+    fn a_channel_close_is_final_only_for_the_publish_it_names() {
+        let missing = closed(
+            AMQPSoftError::NOTFOUND,
+            "NOT_FOUND - no exchange 'gone' in vhost '/'",
+        );
+        assert!(matches!(
+            classify_for(&missing, &target("a", "gone", 1)),
+            PublishError::Fatal { .. }
+        ));
+        let neighbour = classify_for(&missing, &target("b", "", 1));
+        assert!(neighbour.is_retryable(), "{neighbour:?}");
+
+        let large = closed(
+            AMQPSoftError::PRECONDITIONFAILED,
+            "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000",
+        );
+        assert_eq!(
+            classify_for(&large, &target("a", "", 2000)),
+            PublishError::TooLarge {
+                size: 2000,
+                limit: 1000
+            }
+        );
+        assert!(classify_for(&large, &target("b", "", 10)).is_retryable());
+        let unnamed = closed(AMQPSoftError::PRECONDITIONFAILED, "PRECONDITION_FAILED - x");
+        assert!(classify_for(&unnamed, &target("b", "", 10)).is_retryable());
+    }
+
+    #[test]
+    fn nack_and_connection_loss_are_classified() {
+        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let mut returns = Returns::default();
+        assert!(matches!(
+            decide(&target("n", "", 1), Some(Ok(false)), &mut returns),
+            Err(PublishError::Nacked { .. })
+        ));
+        let lost = decide(&target("l", "", 1), Some(Err(io)), &mut returns);
+        assert!(matches!(lost, Err(PublishError::ConnectionLost { .. })));
+        assert!(lost.unwrap_err().is_retryable());
+    }
+}
