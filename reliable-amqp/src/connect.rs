@@ -7,13 +7,16 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::error::{redacted_target, AmqpError};
-use crate::settings::ReconnectPolicy;
+use reliable_core::redact;
+
+use crate::error::AmqpError;
+use crate::settings::{ReconnectPolicy, DEFAULT_HEARTBEAT};
 
 /// The longest one attempt to open a connection and channel may take.
 const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -21,7 +24,7 @@ const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// An AMQP URL, parsed once, whose credentials are never displayed (invariant 8).
 #[derive(Clone)]
 pub(crate) struct SecretUrl {
-    /// Host, port and vhost, without credentials (see [`redacted_target`]).
+    /// Host, port and vhost, without credentials (see [`target`]).
     target: Arc<str>,
     /// What lapin connects with. Its `Debug` shows the password: never format it.
     uri: Arc<AMQPUri>,
@@ -31,20 +34,27 @@ impl SecretUrl {
     /// Parses `url`. A failure is [`AmqpError::InvalidUrl`], whose text never quotes the
     /// URL (the parser's own message does, credentials included).
     pub(crate) fn parse(url: &str) -> Result<Self, AmqpError> {
-        // A `/`, `?` or `#` before the last `@` means the URL parser would end the
-        // authority inside the credentials and send their tail as host, port or vhost.
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        if let Some(at) = rest.rfind('@') {
-            if rest[..at].contains(['/', '?', '#']) {
-                return Err(AmqpError::InvalidUrl);
-            }
+        // A `/`, `?` or `#` in the userinfo (which ends at the last `@`) means the URL
+        // parser would end the authority inside the credentials and send their tail as host,
+        // port or vhost.
+        if redact::userinfo(url).is_some_and(|u| u.contains(['/', '?', '#'])) {
+            return Err(AmqpError::InvalidUrl);
         }
         let uri = url.parse::<AMQPUri>().map_err(|_| AmqpError::InvalidUrl)?;
         Ok(Self {
-            target: Arc::from(redacted_target(url)),
+            target: Arc::from(target(url)),
             uri: Arc::new(uri),
         })
     }
+}
+
+/// Host, port and vhost of `url` for messages (never its credentials, user name included),
+/// or a placeholder when they cannot be told from the credentials.
+fn target(url: &str) -> String {
+    redact::host_and_path(url).map_or_else(
+        || "<unparsable host>".to_owned(),
+        |(host, path)| format!("{host}{path}"),
+    )
 }
 
 impl fmt::Debug for SecretUrl {
@@ -79,9 +89,39 @@ pub(crate) struct Link {
 
 impl Source {
     /// A source that connects to `url`, parsed here once: an unparsable URL is the
-    /// non-retryable [`AmqpError::InvalidUrl`], never a connect attempt.
+    /// non-retryable [`AmqpError::InvalidUrl`], never a connect attempt. Its connections
+    /// propose the presets' heartbeat until [`with_heartbeat`](Self::with_heartbeat) says
+    /// otherwise.
     pub(crate) fn url(url: &str) -> Result<Self, AmqpError> {
-        SecretUrl::parse(url).map(Source::Url)
+        let source = SecretUrl::parse(url).map(Source::Url)?;
+        if let Source::Url(parsed) = &source {
+            if let Some(heartbeat) = parsed.uri.query.heartbeat {
+                tracing::warn!(
+                    target_broker = %parsed.target,
+                    url_heartbeat_s = heartbeat,
+                    "the URL's `heartbeat` parameter is replaced by the settings' heartbeat; \
+                     set it with AmqpSettings::with_heartbeat"
+                );
+            }
+        }
+        Ok(source.with_heartbeat(DEFAULT_HEARTBEAT))
+    }
+
+    /// Connections opened from a URL propose `heartbeat` (whole seconds; see
+    /// [`AmqpSettings::with_heartbeat`](crate::settings::AmqpSettings::with_heartbeat)).
+    /// A wrapped connection or channel keeps the heartbeat its owner negotiated.
+    pub(crate) fn with_heartbeat(self, heartbeat: Duration) -> Self {
+        match self {
+            Source::Url(mut url) => {
+                let mut uri = (*url.uri).clone();
+                let seconds = u16::try_from(heartbeat.as_secs()).unwrap_or(u16::MAX);
+                // lapin proposes this in tune-ok unless the broker's is lower (and non-zero).
+                uri.query.heartbeat = Some(seconds);
+                url.uri = Arc::new(uri);
+                Source::Url(url)
+            }
+            other => other,
+        }
     }
 
     /// Host, port and vhost for messages (no credentials).
@@ -213,6 +253,26 @@ mod tests {
     }
 
     #[test]
+    fn a_url_source_proposes_the_safe_presets_heartbeat() {
+        // Without a proposal lapin takes the broker's heartbeat (RabbitMQ: 60 s), and a link
+        // that stops carrying bytes goes unnoticed for two of them (L12).
+        let source = Source::url("amqp://u:p@rabbit:5672/v").unwrap();
+        let Source::Url(url) = &source else {
+            panic!("not a URL source");
+        };
+        assert_eq!(url.uri.query.heartbeat, Some(5));
+        // The settings' value replaces the preset's, and one in the URL.
+        let source = Source::url("amqp://u:p@rabbit:5672/v?heartbeat=0")
+            .unwrap()
+            .with_heartbeat(Duration::from_secs(7));
+        let Source::Url(url) = &source else {
+            panic!("not a URL source");
+        };
+        assert_eq!(url.uri.query.heartbeat, Some(7));
+        assert_eq!(source.target(), "rabbit:5672/v");
+    }
+
+    #[test]
     fn a_parsed_url_shows_only_host_port_and_vhost() {
         let source = Source::url("amqp://alice:p%2Fa%40ss@rabbit:5673/%2f").unwrap();
         let Source::Url(url) = &source else {
@@ -226,5 +286,29 @@ mod tests {
         // An unencoded `@` in the password is unambiguous (the last `@` ends it).
         let source = Source::url("amqp://alice:p@ss@rabbit/v").unwrap();
         assert_eq!(source.target(), "rabbit/v");
+    }
+
+    #[test]
+    fn passwords_holding_delimiters_never_show() {
+        // Neither `Xq7` (before the delimiter) nor `Zk9` (after it) may show.
+        for password in [
+            "Xq7/Zk9", "Xq7?Zk9", "Xq7#Zk9", "Xq7@Zk9", "Xq7:Zk9", "Xq7%Zk9",
+        ] {
+            for scheme in ["amqp", "amqps"] {
+                let url = format!("{scheme}://alice:{password}@rabbit:5672/v?heartbeat=10");
+                let text = match Source::url(&url) {
+                    Ok(source) => {
+                        assert_eq!(source.target(), "rabbit:5672/v", "{url}");
+                        format!("{source:?}")
+                    }
+                    // `/`, `?`, `#`: lapin would read the password's tail as host or vhost.
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                assert!(
+                    !text.contains("Xq7") && !text.contains("Zk9") && !text.contains("alice"),
+                    "{url} -> {text}"
+                );
+            }
+        }
     }
 }

@@ -73,7 +73,8 @@ impl AmqpConsumer {
         queue: &str,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        Self::start(Source::url(url)?, queue, settings).await
+        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, queue, settings).await
     }
 
     /// Consumes `queue` on channels opened on an existing connection.

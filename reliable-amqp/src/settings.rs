@@ -2,7 +2,8 @@
 //!
 //! [`AmqpSettings::safe`] (also the [`Default`]) is the preset every other preset starts
 //! from: quorum queues, durable exchanges, persistent messages (delivery mode 2), publisher
-//! confirms, `mandatory` on every publish, manual acks and a bounded prefetch. The named
+//! confirms, `mandatory` on every publish, manual acks, a bounded prefetch and a short
+//! connection heartbeat ([`DEFAULT_HEARTBEAT`]). The named
 //! variants change only settings that keep messages safe ([`AmqpSettings::classic_durable`],
 //! [`AmqpSettings::transactional`], [`AmqpSettings::high_throughput`]).
 //!
@@ -215,6 +216,7 @@ pub struct AmqpSettings {
     publish_mode: PublishMode,
     reconnect: ReconnectPolicy,
     confirm_timeout: Duration,
+    heartbeat: Duration,
     opted_out: Vec<DataLoss>,
 }
 
@@ -231,6 +233,7 @@ impl fmt::Debug for AmqpSettings {
             .field("publish_mode", &self.publish_mode)
             .field("reconnect", &self.reconnect)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("heartbeat", &self.heartbeat)
             .field("unsafe_allow_data_loss", &self.opted_out)
             .finish()
     }
@@ -248,9 +251,19 @@ pub const DEFAULT_PREFETCH: u16 = 200;
 /// The default [`AmqpSettings::confirm_timeout`]: 30 seconds.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The heartbeat every preset proposes: 5 seconds, so a link that stops carrying bytes is
+/// declared dead within about 10 s instead of the broker's default 60 s times two (L12).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The longest heartbeat [`AmqpSettings::with_heartbeat`] accepts: RabbitMQ's own default.
+/// The lower of the two proposals wins, so a longer one would change nothing on a broker with
+/// default settings.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
 impl AmqpSettings {
     /// The safe default: quorum queues, durable exchanges, persistent messages, publisher
-    /// confirms, `mandatory`, manual acks, prefetch [`DEFAULT_PREFETCH`].
+    /// confirms, `mandatory`, manual acks, prefetch [`DEFAULT_PREFETCH`], heartbeat
+    /// [`DEFAULT_HEARTBEAT`].
     pub fn safe() -> Self {
         Self {
             preset: "safe",
@@ -263,6 +276,7 @@ impl AmqpSettings {
             publish_mode: PublishMode::Confirms,
             reconnect: ReconnectPolicy::default(),
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            heartbeat: DEFAULT_HEARTBEAT,
             opted_out: Vec::new(),
         }
     }
@@ -390,6 +404,42 @@ impl AmqpSettings {
         Ok(self)
     }
 
+    /// Sets the AMQP heartbeat the adapter proposes for the connections it opens from a URL
+    /// (`connect(url, ..)`). Default [`DEFAULT_HEARTBEAT`]; must be whole seconds from 1 s to
+    /// [`MAX_HEARTBEAT`].
+    ///
+    /// The heartbeat is how a connection notices a link that stops carrying bytes without
+    /// closing (no FIN, no RST): each side sends a heartbeat frame when it has sent nothing
+    /// for half the interval, and gives the connection up after two intervals without a
+    /// byte from its peer. Until then, publishes written into the dead link wait; the broker
+    /// side likewise keeps the connection. Client and broker each propose a value and the
+    /// lower wins (lapin, RabbitMQ), so a broker configured shorter still decides.
+    ///
+    /// It replaces a `heartbeat` parameter in the URL's query. It does not apply to a wrapped
+    /// connection or channel (`from_connection`, `from_channel`): their owner chose it
+    /// (`heartbeat` in the URI it connected with).
+    ///
+    /// Turning heartbeats off (zero) is refused, and there is no opt-out for it: it loses no
+    /// message by itself, but leaves a silent network undetected for as long as the operating
+    /// system's TCP timeouts (minutes to hours), so resends pile into a dead connection.
+    /// Very short values (1-2 s) may declare a busy but healthy link dead; 5-20 s is the
+    /// range RabbitMQ recommends.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> Result<Self, InvalidSetting> {
+        let whole_seconds = heartbeat.subsec_nanos() == 0;
+        if !whole_seconds || !(Duration::from_secs(1)..=MAX_HEARTBEAT).contains(&heartbeat) {
+            return Err(InvalidSetting {
+                setting: "heartbeat",
+                value: format!("{heartbeat:?}"),
+                expected: "whole seconds from 1 s to 60 s (AMQP negotiates heartbeats in \
+                           seconds; heartbeats cannot be turned off, since a dead link would \
+                           then go unnoticed); keep the preset's 5 s unless the network needs \
+                           more",
+            });
+        }
+        self.heartbeat = heartbeat;
+        Ok(self)
+    }
+
     /// Applies a setting that LOSES DATA, on purpose. Logs a warning naming it. Meant for
     /// throw-away queues and for tests that must show loss (negative controls); a production
     /// service should never call this.
@@ -453,6 +503,11 @@ impl AmqpSettings {
     /// [`with_confirm_timeout`](Self::with_confirm_timeout)).
     pub fn confirm_timeout(&self) -> Duration {
         self.confirm_timeout
+    }
+    /// The heartbeat proposed for connections opened from a URL (see
+    /// [`with_heartbeat`](Self::with_heartbeat)).
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
     }
     /// The data-loss opt-outs applied, in order; empty for a safe configuration.
     pub fn data_loss_opt_outs(&self) -> &[DataLoss] {
@@ -537,6 +592,35 @@ mod tests {
             .with_confirm_timeout(Duration::ZERO)
             .unwrap_err();
         assert_eq!(err.setting, "confirm_timeout");
+    }
+
+    #[test]
+    fn every_preset_proposes_a_short_heartbeat_and_off_is_refused() {
+        for s in [
+            AmqpSettings::safe(),
+            AmqpSettings::classic_durable(),
+            AmqpSettings::transactional(),
+            AmqpSettings::high_throughput(),
+        ] {
+            assert_eq!(s.heartbeat(), Duration::from_secs(5), "{s:?}");
+        }
+        let s = AmqpSettings::safe()
+            .with_heartbeat(Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(s.heartbeat(), Duration::from_secs(20));
+        for refused in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            Duration::from_millis(5_500),
+            Duration::from_secs(61),
+            Duration::from_secs(3600),
+        ] {
+            let err = AmqpSettings::safe().with_heartbeat(refused).unwrap_err();
+            assert_eq!(err.setting, "heartbeat");
+            let text = err.to_string();
+            assert!(text.contains("1 s to 60 s"), "{text}");
+            assert!(text.contains("cannot be turned off"), "{text}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | [`offsets`] | contiguous commit watermark per partition | L5 |
 //! | [`idempotency`] | idempotency stores (reserve / complete / release) | L8 |
 //! | [`backoff`] | exponential backoff with jitter | — |
+//! | [`redact`] | credentials out of errors, logs and `Debug` views, for every crate | — |
 //! | [`memory`] | in-memory broker with fault injection, for tests | — |
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod pipeline;
 pub mod producer;
+pub mod redact;
 mod stats;
 pub mod transport;
 

@@ -34,6 +34,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use reliable_core::redact::{is_secret_key, redact_url, Scrubber, MASK};
 
 /// The largest retry count librdkafka accepts; the preset's "unbounded".
 pub const UNBOUNDED_RETRIES: i64 = 2_147_483_647;
@@ -305,51 +306,40 @@ pub fn consumer_preset(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
     config
 }
 
-/// Debug view of a [`ClientConfig`] with every secret masked (invariant 8). rdkafka's own
-/// `Debug` masks only a fixed list (not `ssl.key.pem` or `sasl.oauthbearer.config`).
+/// Debug view of a [`ClientConfig`] with every secret masked (invariant 8): the values of
+/// secret settings (rdkafka's own `Debug` masks only a fixed list, not `ssl.key.pem` or
+/// `sasl.oauthbearer.config`), and credentials inside other values (a bootstrap list written
+/// `sasl_ssl://user:password@host:9092`).
 pub(crate) struct RedactedConfig<'a>(pub(crate) &'a ClientConfig);
 
 impl fmt::Debug for RedactedConfig<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut map = f.debug_map();
         for (name, value) in self.0.config_map() {
-            if is_secret(name) {
-                map.entry(&name, &"***");
+            if is_secret_key(name) {
+                map.entry(&name, &MASK);
             } else {
-                map.entry(&name, &value);
+                map.entry(&name, &redact_url(value));
             }
         }
         map.finish()
     }
 }
 
-/// Setting names whose values are secrets (invariant 8).
-fn is_secret(name: &str) -> bool {
-    const MARKERS: &[&str] = &[
-        "password",
-        "passphrase",
-        "secret",
-        "sasl.username",
-        "sasl.oauthbearer.config",
-        "key.pem",
-    ];
-    MARKERS.iter().any(|m| name.contains(m))
-}
-
-/// `text` with every secret value of `config` replaced by `***`, for errors and logs that quote
-/// client messages (invariant 8).
+/// `text` with every secret of `config` replaced by `***`, for errors and logs that quote
+/// client messages (invariant 8): the values of secret settings, and credentials inside other
+/// values.
 pub(crate) fn redact(config: &ClientConfig, text: impl Into<String>) -> String {
-    let mut text = text.into();
+    let mut scrubber = Scrubber::default();
     // `config_map` masks librdkafka's known secrets; read the real values to find them.
     for name in config.config_map().into_keys() {
         match config.get(name) {
-            Some(value) if is_secret(name) && !value.is_empty() => {
-                text = text.replace(value, "***");
-            }
-            _ => {}
+            Some(value) if is_secret_key(name) => scrubber.add(value),
+            Some(value) => scrubber.add_secrets_of(value),
+            None => {}
         }
     }
-    text
+    scrubber.scrub(&text.into())
 }
 
 #[cfg(test)]
@@ -421,9 +411,9 @@ mod tests {
             "ssl.key.pem",
             "sasl.oauthbearer.assertion.private.key.passphrase",
         ] {
-            assert!(is_secret(name), "{name} is not masked");
+            assert!(is_secret_key(name), "{name} is not masked");
         }
-        assert!(!is_secret("bootstrap.servers"));
+        assert!(!is_secret_key("bootstrap.servers"));
     }
 
     #[test]
@@ -457,5 +447,32 @@ mod tests {
             !debug.contains("hunter2") && !debug.contains("PEMDATA"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn passwords_holding_delimiters_and_bootstrap_credentials_are_redacted() {
+        let mut leaks = Vec::new();
+        // Neither `Xq7` (before the delimiter) nor `Zk9` (after it) may show.
+        for password in [
+            "Xq7/Zk9", "Xq7?Zk9", "Xq7#Zk9", "Xq7@Zk9", "Xq7:Zk9", "Xq7%Zk9",
+        ] {
+            let mut c = ClientConfig::new();
+            c.set("sasl.password", password).set(
+                "bootstrap.servers",
+                format!("sasl_ssl://app:{password}@b1:9092,b2:9092"),
+            );
+            let debug = format!("{:?}", RedactedConfig(&c));
+            let login = redact(&c, format!("login with {password} refused"));
+            let broker = redact(
+                &c,
+                format!("sasl_ssl://app:{password}@b1:9092/bootstrap: down"),
+            );
+            for text in [debug, login, broker] {
+                if text.contains("Xq7") || text.contains("Zk9") {
+                    leaks.push(format!("{password} -> {text}"));
+                }
+            }
+        }
+        assert!(leaks.is_empty(), "{}", leaks.join("\n"));
     }
 }

@@ -15,10 +15,11 @@ use reliable_core::idempotency::{
     IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
 };
 use reliable_core::message::IdempotencyKey;
+use reliable_core::redact::{redact_url, Scrubber};
 use tokio_postgres::{NoTls, Transaction};
 
 use crate::error::StoresError;
-use crate::util::{bounded, millis_i64, positive, redact_url, url_password, Scrubber};
+use crate::util::{bounded, millis_i64, positive, ScrubbedError};
 
 /// The table the store uses unless configured otherwise.
 pub const DEFAULT_TABLE: &str = "reliable_idempotency";
@@ -213,9 +214,7 @@ impl PostgresStore {
     pub async fn connect(url: &str, config: PostgresStoreConfig) -> Result<Self, StoresError> {
         let shown = redact_url(url);
         let mut scrubber = Scrubber::default();
-        if let Some(pw) = url_password(url) {
-            scrubber.add(pw);
-        }
+        scrubber.add_secrets_of(url);
         let pg = tokio_postgres::Config::from_str(url).map_err(|e| StoresError::InvalidUrl {
             store: "PostgreSQL",
             url: shown.clone(),
@@ -531,6 +530,7 @@ impl IdempotencyStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::leak_check::{leaks, PASSWORDS};
 
     #[test]
     fn table_names_must_be_plain_identifiers() {
@@ -542,5 +542,44 @@ mod tests {
         assert!(!valid_table("public.inbox"));
         assert!(!valid_table("inbox; DROP TABLE x"));
         assert!(!valid_table(&"a".repeat(49)));
+    }
+
+    /// The error of connecting to `url` (a closed port: nothing answers), Display and Debug.
+    async fn connect_error(url: String) -> (String, String) {
+        let config = PostgresStoreConfig {
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        match PostgresStore::connect(&url, config).await {
+            Ok(_) => panic!("something answered at {url}"),
+            Err(e) => (url, format!("{e} | {e:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_errors_never_show_a_url_password_holding_delimiters() {
+        let mut urls = vec!["postgres://app:pa/ss@127.0.0.1:1/shop".to_owned()];
+        for password in PASSWORDS {
+            urls.extend([
+                format!("postgres://app:{password}@127.0.0.1:1/shop"),
+                format!("postgresql://app:{password}@127.0.0.1:1/shop"),
+                format!("postgres://app@127.0.0.1:1/shop?sslmode=disable&password={password}"),
+            ]);
+        }
+        let shown = leaks(urls, &["pa/ss", "Xq7", "Zk9"], connect_error).await;
+        assert_eq!(shown, "");
+    }
+
+    #[tokio::test]
+    async fn connect_errors_never_show_a_key_value_password() {
+        let strings = [
+            "host=127.0.0.1 port=1 user=app password='Xq7 Zk9' dbname=shop",
+            "host=127.0.0.1 port=1 user=app password = Xq7/Zk9 dbname=shop",
+            r"host=127.0.0.1 port=1 user=app password='Xq7\' Zk9' dbname=shop",
+            r"host=127.0.0.1 port=1 user=app password=Xq7\ Zk9 dbname=shop",
+            "host=127.0.0.1 port=1 user=app password='Xq7/?#@:%Zk9' dbname=shop",
+        ];
+        let strings = strings.map(String::from).to_vec();
+        assert_eq!(leaks(strings, &["Xq7", "Zk9"], connect_error).await, "");
     }
 }

@@ -10,9 +10,10 @@ use reliable_core::idempotency::{
     IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
 };
 use reliable_core::message::IdempotencyKey;
+use reliable_core::redact::{redact_url, Scrubber};
 
 use crate::error::StoresError;
-use crate::util::{bounded, millis, positive, redact_url, url_password, Scrubber};
+use crate::util::{bounded, millis, positive, ScrubbedError};
 
 /// The prefix of every key the store writes, unless configured otherwise.
 pub const DEFAULT_KEY_PREFIX: &str = "reliable:idem:";
@@ -131,9 +132,7 @@ impl RedisStore {
         }
         let shown = redact_url(url);
         let mut scrubber = Scrubber::default();
-        if let Some(pw) = url_password(url) {
-            scrubber.add(pw);
-        }
+        scrubber.add_secrets_of(url);
         let client = redis::Client::open(url).map_err(|e| StoresError::InvalidUrl {
             store: "Redis",
             url: shown.clone(),
@@ -246,5 +245,39 @@ impl IdempotencyStore for RedisStore {
                 .map_err(|e| self.scrubber.unavailable("Redis release", e))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::leak_check::{leaks, PASSWORDS};
+
+    /// The error of connecting to `url` (nothing listens there), Display and Debug.
+    async fn connect_error(url: String) -> (String, String) {
+        let config = RedisStoreConfig {
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        match RedisStore::connect(&url, config).await {
+            Ok(_) => panic!("something answered at {url}"),
+            Err(e) => (url, format!("{e} | {e:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_never_show_a_password_holding_url_delimiters() {
+        let mut urls = vec!["redis://default:pa/ss@127.0.0.1:1/0".to_owned()];
+        for password in PASSWORDS {
+            urls.extend([
+                format!("redis://default:{password}@127.0.0.1:1/0"),
+                format!("redis://:{password}@127.0.0.1:1"),
+                format!("rediss://default:{password}@127.0.0.1:1/0"),
+                format!("redis+unix:///nonexistent/reliable.sock?db=0&pass={password}"),
+                format!("unix:///nonexistent/reliable.sock?pass={password}&db=0"),
+            ]);
+        }
+        let shown = leaks(urls, &["pa/ss", "Xq7", "Zk9"], connect_error).await;
+        assert_eq!(shown, "");
     }
 }

@@ -10,6 +10,9 @@
 //! When none answers: with `CI` set the test fails, saying how to start the brokers; locally
 //! it prints why it skips and the test returns early. Use the [`require!`] macro for that.
 //!
+//! [`proxy::Proxy`] puts a TCP proxy the test controls between a client and a broker: it can
+//! blackhole the link (a silent network), restore it, or reset every connection.
+//!
 //! ```no_run
 //! # fn main() {
 //! let url = reliable_test_support::require!(reliable_test_support::amqp_url());
@@ -27,9 +30,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use reliable_core::redact::{host_and_path, redact_url};
 
 #[cfg(feature = "testcontainers")]
 mod containers;
+pub mod proxy;
 
 /// Environment variable naming the AMQP URL of the RabbitMQ broker the tests use.
 pub const AMQP_URL_ENV: &str = "RELIABLE_AMQP_URL";
@@ -95,7 +100,10 @@ pub fn amqp_url() -> Result<String, Missing> {
                     return Ok(url);
                 }
             }
-            Err(Missing(format!("no RabbitMQ at {}: {why}", redact(&url))))
+            Err(Missing(format!(
+                "no RabbitMQ at {}: {why}",
+                redact_url(&url)
+            )))
         }
     }
 }
@@ -180,13 +188,21 @@ fn kafka_brokers(bootstrap: &str) -> Result<Vec<i32>, String> {
     Ok(meta.brokers().iter().map(|b| b.id()).collect())
 }
 
+/// The socket address of an AMQP URL's host and port (5672 when the URL names none): the
+/// upstream of a [`proxy::Proxy`] in front of that broker.
+pub fn amqp_socket_addr(url: &str) -> Result<SocketAddr, Missing> {
+    let host_port =
+        amqp_host_port(url).map_err(|why| Missing(format!("{}: {why}", redact_url(url))))?;
+    host_port
+        .to_socket_addrs()
+        .map_err(|e| Missing(format!("cannot resolve {host_port}: {e}")))?
+        .next()
+        .ok_or_else(|| Missing(format!("{host_port} has no address")))
+}
+
 fn amqp_host_port(url: &str) -> Result<String, String> {
-    let rest = url
-        .split_once("://")
-        .map(|(_, r)| r)
-        .ok_or_else(|| "not an amqp:// URL".to_owned())?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let (host_port, _) =
+        host_and_path(url).ok_or_else(|| "not an amqp://host:port URL".to_owned())?;
     if host_port.contains(':') {
         Ok(host_port.to_owned())
     } else {
@@ -209,21 +225,6 @@ fn reachable(host_port: &str) -> Result<(), String> {
     Err(last)
 }
 
-/// The URL with any password replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 /// The URL of a reachable Redis: `RELIABLE_REDIS_URL`, else the server `scripts/stores up`
 /// started (127.0.0.1:16379, password from `.stores/password`).
 pub fn redis_url() -> Result<String, Missing> {
@@ -240,11 +241,10 @@ pub fn postgres_url() -> Result<String, Missing> {
     })
 }
 
-/// The `host:port` of a `scheme://[user[:password]@]host:port/..` URL.
+/// The `host:port` of a `scheme://[user[:password]@]host:port/..` URL; `None` when it has
+/// none, or when it cannot be told from the credentials (see [`host_and_path`]).
 pub fn host_port(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?']).next()?;
-    authority.rsplit('@').next().map(str::to_owned)
+    host_and_path(url).map(|(host_port, _)| host_port.to_owned())
 }
 
 fn store_url(env: &str, default: impl Fn(&str) -> String) -> Result<String, Missing> {
@@ -263,11 +263,11 @@ fn store_url(env: &str, default: impl Fn(&str) -> String) -> Result<String, Miss
             }
         }
     };
-    let host_port =
-        host_port(&url).ok_or_else(|| Missing(format!("{env} is not a URL: {}", redact(&url))))?;
+    let host_port = host_port(&url)
+        .ok_or_else(|| Missing(format!("{env} is not a URL: {}", redact_url(&url))))?;
     reachable(&host_port)
         .map(|()| url.clone())
-        .map_err(|why| Missing(format!("nothing answers at {}: {why}", redact(&url))))
+        .map_err(|why| Missing(format!("nothing answers at {}: {why}", redact_url(&url))))
 }
 
 /// A name unique to this test run, for queues and topics: `prefix-<pid>-<nanos>`.
@@ -286,10 +286,40 @@ mod tests {
     #[test]
     fn redact_hides_the_password_and_keeps_the_rest() {
         assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
-        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+    }
+
+    #[test]
+    fn urls_with_passwords_holding_delimiters_show_neither_part() {
+        let mut leaks = Vec::new();
+        let url = "postgres://app:pa/ss@127.0.0.1:1/shop";
+        if redact_url(url).contains("pa/ss") {
+            leaks.push(format!("{url} -> {}", redact_url(url)));
+        }
+        // Neither `Xq7` (before the delimiter) nor `Zk9` (after it) may show.
+        for password in [
+            "Xq7/Zk9", "Xq7?Zk9", "Xq7#Zk9", "Xq7@Zk9", "Xq7:Zk9", "Xq7%Zk9",
+        ] {
+            for scheme in ["amqp", "amqps", "redis", "rediss", "postgres", "postgresql"] {
+                let url = format!("{scheme}://app:{password}@127.0.0.1:1/x");
+                let shown = redact_url(&url);
+                if shown.contains("Xq7") || shown.contains("Zk9") {
+                    leaks.push(format!("redact {url} -> {shown}"));
+                }
+                let host = host_port(&url);
+                if host.as_deref() != Some("127.0.0.1:1") {
+                    leaks.push(format!("host_port {url} -> {host:?}"));
+                }
+                let host = amqp_host_port(&url);
+                if host.as_deref() != Ok("127.0.0.1:1") {
+                    leaks.push(format!("amqp_host_port {url} -> {host:?}"));
+                }
+            }
+        }
+        assert!(leaks.is_empty(), "{}", leaks.join("\n"));
     }
 
     #[test]
