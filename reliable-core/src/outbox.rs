@@ -16,8 +16,19 @@
 //! Removals are batched the same way and are not waited for: a crash before a removal is
 //! written only replays a confirmed message (a duplicate the consumers drop), never loses one.
 //!
-//! A message handed back with an error ([`SendError`](crate::producer::SendError)) is removed
-//! too: the caller holds it now.
+//! A message leaves the outbox only when it is confirmed or when its caller has actually
+//! received it back (invariant 10): a [`SendHandle`](crate::producer::SendHandle) that yields
+//! a [`SendError`](crate::producer::SendError) carrying the message removes the entry as it
+//! hands the message over. A handle dropped before that (before the hand-back, or after it
+//! without being awaited) does not count as received: the entry stays, and the next
+//! [`replay_outbox`](crate::producer::Producer::replay_outbox) of this process, or of the next
+//! one, sends the message again. So await the handles `replay_outbox` returns: a message refused
+//! for good (e.g. unroutable) whose handle is dropped is tried again at every replay.
+//!
+//! Within a process, each entry is *claimed* by the task delivering it (or by the handle holding
+//! it handed back), and `replay_outbox` sends only unclaimed entries: a message in flight here
+//! is never sent a second time by a replay. A claim ends when its removal is committed, or, for
+//! an entry that stays, when its delivery ends without a receiver.
 //!
 //! One process owns an outbox file at a time (redb locks it).
 //!
@@ -45,9 +56,10 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
@@ -94,10 +106,11 @@ type Entry = (Vec<u8>, Vec<u8>);
 
 enum Op {
     Put(Vec<Entry>, oneshot::Sender<Result<(), OutboxError>>),
-    Remove(Vec<u8>),
+    Remove(MessageId),
 }
 
-/// A crash-safe spool of unconfirmed messages. Cheap to clone; clones share the file.
+/// A crash-safe spool of unconfirmed messages. Cheap to clone; clones share the file and the
+/// claims.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     inner: Arc<Shared>,
@@ -108,6 +121,86 @@ struct Shared {
     db: Arc<Database>,
     path: PathBuf,
     ops: std_mpsc::Sender<Op>,
+    claims: Arc<Claims>,
+}
+
+/// The entries this process holds (in flight, or handed back and not yet received), counted
+/// per id: the same id may be sent again while the removal of its previous entry is pending.
+#[derive(Debug, Default)]
+struct Claims(Mutex<HashMap<MessageId, u32>>);
+
+impl Claims {
+    fn lock(&self) -> MutexGuard<'_, HashMap<MessageId, u32>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removals), so a poisoned lock is still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add(&self, id: MessageId) {
+        *self.lock().entry(id).or_default() += 1;
+    }
+
+    /// Claims `id` only if nobody in this process holds it.
+    fn add_if_free(&self, id: MessageId) -> bool {
+        let mut claims = self.lock();
+        if claims.contains_key(&id) {
+            return false;
+        }
+        claims.insert(id, 1);
+        true
+    }
+
+    fn end(&self, id: MessageId) {
+        let mut claims = self.lock();
+        if let Some(n) = claims.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                claims.remove(&id);
+            }
+        }
+    }
+}
+
+/// This process's hold on one outbox entry, owned by the task delivering the message and then
+/// by whoever holds its outcome. [`remove`](Self::remove) deletes the entry (confirmed, or
+/// received by the caller); dropping the claim keeps the entry for the next replay.
+#[derive(Debug)]
+#[must_use = "dropping a claim keeps the entry for replay; call remove once it is settled"]
+pub(crate) struct Claim {
+    outbox: Outbox,
+    id: MessageId,
+    removed: bool,
+}
+
+impl Claim {
+    fn new(outbox: &Outbox, id: MessageId) -> Self {
+        Self {
+            outbox: outbox.clone(),
+            id,
+            removed: false,
+        }
+    }
+
+    /// Schedules the entry's removal; the claim ends once the removal is committed, so a
+    /// replay in between cannot pick the entry up again.
+    pub(crate) fn remove(mut self) {
+        self.removed = true;
+        if self.outbox.inner.ops.send(Op::Remove(self.id)).is_err() {
+            tracing::warn!(message_id = %self.id, "outbox writer stopped; the entry stays and is replayed after a restart");
+            self.outbox.inner.claims.end(self.id);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.removed {
+            // Nobody received the message: the entry stays, free for the next replay.
+            self.outbox.inner.claims.end(self.id);
+        }
+    }
 }
 
 impl Outbox {
@@ -123,15 +216,22 @@ impl Outbox {
         txn.open_table(TABLE).map_err(|e| storage(&e))?;
         txn.commit().map_err(|e| storage(&e))?;
         let db = Arc::new(db);
+        let claims = Arc::new(Claims::default());
         let (ops, rx) = std_mpsc::channel();
         let writer_db = db.clone();
         let writer_path = path.clone();
+        let writer_claims = claims.clone();
         std::thread::Builder::new()
             .name("reliable-outbox".into())
-            .spawn(move || writer(&writer_db, &writer_path, &rx))
+            .spawn(move || writer(&writer_db, &writer_path, &writer_claims, &rx))
             .map_err(|e| storage(&e))?;
         Ok(Self {
-            inner: Arc::new(Shared { db, path, ops }),
+            inner: Arc::new(Shared {
+                db,
+                path,
+                ops,
+                claims,
+            }),
         })
     }
 
@@ -140,12 +240,17 @@ impl Outbox {
         &self.inner.path
     }
 
-    /// Messages in the outbox, oldest first.
-    pub fn pending(&self) -> Result<Vec<Message>, OutboxError> {
-        let storage = |e: &dyn std::fmt::Display| OutboxError::Storage {
+    fn storage_error(&self, e: &dyn std::fmt::Display) -> OutboxError {
+        OutboxError::Storage {
             path: self.inner.path.clone(),
             reason: e.to_string(),
-        };
+        }
+    }
+
+    /// Messages in the outbox, oldest first: unconfirmed ones, including those this process is
+    /// delivering right now, and handed-back ones nobody received.
+    pub fn pending(&self) -> Result<Vec<Message>, OutboxError> {
+        let storage = |e: &dyn std::fmt::Display| self.storage_error(e);
         let txn = self.inner.db.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(TABLE).map_err(|e| storage(&e))?;
         let mut out = Vec::new();
@@ -177,33 +282,67 @@ impl Outbox {
         Ok(self.len()? == 0)
     }
 
-    /// Commits `msgs` durably; returns once the commit holding them is on disk. Messages put
-    /// at the same time by other tasks share the commit.
-    pub(crate) async fn put(&self, msgs: &[Message]) -> Result<(), OutboxError> {
-        let entries = msgs
+    /// Commits `msgs` durably and claims them for the caller (one claim per message, in
+    /// order); returns once the commit holding them is on disk. Messages put at the same time
+    /// by other tasks share the commit.
+    pub(crate) async fn put(&self, msgs: &[Message]) -> Result<Vec<Claim>, OutboxError> {
+        // Claimed before the commit, so a concurrent replay never sees them unclaimed. On
+        // failure the claims drop and end.
+        let claims: Vec<Claim> = msgs
             .iter()
-            .map(|m| (m.id().as_uuid().as_bytes().to_vec(), encode(m)))
+            .map(|m| {
+                self.inner.claims.add(m.id());
+                Claim::new(self, m.id())
+            })
             .collect();
+        let entries = msgs.iter().map(|m| (key(m.id()), encode(m))).collect();
         let (tx, rx) = oneshot::channel();
         self.inner
             .ops
             .send(Op::Put(entries, tx))
             .map_err(|_| OutboxError::Stopped)?;
-        rx.await.map_err(|_| OutboxError::Stopped)?
+        rx.await.map_err(|_| OutboxError::Stopped)??;
+        Ok(claims)
     }
 
-    /// Schedules the removal of `id` (batched, not waited for).
-    pub(crate) fn remove(&self, id: MessageId) {
-        let key = id.as_uuid().as_bytes().to_vec();
-        if self.inner.ops.send(Op::Remove(key)).is_err() {
-            tracing::warn!(message_id = %id, "outbox writer stopped; the entry stays and is replayed after a restart");
+    /// The entries no one in this process holds, oldest first, each claimed for the caller.
+    pub(crate) fn claim_unclaimed(&self) -> Result<Vec<(Message, Claim)>, OutboxError> {
+        let claimed: Vec<(Message, Claim)> = self
+            .pending()?
+            .into_iter()
+            .filter(|m| self.inner.claims.add_if_free(m.id()))
+            .map(|m| {
+                let claim = Claim::new(self, m.id());
+                (m, claim)
+            })
+            .collect();
+        // An entry removed (and unclaimed) between the read above and its claim is confirmed or
+        // received already: look again and let those go.
+        let storage = |e: &dyn std::fmt::Display| self.storage_error(e);
+        let txn = self.inner.db.begin_read().map_err(|e| storage(&e))?;
+        let table = txn.open_table(TABLE).map_err(|e| storage(&e))?;
+        let mut out = Vec::with_capacity(claimed.len());
+        for (msg, claim) in claimed {
+            if table
+                .get(key(msg.id()).as_slice())
+                .map_err(|e| storage(&e))?
+                .is_some()
+            {
+                out.push((msg, claim));
+            }
         }
+        Ok(out)
     }
 }
 
+/// An entry's key: the id's UUIDv7 bytes, so key order is send order.
+fn key(id: MessageId) -> Vec<u8> {
+    id.as_uuid().as_bytes().to_vec()
+}
+
 /// The writer thread: takes every queued operation, applies them in one transaction, commits
-/// once, then answers the puts of that batch.
-fn writer(db: &Database, path: &Path, rx: &std_mpsc::Receiver<Op>) {
+/// once, then answers the puts of that batch and ends the claims of its removals.
+fn writer(db: &Database, path: &Path, claims: &Claims, rx: &std_mpsc::Receiver<Op>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -220,8 +359,13 @@ fn writer(db: &Database, path: &Path, rx: &std_mpsc::Receiver<Op>) {
             tracing::error!(error = %e, ops = batch.len(), "outbox commit failed");
         }
         for op in batch {
-            if let Op::Put(_, done) = op {
-                let _ = done.send(result.clone());
+            match op {
+                Op::Put(_, done) => {
+                    let _ = done.send(result.clone());
+                }
+                // Ended even when the commit failed: the entry then stays and is replayed, a
+                // duplicate the consumers drop.
+                Op::Remove(id) => claims.end(id),
             }
         }
     }
@@ -240,8 +384,10 @@ fn apply(db: &Database, batch: &[Op]) -> Result<(), String> {
                             .map_err(|e| e.to_string())?;
                     }
                 }
-                Op::Remove(key) => {
-                    table.remove(key.as_slice()).map_err(|e| e.to_string())?;
+                Op::Remove(id) => {
+                    table
+                        .remove(key(*id).as_slice())
+                        .map_err(|e| e.to_string())?;
                 }
             }
         }

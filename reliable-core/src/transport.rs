@@ -34,6 +34,21 @@ use crate::message::Message;
 pub trait Transport: Send + Sync {
     /// Publishes `msg` and waits for the broker's confirm or refusal.
     async fn publish(&self, msg: &Message) -> Result<(), PublishError>;
+
+    /// Called once by [`Producer::close`](crate::producer::Producer::close), after the
+    /// producer has settled every pending message, so the transport can flush and close its
+    /// client (e.g. wait for librdkafka's last delivery reports, close an AMQP channel).
+    ///
+    /// Several producers may share one transport (clones of one client, as a dead-letter
+    /// producer does): each producer's close calls it once, so it must tolerate repeated calls.
+    ///
+    /// Should finish within the producer's
+    /// [`confirm_timeout`](crate::producer::ProducerConfig::confirm_timeout): the producer
+    /// drops the future after that (so it must be cancel safe) and returns from its close.
+    /// Must not block an async worker thread: run blocking client calls in
+    /// [`spawn_blocking`](tokio::task::spawn_blocking). Publishes after `close` may fail.
+    /// Default: does nothing.
+    async fn close(&self) {}
 }
 
 #[async_trait]
@@ -41,12 +56,20 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
         (**self).publish(msg).await
     }
+
+    async fn close(&self) {
+        (**self).close().await
+    }
 }
 
 #[async_trait]
 impl<T: Transport + ?Sized> Transport for Box<T> {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
         (**self).publish(msg).await
+    }
+
+    async fn close(&self) {
+        (**self).close().await
     }
 }
 

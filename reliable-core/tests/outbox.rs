@@ -216,3 +216,113 @@ async fn a_second_owner_of_an_outbox_file_is_refused() -> TestResult {
     drop(held);
     Ok(())
 }
+
+/// The ids of `msgs`, in order.
+fn ids(msgs: &[Message]) -> Vec<MessageId> {
+    msgs.iter().map(Message::id).collect()
+}
+
+/// Polls `done` every 10 ms until it holds or `within` passed.
+async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
+}
+
+/// A short deadline, so a message over [`Blackhole`] is handed back quickly.
+fn short_deadline() -> ProducerConfig {
+    ProducerConfig {
+        confirm_timeout: Duration::from_millis(50),
+        deadline: Duration::from_millis(200),
+        max_attempts: 100,
+        ..ProducerConfig::default()
+    }
+}
+
+/// Invariant 10: a message handed back leaves the outbox only once its caller received it. A
+/// handle dropped before the hand-back, and one dropped unread after it, both leave the entry
+/// in place: the next `replay_outbox` of this process sends it again, and so does a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_back_message_whose_handle_was_dropped_stays_in_the_outbox() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o");
+    let outbox = Outbox::open(&path)?;
+    let producer = Producer::with_outbox(Blackhole, short_deadline(), outbox.clone());
+    let (early, late) = (msg(1), msg(2));
+    // Dropped while the message is in flight.
+    drop(producer.send(early.clone()).await?);
+    // Kept until the hand-back sits in it, then dropped unread.
+    let unread = producer.send(late.clone()).await?;
+    assert!(
+        eventually(Duration::from_secs(5), || producer.stats().failed == 2).await,
+        "both messages handed back after the deadline"
+    );
+    drop(unread);
+    // A removal, had one been scheduled, is committed well within this.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ids(&outbox.pending()?),
+        vec![early.id(), late.id()],
+        "nobody received the handed-back messages: they stay for replay"
+    );
+
+    // The next replay in this process sends them again.
+    let replayed = producer.replay_outbox().await?;
+    assert_eq!(
+        replayed.iter().map(|h| h.id()).collect::<Vec<_>>(),
+        vec![early.id(), late.id()]
+    );
+    drop(replayed);
+    assert!(
+        eventually(Duration::from_secs(5), || producer.stats().failed == 4).await,
+        "the replayed messages are handed back again"
+    );
+    drop(producer);
+    drop(outbox);
+
+    // After a restart they are still there, and a replay through a working broker sends them.
+    let outbox = reopen(&path);
+    assert_eq!(ids(&outbox.pending()?), vec![early.id(), late.id()]);
+    let broker = InMemoryBroker::new();
+    broker.declare_queue("q");
+    let producer = Producer::with_outbox(
+        broker.transport(),
+        ProducerConfig::default(),
+        outbox.clone(),
+    );
+    let handles = producer.replay_outbox().await?;
+    assert_eq!(handles.len(), 2);
+    for h in handles {
+        h.await?;
+    }
+    assert_eq!(ids(&broker.messages("q")), vec![early.id(), late.id()]);
+    assert!(eventually_empty(&outbox).await, "confirmed: they leave now");
+    Ok(())
+}
+
+/// `replay_outbox` resends what no task of this process is delivering: a message in flight
+/// here is not sent a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_skips_messages_in_flight_in_this_process() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(dir.path().join("o"))?;
+    let producer = Producer::with_outbox(Blackhole, ProducerConfig::default(), outbox.clone());
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        handles.push(producer.send(msg(i)).await?);
+    }
+    assert_eq!(outbox.len()?, 3);
+    let replayed = producer.replay_outbox().await?;
+    assert_eq!(
+        replayed.iter().map(|h| h.id()).collect::<Vec<_>>(),
+        Vec::<MessageId>::new(),
+        "messages in flight here are not replayed"
+    );
+    assert_eq!(producer.stats().sent, 3);
+    Ok(())
+}

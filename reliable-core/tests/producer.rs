@@ -1,11 +1,15 @@
 //! Producer behaviour over the in-memory broker, in paused time.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use reliable_core::backoff::BackoffPolicy;
 use reliable_core::memory::{InMemoryBroker, PublishFault};
 use reliable_core::producer::{Producer, ProducerConfig, SendError};
-use reliable_core::{Message, PublishError};
+use reliable_core::{Message, PublishError, Transport};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -259,5 +263,247 @@ async fn an_unrepresentable_deadline_means_no_deadline_and_attempts_still_bound_
         }
         other => panic!("expected AttemptsExhausted, got {other:?}"),
     }
+    Ok(())
+}
+
+/// Confirms publishes on command: each permit added to `confirms` confirms one waiting
+/// publish, oldest first.
+#[derive(Clone)]
+struct Gate {
+    confirms: Arc<Semaphore>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            confirms: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    /// Confirms the next `n` publishes.
+    fn confirm(&self, n: usize) {
+        self.confirms.add_permits(n);
+    }
+
+    /// Confirms one publish every 10 ms, `n` times, in a task.
+    fn confirm_one_by_one(&self, n: usize) -> tokio::task::JoinHandle<()> {
+        let gate = self.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                gate.confirm(1);
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for Gate {
+    async fn publish(&self, _msg: &Message) -> Result<(), PublishError> {
+        match self.confirms.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(_) => Err(PublishError::ConnectionLost {
+                reason: "gate closed".into(),
+            }),
+        }
+    }
+}
+
+/// A window of 4 and long attempt timeouts: only the gate settles messages.
+fn gated(gate: &Gate) -> Producer {
+    Producer::new(
+        gate.clone(),
+        ProducerConfig {
+            max_in_flight: 4,
+            confirm_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(120),
+            ..config()
+        },
+    )
+}
+
+/// Lets spawned tasks run until they wait (paused time advances by a millisecond).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_waiting_for_window_space_does_not_deadlock_close() -> TestResult {
+    let gate = Gate::new();
+    let producer = gated(&gate);
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(producer.send(msg()).await?);
+    }
+    let batch = tokio::spawn({
+        let p = producer.clone();
+        async move { p.send_batch(vec![msg(), msg()]).await }
+    });
+    settle().await;
+    let close = tokio::spawn({
+        let p = producer.clone();
+        async move { p.close().await }
+    });
+    settle().await;
+    let _confirms = gate.confirm_one_by_one(6);
+    let (batch, close) =
+        tokio::time::timeout(Duration::from_secs(1), async { (batch.await, close.await) })
+            .await
+            .map_err(|_| "send_batch and close deadlocked")?;
+    close?;
+    match batch? {
+        Ok(handles) => {
+            for h in handles {
+                h.await?;
+            }
+        }
+        Err(e) => {
+            assert!(matches!(e.error, SendError::Closed { .. }), "{e}");
+            assert_eq!(e.rest.len(), 1, "the whole batch is handed back");
+        }
+    }
+    for h in first {
+        h.await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_batches_larger_than_the_window_together_both_finish() -> TestResult {
+    let gate = Gate::new();
+    let producer = gated(&gate);
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(producer.send(msg()).await?);
+    }
+    let batch = |p: &Producer| {
+        let p = p.clone();
+        tokio::spawn(async move { p.send_batch(vec![msg(), msg(), msg()]).await })
+    };
+    let a = batch(&producer);
+    settle().await;
+    let b = batch(&producer);
+    settle().await;
+    let _confirms = gate.confirm_one_by_one(10);
+    let (a, b) = tokio::time::timeout(Duration::from_secs(1), async { (a.await, b.await) })
+        .await
+        .map_err(|_| "two batches deadlocked on the window")?;
+    for handles in [a??, b??] {
+        assert_eq!(handles.len(), 3);
+        for h in handles {
+            h.await?;
+        }
+    }
+    for h in first {
+        h.await?;
+    }
+    assert_eq!(producer.stats().confirmed, 10);
+    Ok(())
+}
+
+/// Dropping the last `Producer` clone cancels nothing: messages in flight are still settled
+/// and their handles resolve, confirmed or with the message handed back.
+#[tokio::test(start_paused = true)]
+async fn dropping_the_last_producer_clone_still_settles_messages_in_flight() -> TestResult {
+    let gate = Gate::new();
+    let producer = Producer::new(gate.clone(), config());
+    let confirmed = producer.send(msg()).await?;
+    let m = msg();
+    let handed_back = producer.send(m.clone()).await?;
+    drop(producer);
+    gate.confirm(1);
+    assert_eq!(confirmed.await?.attempts, 1);
+    let err = handed_back
+        .await
+        .err()
+        .ok_or("confirmed without a confirm")?;
+    assert!(
+        matches!(
+            err,
+            SendError::AttemptsExhausted { .. } | SendError::DeadlineExceeded { .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.into_message(), Some(m));
+    Ok(())
+}
+
+/// Confirms after 100 ms; counts closes and the publishes unfinished when close was called.
+#[derive(Clone, Default)]
+struct Closable {
+    publishing: Arc<AtomicUsize>,
+    closes: Arc<AtomicUsize>,
+    publishing_at_close: Arc<AtomicUsize>,
+    hang_on_close: bool,
+}
+
+#[async_trait]
+impl Transport for Closable {
+    async fn publish(&self, _msg: &Message) -> Result<(), PublishError> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.publishing.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.closes.fetch_add(1, Ordering::SeqCst);
+        self.publishing_at_close
+            .fetch_add(self.publishing.load(Ordering::SeqCst), Ordering::SeqCst);
+        if self.hang_on_close {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_closes_the_transport_once_after_the_flush() -> TestResult {
+    let transport = Closable::default();
+    let producer = Producer::new(transport.clone(), config());
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(producer.send(msg()).await?);
+    }
+    producer.close().await;
+    assert_eq!(
+        transport.closes.load(Ordering::SeqCst),
+        1,
+        "transport closed"
+    );
+    assert_eq!(
+        transport.publishing_at_close.load(Ordering::SeqCst),
+        0,
+        "closed only after every message settled"
+    );
+    producer.clone().close().await;
+    assert_eq!(transport.closes.load(Ordering::SeqCst), 1, "closed once");
+    for h in handles {
+        h.await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_is_bounded_when_the_transport_close_hangs() -> TestResult {
+    let transport = Closable {
+        hang_on_close: true,
+        ..Closable::default()
+    };
+    let producer = Producer::new(transport.clone(), config());
+    let handle = producer.send(msg()).await?;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), producer.close())
+        .await
+        .map_err(|_| "close hung on the transport")?;
+    // The flush takes the 100 ms confirm; the transport's close gets one confirm timeout.
+    assert!(
+        start.elapsed() <= Duration::from_millis(100) + config().confirm_timeout,
+        "{:?}",
+        start.elapsed()
+    );
+    handle.await?;
     Ok(())
 }

@@ -20,9 +20,18 @@
 //! | broker down, purged by a rebuild | `ConnectionLost` (retryable) |
 //! | anything else | `Nacked` (retryable) |
 //!
-//! Dropping an rdkafka producer purges what it still queues, so the transport flushes on
-//! [`close`](KafkaTransport::close) and, bounded by the flush timeout, when the last clone is
-//! dropped.
+//! Dropping an rdkafka producer purges what it still queues, so the transport flushes before
+//! it lets go of the client:
+//!
+//! * [`Producer::close`](reliable_core::producer::Producer::close) is the way to shut down: once
+//!   every pending message is settled it calls [`Transport::close`], which flushes librdkafka's
+//!   queue on a blocking thread ([`spawn_blocking`](tokio::task::spawn_blocking)), bounded by
+//!   the flush timeout (`message.timeout.ms` plus 1 s; the core producer gives it at most its
+//!   confirm timeout).
+//! * Dropping the last clone without a close still flushes what librdkafka queues, bounded by
+//!   the flush timeout, without blocking the async runtime: inside a Tokio runtime the flush
+//!   runs on a blocking thread that owns the client until it is done (a runtime shutting down
+//!   waits for it); outside one, the dropping thread flushes.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -38,8 +47,8 @@
 //!     .await?;
 //! let producer = Producer::new(transport.clone(), transport.recommended_producer_config());
 //! producer.send_confirmed(Message::new("paid").with_routing_key("order-42")).await?;
+//! // Settles every message, then flushes and closes the transport.
 //! producer.close().await;
-//! transport.close().await;
 //! # Ok(()) }
 //! ```
 
@@ -311,8 +320,10 @@ impl KafkaTransport {
     }
 
     /// Waits (at most the flush timeout: `message.timeout.ms` plus 1 s) until librdkafka has a
-    /// delivery report for every queued message. Call before dropping the last clone; dropping
-    /// also flushes, but blocks the dropping thread.
+    /// delivery report for every queued message; the flush runs on a blocking thread, never on
+    /// an async worker. [`Producer::close`](reliable_core::producer::Producer::close) calls this
+    /// (as [`Transport::close`]); call it yourself only when publishing through the transport
+    /// without a core producer. The transport stays usable afterwards.
     pub async fn close(&self) {
         let producer = self.current().1;
         let timeout = self.inner.flush_timeout;
@@ -422,9 +433,48 @@ impl Drop for Inner {
             .get_mut()
             .map(|p| p.1.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().1.clone());
-        if producer.in_flight_count() > 0 {
-            if let Err(e) = producer.flush(self.flush_timeout) {
-                tracing::warn!(error = %redact(&self.config, e.to_string()), "kafka producer dropped with messages still queued; they are purged");
+        if producer.in_flight_count() == 0 {
+            return; // closed, or nothing queued: dropping purges nothing
+        }
+        let flush = FlushOnDrop {
+            producer: Some(producer),
+            timeout: self.flush_timeout,
+            config: self.config.clone(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A flush blocks for up to the flush timeout: keep it off the runtime's threads.
+            // If the runtime drops the task unrun (it is shutting down), the flush runs where
+            // the task is dropped.
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(flush))),
+            Err(_) => drop(flush),
+        }
+    }
+}
+
+/// Flushes its producer (a clone that keeps the librdkafka client and its queue alive) when
+/// dropped: on whichever thread drops it, blocking for up to `timeout`.
+struct FlushOnDrop {
+    producer: Option<FutureProducer>,
+    timeout: Duration,
+    /// For redacting the client's errors.
+    config: ClientConfig,
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let Some(producer) = self.producer.take() else {
+            return;
+        };
+        let queued = producer.in_flight_count();
+        match producer.flush(self.timeout) {
+            Ok(()) => {
+                tracing::debug!(
+                    messages = queued,
+                    "kafka transport dropped without close; its queue was flushed"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %redact(&self.config, e.to_string()), messages = producer.in_flight_count(), "kafka transport dropped without close and the flush timed out; the messages still queued are purged (the core producer resends or hands back the ones it tracks)");
             }
         }
     }
@@ -484,6 +534,11 @@ impl Transport for KafkaTransport {
         }
         .instrument(span)
         .await
+    }
+
+    /// Flushes librdkafka's queue; see [`KafkaTransport::close`].
+    async fn close(&self) {
+        KafkaTransport::close(self).await;
     }
 }
 

@@ -1,0 +1,439 @@
+//! The reliable producer: confirm tracking, resend and a bounded in-flight window over any
+//! [`Transport`] (loss-matrix rows L1, L2 and L7; invariants 1, 2, 3, 6 and 10).
+//!
+//! Every message given to [`Producer::send`] is recorded in a pending map until its fate is
+//! final. Each attempt is bounded by [`ProducerConfig::confirm_timeout`]; a timeout, a nack, a
+//! lost connection or a busy client triggers a resend of the *same* message (same id, same
+//! idempotency key) after an exponential backoff with jitter. Unroutable, too-large and fatal
+//! refusals are final at once. Every message is settled in bounded time: by
+//! [`ProducerConfig::deadline`] at the latest, or after [`ProducerConfig::max_attempts`].
+//!
+//! The [`SendHandle`] resolves `Ok` only on a broker confirm; otherwise it resolves to a
+//! [`SendError`] carrying the message back, so nothing is dropped in silence.
+//!
+//! # The window
+//!
+//! At most [`ProducerConfig::max_in_flight`] messages are unconfirmed at once; each holds one
+//! slot of the window from its send until it is settled. [`Producer::send_batch`] takes all of
+//! its slots in one step, so a batch never holds part of the window while it waits for the rest
+//! (two such batches, or a batch and [`Producer::close`], would wait on each other forever);
+//! each message still gives its slot back as soon as it is settled.
+//!
+//! # Shutting down
+//!
+//! [`Producer::close`] is the one way to shut a producer down: it refuses new messages, waits
+//! until every pending one is settled (bounded by their deadline), then closes the transport
+//! ([`Transport::close`], bounded by the confirm timeout), e.g. flushing the Kafka client.
+//!
+//! Dropping the last clone of a [`Producer`] cancels nothing: each message already accepted is
+//! delivered by its own task, which keeps the producer's state and the transport alive until the
+//! message is settled; its [`SendHandle`] still resolves, `Ok` on the confirm or `Err` with the
+//! message. The transport is not closed then, only dropped after the last delivery. Only a
+//! runtime shutdown cuts deliveries short: their handles resolve to [`SendError::Aborted`], and
+//! with an outbox (feature `outbox`) the messages stay in it for replay.
+//!
+//! ```
+//! use reliable_core::memory::InMemoryBroker;
+//! use reliable_core::producer::{Producer, ProducerConfig};
+//! use reliable_core::Message;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = InMemoryBroker::new();
+//! broker.declare_queue("orders");
+//! let producer = Producer::new(broker.transport(), ProducerConfig::default());
+//!
+//! let handle = producer.send(Message::new("hello").with_destination("orders")).await?;
+//! let confirmed = handle.await?;
+//! assert_eq!(confirmed.attempts, 1);
+//! producer.close().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod deliver;
+mod error;
+mod handle;
+mod stats;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::message::{IdempotencyKey, Message, MessageId};
+use crate::stats::LatencyHistogram;
+use crate::transport::Transport;
+
+pub use config::ProducerConfig;
+pub use error::{BatchError, SendError};
+pub use handle::{Confirmed, SendHandle};
+pub use stats::{ProducerStats, ResendCause, ResendCounts, Unconfirmed};
+
+use handle::Claim;
+use stats::Counters;
+
+/// A reliable producer over a [`Transport`]. Cheap to clone; clones share the window, the
+/// pending map and the stats.
+///
+/// Shut it down with [`close`](Self::close). Dropping the last clone instead leaves every
+/// accepted message to be delivered and settled as usual (see the [module docs](self)).
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Arc<dyn Transport>,
+    config: ProducerConfig,
+    window: Arc<Semaphore>,
+    window_size: u32,
+    pending: DashMap<u64, PendingEntry, rustc_hash::FxBuildHasher>,
+    next_ticket: AtomicU64,
+    closed: AtomicBool,
+    /// Set once the transport's close has run (or given up), so it runs once.
+    transport_closed: OnceCell<()>,
+    counters: Counters,
+    latency: LatencyHistogram,
+    #[cfg(feature = "outbox")]
+    outbox: Option<crate::outbox::Outbox>,
+}
+
+struct PendingEntry {
+    id: MessageId,
+    key: IdempotencyKey,
+    attempts: u32,
+    first_sent: Instant,
+    last_sent: Instant,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("config", &self.inner.config)
+            .field("in_flight", &self.inner.pending.len())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// A producer publishing through `transport`.
+    ///
+    /// `max_attempts` below 1 counts as 1 and `max_in_flight` is clamped to `1..=u32::MAX >> 3`.
+    pub fn new(transport: impl Transport + 'static, config: ProducerConfig) -> Self {
+        Self::from_arc(Arc::new(transport), config)
+    }
+
+    /// A producer over a shared transport.
+    pub fn from_arc(transport: Arc<dyn Transport>, mut config: ProducerConfig) -> Self {
+        config.max_attempts = config.max_attempts.max(1);
+        let window_size = u32::try_from(config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS))
+            .unwrap_or(u32::MAX >> 3)
+            .min(u32::MAX >> 3);
+        config.max_in_flight = window_size as usize;
+        Self {
+            inner: Arc::new(Inner {
+                transport,
+                window: Arc::new(Semaphore::new(window_size as usize)),
+                window_size,
+                config,
+                pending: DashMap::with_hasher(rustc_hash::FxBuildHasher),
+                next_ticket: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                transport_closed: OnceCell::new(),
+                counters: Counters::default(),
+                latency: LatencyHistogram::new(),
+                #[cfg(feature = "outbox")]
+                outbox: None,
+            }),
+        }
+    }
+
+    /// A producer that commits every message to `outbox` before its first send and removes it
+    /// on confirm, or when its [`SendHandle`] hands it back to the caller (see
+    /// [`outbox`](crate::outbox)). Call [`replay_outbox`](Self::replay_outbox) once at start to
+    /// resend what a previous process left unconfirmed.
+    #[cfg(feature = "outbox")]
+    pub fn with_outbox(
+        transport: impl Transport + 'static,
+        config: ProducerConfig,
+        outbox: crate::outbox::Outbox,
+    ) -> Self {
+        let mut producer = Self::new(transport, config);
+        if let Some(inner) = Arc::get_mut(&mut producer.inner) {
+            inner.outbox = Some(outbox);
+        }
+        producer
+    }
+
+    /// Sends again, with their original ids and keys, the outbox's messages that no task of
+    /// this process is delivering or holding for its caller (oldest first): those a previous
+    /// process left unconfirmed, and those handed back here whose [`SendHandle`] was dropped
+    /// without receiving them. Waits for window space like [`send`](Self::send) and returns the
+    /// handles; await them, or the messages stay for the next replay. Without an outbox,
+    /// returns none.
+    #[cfg(feature = "outbox")]
+    pub async fn replay_outbox(&self) -> Result<Vec<SendHandle>, crate::outbox::OutboxError> {
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(Vec::new());
+        };
+        let entries = outbox.claim_unclaimed()?;
+        if !entries.is_empty() {
+            tracing::info!(messages = entries.len(), "replaying the outbox");
+        }
+        let mut handles = Vec::with_capacity(entries.len());
+        for (msg, claim) in entries {
+            if self.inner.closed.load(Ordering::Acquire) {
+                break; // the rest's claims end as they drop: they stay for the next replay
+            }
+            let Ok(permit) = self.inner.window.clone().acquire_owned().await else {
+                break;
+            };
+            handles.push(self.start(msg, permit, Some(claim)));
+        }
+        Ok(handles)
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &ProducerConfig {
+        &self.inner.config
+    }
+
+    /// Hands `msg` to the producer. Waits while the in-flight window is full, then starts
+    /// delivery and returns a handle that resolves on the confirm or with the message handed
+    /// back. Must be called within a Tokio runtime.
+    ///
+    /// Fails at once with [`SendError::Closed`] after [`close`](Self::close), also when the
+    /// close began while this send waited for window space.
+    pub async fn send(&self, msg: Message) -> Result<SendHandle, SendError> {
+        let closed = |message| SendError::Closed {
+            message: Box::new(message),
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed(msg));
+        }
+        let Ok(permit) = self.inner.window.clone().acquire_owned().await else {
+            return Err(closed(msg));
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed(msg));
+        }
+        let claim = self.spool(std::slice::from_ref(&msg)).await;
+        let claim = match claim {
+            Ok(mut claims) => claims.pop(),
+            Err(reason) => {
+                return Err(SendError::NotSpooled {
+                    message: Box::new(msg),
+                    reason,
+                })
+            }
+        };
+        Ok(self.start(msg, permit, claim))
+    }
+
+    /// Hands several messages to the producer at once: waits until the window has space for all
+    /// of them and takes it in one step, commits them to the outbox (if any) in one commit, then
+    /// starts them. Returns their handles in order; each message frees its window slot when it
+    /// is settled. On failure, every message of the batch is handed back in the error (the first
+    /// one in the error itself, the rest in [`BatchError::rest`]); none was sent.
+    ///
+    /// Fails with [`SendError::BatchTooLarge`] when the batch exceeds the window, and with
+    /// [`SendError::Closed`] after [`close`](Self::close), also when the close began while
+    /// this batch waited for window space.
+    pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendHandle>, BatchError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = msgs.len();
+        let window = self.inner.window_size as usize;
+        let Some(needed) = u32::try_from(size)
+            .ok()
+            .filter(|&n| n <= self.inner.window_size)
+        else {
+            return Err(BatchError::new(msgs, |message| SendError::BatchTooLarge {
+                message,
+                size,
+                window,
+            }));
+        };
+        let closed = |message| SendError::Closed { message };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BatchError::new(msgs, closed));
+        }
+        // All at once: holding part of the window while waiting for the rest deadlocks against
+        // another batch or `close`, since the semaphore serves waiters in order.
+        let Ok(permits) = self.inner.window.clone().acquire_many_owned(needed).await else {
+            return Err(BatchError::new(msgs, closed));
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BatchError::new(msgs, closed));
+        }
+        let claims = match self.spool(&msgs).await {
+            Ok(claims) => claims,
+            Err(reason) => {
+                return Err(BatchError::new(msgs, |message| SendError::NotSpooled {
+                    message,
+                    reason,
+                }))
+            }
+        };
+        let mut claims = claims.into_iter();
+        Ok(msgs
+            .into_iter()
+            .zip(one_each(permits))
+            .map(|(msg, permit)| self.start(msg, permit, claims.next()))
+            .collect())
+    }
+
+    /// [`send`](Self::send), then waits for the outcome.
+    pub async fn send_confirmed(&self, msg: Message) -> Result<Confirmed, SendError> {
+        self.send(msg).await?.await
+    }
+
+    /// Commits `msgs` to the outbox, if there is one, and returns their claims in order (none
+    /// without an outbox). `Err` carries the outbox's reason.
+    async fn spool(&self, msgs: &[Message]) -> Result<Vec<Claim>, String> {
+        #[cfg(feature = "outbox")]
+        if let Some(outbox) = &self.inner.outbox {
+            return outbox.put(msgs).await.map_err(|e| e.to_string());
+        }
+        let _ = msgs;
+        Ok(Vec::new())
+    }
+
+    /// Starts `msg`'s delivery task, which holds `permit` (its window slot) and `claim` (its
+    /// outbox entry) until the message is settled.
+    fn start(
+        &self,
+        msg: Message,
+        permit: OwnedSemaphorePermit,
+        claim: Option<Claim>,
+    ) -> SendHandle {
+        let inner = self.inner.clone();
+        let id = msg.id();
+        let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        inner.pending.insert(
+            ticket,
+            PendingEntry {
+                id,
+                key: msg.idempotency_key().clone(),
+                attempts: 1,
+                first_sent: now,
+                last_sent: now,
+            },
+        );
+        inner.counters.sent.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let span = tracing::info_span!(
+            "reliable.publish",
+            message_id = %id,
+            idempotency_key = %msg.idempotency_key(),
+        );
+        tokio::spawn(
+            inner
+                .run(ticket, msg, now, permit, claim, tx)
+                .instrument(span),
+        );
+        SendHandle::new(id, rx)
+    }
+
+    /// Messages unconfirmed for at least `older_than` since their first send.
+    pub fn unconfirmed(&self, older_than: Duration) -> Vec<Unconfirmed> {
+        let now = Instant::now();
+        let mut out: Vec<Unconfirmed> = self
+            .inner
+            .pending
+            .iter()
+            .filter(|e| now.saturating_duration_since(e.first_sent) >= older_than)
+            .map(|e| Unconfirmed {
+                id: e.id,
+                idempotency_key: e.key.clone(),
+                attempts: e.attempts,
+                first_sent: e.first_sent,
+                last_sent: e.last_sent,
+            })
+            .collect();
+        out.sort_by_key(|u| (u.first_sent, u.id));
+        out
+    }
+
+    /// Waits until every message sent so far is settled (confirmed or handed back). Bounded by
+    /// the deadline of the newest message.
+    pub async fn flush(&self) {
+        // Taking the whole window means no message is in flight; the semaphore is fair, so
+        // later sends queue behind the flush.
+        if let Ok(all) = self.inner.window.acquire_many(self.inner.window_size).await {
+            drop(all);
+        }
+    }
+
+    /// Shuts the producer down, for every clone: stops accepting messages (later sends, and
+    /// sends still waiting for window space, fail with [`SendError::Closed`]), waits until every
+    /// pending message is settled, then closes the transport once ([`Transport::close`], e.g.
+    /// the Kafka client's flush).
+    ///
+    /// Bounded in time: the wait for pending messages ends by the deadline of the newest one
+    /// ([`ProducerConfig::deadline`]), and the transport gets at most
+    /// [`ProducerConfig::confirm_timeout`] to close (past that it is left to finish on its own,
+    /// with a warning). Calling it again returns once the first call's work is done.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.flush().await;
+        self.inner.window.close();
+        let transport = &self.inner.transport;
+        let bound = self.inner.config.confirm_timeout;
+        self.inner
+            .transport_closed
+            .get_or_init(|| async move {
+                if tokio::time::timeout(bound, transport.close()).await.is_err() {
+                    tracing::warn!(
+                        ?bound,
+                        "the transport did not close within the confirm timeout; left to finish on its own"
+                    );
+                }
+            })
+            .await;
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ProducerStats {
+        let c = &self.inner.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProducerStats {
+            sent: load(&c.sent),
+            attempts: load(&c.attempts),
+            confirmed: load(&c.confirmed),
+            resent: ResendCounts {
+                nack: load(&c.resent_nack),
+                timeout: load(&c.resent_timeout),
+                connection_lost: load(&c.resent_connection),
+                busy: load(&c.resent_busy),
+            },
+            failed: load(&c.failed),
+            in_flight: self.inner.pending.len() as u64,
+            confirm_latency_p50: self.inner.latency.quantile(0.50),
+            confirm_latency_p99: self.inner.latency.quantile(0.99),
+        }
+    }
+}
+
+/// Splits `permit` into permits of one slot each, so each message of a batch frees its own.
+fn one_each(mut permit: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
+    let mut out = Vec::with_capacity(permit.num_permits());
+    while let Some(one) = permit.split(1) {
+        out.push(one);
+    }
+    out
+}
