@@ -165,12 +165,90 @@ async fn a_publish_to_a_missing_exchange_fails_alone() {
     // the close; their resends are duplicates (at-least-once; consumers deduplicate by id).
     let mut copies: HashMap<String, u32> = HashMap::new();
     while let Some(got) = common::get_one(&ch, &queue).await {
-        let id = got.delivery.properties.message_id().as_ref().map(|id| id.to_string());
+        let id = got
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string());
         *copies.entry(id.unwrap_or_default()).or_default() += 1;
     }
     let total: u32 = copies.values().sum();
-    eprintln!("{} distinct good messages in the queue, {total} copies", copies.len());
+    eprintln!(
+        "{} distinct good messages in the queue, {total} copies",
+        copies.len()
+    );
     assert_eq!(copies.len(), 200, "every good message is in the queue");
     producer.close().await;
+    common::delete(&conn, &[&queue]).await;
+}
+
+/// `close()` is the one way to shut a publisher down: bounded, after which publishing is a
+/// typed, non-retryable error; under the core producer, `Producer::close` settles every
+/// pending message and then closes the publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_settles_then_closes_and_later_publishes_are_refused() {
+    let url = require!(reliable_test_support::amqp_url());
+    let (conn, ch) = common::open(&url).await;
+    let queue = unique_name("amqp-close");
+    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
+        .await
+        .unwrap();
+    let publisher = AmqpPublisher::connect(&url, AmqpSettings::safe())
+        .await
+        .unwrap();
+    let producer = Producer::new(publisher.clone(), ProducerConfig::default());
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        let msg = Message::new(format!("m{i}").into_bytes()).with_routing_key(&queue);
+        handles.push(producer.send(msg).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), producer.close())
+        .await
+        .expect("close is bounded");
+    eprintln!("producer close took {:?}", started.elapsed());
+    assert!(
+        publisher.is_closed(),
+        "Producer::close closes its transport"
+    );
+    for result in join_all(handles).await {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    assert_eq!(common::wait_for_count(&conn, &queue, 100).await, 100);
+    let late = Message::new(&b"late"[..]).with_routing_key(&queue);
+    let error = publisher.publish(&late).await.unwrap_err();
+    assert!(
+        matches!(&error, PublishError::Fatal { reason } if reason.contains("closed")),
+        "{error:?}"
+    );
+    common::delete(&conn, &[&queue]).await;
+}
+
+/// Dropping the producer (and so, once its deliveries end, the publisher) without `close`
+/// loses nothing: deliveries already started run to their end and their handles resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_producer_without_close_still_settles_what_it_took() {
+    let url = require!(reliable_test_support::amqp_url());
+    let (conn, ch) = common::open(&url).await;
+    let queue = unique_name("amqp-drop");
+    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
+        .await
+        .unwrap();
+    let publisher = AmqpPublisher::connect(&url, AmqpSettings::safe())
+        .await
+        .unwrap();
+    let producer = Producer::new(publisher, ProducerConfig::default());
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        let msg = Message::new(format!("m{i}").into_bytes()).with_routing_key(&queue);
+        handles.push(producer.send(msg).await.unwrap());
+    }
+    drop(producer);
+    let results = tokio::time::timeout(Duration::from_secs(30), join_all(handles))
+        .await
+        .expect("handles resolve after the producer is dropped");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(common::wait_for_count(&conn, &queue, 100).await, 100);
     common::delete(&conn, &[&queue]).await;
 }

@@ -60,7 +60,7 @@ mod transactions;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,8 @@ struct Inner {
     exchange: String,
     live: std::sync::Mutex<State>,
     generation: AtomicU64,
+    /// Set by [`AmqpPublisher::close`]: no channel is opened again.
+    closed: AtomicBool,
 }
 
 impl Inner {
@@ -214,7 +216,8 @@ impl AmqpPublisher {
     /// re-opens it after a loss. The URL's credentials never appear in logs or errors. An
     /// unparsable URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
     pub async fn connect(url: &str, settings: AmqpSettings) -> Result<Self, AmqpError> {
-        Self::start(Source::url(url)?, settings).await
+        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, settings).await
     }
 
     /// Publishes on channels opened on an existing connection. After a channel loss the
@@ -245,6 +248,7 @@ impl AmqpPublisher {
                 exchange: String::new(),
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
             }),
         };
         publisher
@@ -273,6 +277,7 @@ impl AmqpPublisher {
                 exchange,
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
             },
         };
         Self {
@@ -293,12 +298,73 @@ impl AmqpPublisher {
         }
     }
 
+    /// Closes the publisher, the one way to shut it down: waits for the confirms of publishes
+    /// still in flight, then closes the channel and, when the adapter owns it (URL
+    /// publishers), the connection. Each step is bounded by the settings'
+    /// [`confirm_timeout`](AmqpSettings::confirm_timeout), so `close` returns within three
+    /// times that. Publishes after `close` fail with the non-retryable [`PublishError::Fatal`];
+    /// publishes still waiting when it returns resolve with an error, never `Ok` without a
+    /// confirm. A wrapped connection or channel is left open for its owner (only the
+    /// adapter's own channel is closed).
+    ///
+    /// Under the core's `Producer`, call `Producer::close`: it settles every pending message
+    /// first, then calls this. Dropping the last clone without `close` closes the owned
+    /// connection in the background, without waiting for confirms.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use reliable_amqp::{AmqpPublisher, AmqpSettings};
+    /// let publisher = AmqpPublisher::connect("amqp://127.0.0.1:5672/%2f", AmqpSettings::safe()).await?;
+    /// publisher.close().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let previous = std::mem::replace(&mut *self.inner.lock_state(), State::Idle);
+        let State::Live(live) = previous else {
+            return; // nothing open (an open under way sees `closed` and is dropped)
+        };
+        let bound = self.inner.settings.confirm_timeout();
+        if tokio::time::timeout(bound, live.channel.wait_for_confirms())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?bound, "closing with confirms still pending");
+        }
+        if matches!(self.inner.source, Source::Channel(_)) {
+            return; // the owner's channel
+        }
+        let _ = tokio::time::timeout(
+            bound,
+            live.channel.close(200, "reliable publisher closing".into()),
+        )
+        .await;
+        if let Some(connection) = &live.connection {
+            let _ = tokio::time::timeout(
+                bound,
+                connection.close(200, "reliable publisher closing".into()),
+            )
+            .await;
+        }
+        tracing::info!(target_broker = %self.inner.source.target(), "AMQP publisher closed");
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
     /// The current channel, or a freshly opened one.
     ///
     /// Opening runs in a task of its own, shared by every caller waiting for it: a caller
     /// that gives up (the core's attempt timeout drops its future) does not abort the open,
     /// so a slow broker start cannot make every attempt start over.
     async fn live(&self) -> Result<Arc<LiveChannel>, lapin::Error> {
+        if self.is_closed() {
+            return Err(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into(),
+            );
+        }
         let opening = {
             let mut state = self.inner.lock_state();
             match &*state {
@@ -308,9 +374,10 @@ impl AmqpPublisher {
                     let inner = self.inner.clone();
                     let task = tokio::spawn(async move {
                         let result = open_live(&inner).await;
+                        let closed = inner.closed.load(Ordering::Acquire);
                         *inner.lock_state() = match &result {
-                            Ok(live) => State::Live(live.clone()),
-                            Err(_) => State::Idle,
+                            Ok(live) if !closed => State::Live(live.clone()),
+                            _ => State::Idle,
                         };
                         result
                     });
@@ -442,6 +509,11 @@ impl Transport for AmqpPublisher {
             idempotency_key = %msg.idempotency_key(),
         );
         async {
+            if self.is_closed() {
+                return Err(PublishError::Fatal {
+                    reason: "the publisher is closed; publish through an open one".to_owned(),
+                });
+            }
             let result = match self.inner.settings.publish_mode() {
                 PublishMode::Confirms => self.publish_confirmed(msg).await,
                 PublishMode::Transactions => self
@@ -456,6 +528,10 @@ impl Transport for AmqpPublisher {
         }
         .instrument(span)
         .await
+    }
+
+    async fn close(&self) {
+        AmqpPublisher::close(self).await
     }
 }
 
