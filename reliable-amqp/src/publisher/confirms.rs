@@ -19,6 +19,14 @@
 //!   return, if any, is in its table, matched by message id.
 //! * Returns that no publish claims can only be left when the channel is quiescent (nothing
 //!   registered is undecided); only then are they dropped.
+//! * **One undecided copy at a time.** [`Inflight`] lists, per message id, the publisher's
+//!   undecided attempt across all its channels. A resend of a message whose earlier attempt is
+//!   still undecided on a suspect channel waits for that attempt instead of writing a second
+//!   copy: the earlier one may still land when a silent link heals (its confirm then settles
+//!   both), and once the suspect connection is declared dead its attempts fail retryable and
+//!   the resend goes out on the fresh connection (loss-matrix row L12). An attempt decided
+//!   after its caller gave up keeps its outcome for the resend (a few minutes at most), so a
+//!   confirm that arrives between two attempts is not followed by a second copy.
 //!
 //! A channel closed by the broker fails every pending confirm with the same error; only the
 //! publish the error names is refused for good (see [`classify_for`]), the others are
@@ -27,18 +35,20 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::BasicReturnMessage;
 use lapin::protocol::AMQPSoftError;
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use reliable_core::message::headers;
 use reliable_core::PublishError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 
 use crate::connect::retryable;
 use crate::error::soft_error;
@@ -50,19 +60,119 @@ pub(super) struct Target {
     pub(super) id: String,
     /// The exchange it was published to.
     pub(super) exchange: String,
+    /// The routing key it was published with.
+    pub(super) routing_key: String,
     /// The body size in bytes.
     pub(super) size: usize,
 }
 
+impl Target {
+    /// What makes two publishes attempts of one message: the id and the destination (a
+    /// dead-letter copy keeps its message's id but goes elsewhere).
+    fn attempt_key(&self) -> String {
+        format!("{}\0{}\0{}", self.exchange, self.routing_key, self.id)
+    }
+}
+
 type Outcome = Result<(), PublishError>;
+/// Where an attempt's outcome is published once decided (`None` until then).
+type Decision = watch::Receiver<Option<Outcome>>;
 type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// How long the outcome of an abandoned attempt (its caller gave up waiting) is kept for the
+/// resend that will ask for it; longer than any backoff between two attempts.
+const ABANDONED_RETENTION: Duration = Duration::from_secs(300);
+
+/// The undecided publish attempts of one publisher, by message id, across its channels, and
+/// the outcomes of abandoned attempts until a resend collects them.
+#[derive(Default)]
+pub(super) struct Inflight {
+    attempts: Mutex<HashMap<String, Attempt>>,
+    next_token: AtomicU64,
+}
+
+struct Attempt {
+    token: u64,
+    decision: Decision,
+    /// Set when it was decided with nobody waiting: kept for the resend.
+    abandoned_at: Option<Instant>,
+}
+
+impl Inflight {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Attempt>> {
+        // Single inserts and removals: a poisoned map is still consistent.
+        self.attempts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outcome of the earlier attempt of `target` (same message id, same exchange and
+    /// routing key), waiting for it if it is undecided: `Ok` (the broker confirmed this
+    /// message) or a refusal that a resend cannot fix. `None` when there is none, or when it
+    /// failed retryably: then publish again.
+    pub(super) async fn earlier(&self, target: &Target) -> Option<Outcome> {
+        let key = target.attempt_key();
+        let mut decision = {
+            let mut attempts = self.lock();
+            let attempt = attempts.get(&key)?;
+            if attempt.abandoned_at.is_some() {
+                let collected = attempts.remove(&key)?;
+                let outcome = collected.decision.borrow().clone();
+                return outcome;
+            }
+            attempt.decision.clone()
+        };
+        tracing::debug!(message_id = %target.id, "an earlier attempt is undecided; waiting for it instead of sending a second copy");
+        let outcome = decision
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone())?;
+        match outcome {
+            Err(e) if e.is_retryable() => None,
+            outcome => Some(outcome),
+        }
+    }
+
+    fn insert(&self, key: String, decision: Decision) -> u64 {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let attempt = Attempt {
+            token,
+            decision,
+            abandoned_at: None,
+        };
+        self.lock().insert(key, attempt);
+        token
+    }
+
+    /// Attempt `token` of `key` was decided with `outcome`, seen by `watchers` receivers (one is
+    /// this table's own). With nobody else waiting, an outcome a resend must not repeat (`Ok`,
+    /// or a final refusal) is kept for it; anything else leaves the table.
+    fn decided(&self, key: &str, token: u64, outcome: &Outcome, watchers: usize) {
+        let mut attempts = self.lock();
+        let Some(attempt) = attempts.get_mut(key).filter(|a| a.token == token) else {
+            return;
+        };
+        let keep = watchers <= 1 && !matches!(outcome, Err(e) if e.is_retryable());
+        if !keep {
+            attempts.remove(key);
+            return;
+        }
+        let now = Instant::now();
+        attempt.abandoned_at = Some(now);
+        attempts.retain(|_, a| {
+            a.abandoned_at
+                .is_none_or(|at| now.duration_since(at) < ABANDONED_RETENTION)
+        });
+    }
+}
 
 /// A publish handed to the driver, in registration order.
 struct Registered {
     seq: u64,
     target: Target,
     publishing: Publishing,
-    reply: oneshot::Sender<Outcome>,
+    reply: watch::Sender<Option<Outcome>>,
+    /// This attempt's token in [`Inflight`].
+    token: u64,
 }
 
 /// The confirm side of one channel: the registry publishes go through and its driver's inbox.
@@ -71,18 +181,39 @@ pub(super) struct Confirms {
     /// lapin's delivery-tag order.
     registry: Arc<Mutex<u64>>,
     driver: mpsc::UnboundedSender<Registered>,
+    inflight: Arc<Inflight>,
+    /// Publishes registered and not yet decided, as counted by the driver.
+    undecided: watch::Receiver<usize>,
 }
 
 impl Confirms {
     /// The channel's confirm tracking, with its driver spawned on the current runtime.
-    pub(super) fn start(span: tracing::Span) -> Self {
+    ///
+    /// The driver holds `channel` until every publish registered on it is decided: lapin
+    /// closes a channel when its last handle is dropped, and a close under undecided publishes
+    /// would fail them and turn each into a resend (a duplicate when the broker had it).
+    pub(super) fn start(channel: Channel, span: tracing::Span, inflight: Arc<Inflight>) -> Self {
         let registry = Arc::new(Mutex::new(0));
         let (driver, inbox) = mpsc::unbounded_channel();
+        let (count, undecided) = watch::channel(0);
         tokio::spawn(tracing::Instrument::instrument(
-            drive(registry.clone(), inbox),
+            drive(channel, registry.clone(), inbox, inflight.clone(), count),
             span,
         ));
-        Self { registry, driver }
+        Self {
+            registry,
+            driver,
+            inflight,
+            undecided,
+        }
+    }
+
+    /// Resolves once no publish registered on this channel is undecided.
+    pub(super) fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut undecided = self.undecided.clone();
+        async move {
+            let _ = undecided.wait_for(|n| *n == 0).await;
+        }
     }
 
     /// Whether the driver still runs (it stops only once every sender is gone).
@@ -99,9 +230,10 @@ impl Confirms {
         publish: impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static,
     ) -> impl Future<Output = Outcome> + Send + 'static {
         let mut publishing: Publishing = Box::pin(publish);
-        let (reply, outcome) = oneshot::channel();
+        let (reply, mut outcome) = watch::channel(None);
         let driver = self.driver.clone();
         let registry = self.registry.clone();
+        let inflight = self.inflight.clone();
         let mut target = Some(target);
         let mut reply = Some(reply);
         let registered = std::future::poll_fn(move |cx| {
@@ -113,6 +245,7 @@ impl Confirms {
             let (Some(target), Some(reply)) = (target.take(), reply.take()) else {
                 return Poll::Ready(Err(lost("publish polled after registration")));
             };
+            let token = inflight.insert(target.attempt_key(), reply.subscribe());
             let publishing: Publishing = match first {
                 Poll::Ready(result) => Box::pin(std::future::ready(result)),
                 Poll::Pending => std::mem::replace(
@@ -125,15 +258,19 @@ impl Confirms {
                 target,
                 publishing,
                 reply,
+                token,
             });
             drop(next);
             Poll::Ready(sent.map_err(|_| lost("the confirm driver stopped with its channel")))
         });
         async move {
             registered.await?;
-            outcome
-                .await
-                .unwrap_or_else(|_| Err(lost("the channel closed before the confirm")))
+            match outcome.wait_for(Option::is_some).await {
+                Ok(decided) => decided
+                    .clone()
+                    .unwrap_or_else(|| Err(lost("the channel closed before the confirm"))),
+                Err(_) => Err(lost("the channel closed before the confirm")),
+            }
         }
     }
 }
@@ -146,13 +283,20 @@ fn lock(registry: &Mutex<u64>) -> MutexGuard<'_, u64> {
 /// A registered publish not yet decided.
 struct Entry {
     target: Target,
-    reply: oneshot::Sender<Outcome>,
+    reply: watch::Sender<Option<Outcome>>,
+    token: u64,
     /// `None` until its confirm (or error) arrived.
     resolved: Option<Result<bool, lapin::Error>>,
 }
 
 /// The per-channel confirm driver (see the module docs for the rule it follows).
-async fn drive(registry: Arc<Mutex<u64>>, mut inbox: mpsc::UnboundedReceiver<Registered>) {
+async fn drive(
+    _channel: Channel,
+    registry: Arc<Mutex<u64>>,
+    mut inbox: mpsc::UnboundedReceiver<Registered>,
+    inflight: Arc<Inflight>,
+    undecided: watch::Sender<usize>,
+) {
     let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut received = 0u64;
     let mut waiting = FuturesUnordered::new();
@@ -192,12 +336,18 @@ async fn drive(registry: Arc<Mutex<u64>>, mut inbox: mpsc::UnboundedReceiver<Reg
             let Entry {
                 target,
                 reply,
+                token,
                 resolved,
             } = entry.remove();
             let outcome = decide(&target, resolved, &mut returns);
             tracing::trace!(message_id = %target.id, ?outcome, "confirm decided");
-            let _ = reply.send(outcome);
+            // Counted before the outcome is sent: a caller still waiting holds its receiver
+            // until it has the outcome.
+            let watchers = reply.receiver_count();
+            inflight.decided(&target.attempt_key(), token, &outcome, watchers);
+            reply.send_replace(Some(outcome));
         }
+        undecided.send_replace(entries.len());
         if entries.is_empty() && !returns.0.is_empty() {
             // Quiescent: every publish of this channel is decided, so no publish can claim
             // these (messages published on the channel outside this adapter).
@@ -225,12 +375,14 @@ fn admit(
         target,
         publishing,
         reply,
+        token,
     } = r;
     entries.insert(
         seq,
         Entry {
             target,
             reply,
+            token,
             resolved: None,
         },
     );
@@ -430,6 +582,7 @@ mod tests {
         Target {
             id: id.to_owned(),
             exchange: exchange.to_owned(),
+            routing_key: String::new(),
             size,
         }
     }
@@ -481,6 +634,29 @@ mod tests {
         assert!(classify_for(&large, &target("b", "", 10)).is_retryable());
         let unnamed = closed(AMQPSoftError::PRECONDITIONFAILED, "PRECONDITION_FAILED - x");
         assert!(classify_for(&unnamed, &target("b", "", 10)).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_answers_its_resend_and_nothing_else() {
+        let inflight = Inflight::default();
+        let original = target("m", "orders", 1);
+        let (reply, decision) = watch::channel(None);
+        let token = inflight.insert(original.attempt_key(), decision);
+        // Decided with nobody but the table watching: the caller gave up.
+        inflight.decided(&original.attempt_key(), token, &Ok(()), reply.receiver_count());
+        reply.send_replace(Some(Ok(())));
+        // A dead-letter copy keeps the id but goes elsewhere: it must be published.
+        assert_eq!(inflight.earlier(&target("m", "orders.dlx", 1)).await, None);
+        // The resend of the same message collects the confirm instead of a second copy.
+        assert_eq!(inflight.earlier(&original).await, Some(Ok(())));
+        assert_eq!(inflight.earlier(&original).await, None, "collected once");
+
+        // A retryable failure is not kept: the resend goes out.
+        let (reply, decision) = watch::channel(None);
+        let token = inflight.insert(original.attempt_key(), decision);
+        let lost = Err(lost("gone"));
+        inflight.decided(&original.attempt_key(), token, &lost, reply.receiver_count());
+        assert_eq!(inflight.earlier(&original).await, None);
     }
 
     #[test]

@@ -77,7 +77,7 @@ use tracing::Instrument;
 use crate::connect::{Link, Source};
 use crate::error::AmqpError;
 use crate::settings::{AmqpSettings, PublishMode};
-use confirms::{classify, Confirms, Target};
+use confirms::{classify, Confirms, Inflight, Target};
 use transactions::only_result;
 
 /// A caller that gave up on a confirm after waiting at least this long marks the channel
@@ -110,6 +110,8 @@ struct Inner {
     exchange: String,
     live: std::sync::Mutex<State>,
     generation: AtomicU64,
+    /// Undecided attempts by message id, across this publisher's channels.
+    inflight: Arc<Inflight>,
     /// Set by [`AmqpPublisher::close`]: no channel is opened again.
     closed: AtomicBool,
 }
@@ -150,7 +152,11 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         })
         .await?;
     let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-    let confirms = Confirms::start(tracing::debug_span!("amqp_confirm_driver", generation));
+    let confirms = Confirms::start(
+        link.channel.clone(),
+        tracing::debug_span!("amqp_confirm_driver", generation),
+        inner.inflight.clone(),
+    );
     tracing::info!(
         generation,
         channel = link.channel.id(),
@@ -162,6 +168,7 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         channel: link.channel,
         connection: link.connection,
         confirms,
+        drain_bound: settings.confirm_timeout() + 3 * settings.heartbeat(),
         tx: Mutex::new(()),
     }))
 }
@@ -174,6 +181,10 @@ struct LiveChannel {
     connection: Option<Connection>,
     /// Decides this channel's confirms (confirm mode).
     confirms: Confirms,
+    /// How long a dropped channel waits for its undecided publishes before its connection is
+    /// closed: the confirm timeout plus three heartbeats, by when a silent connection has been
+    /// declared dead (and its publishes failed) by the heartbeat.
+    drain_bound: Duration,
     /// Serialises transactions on the channel (transaction mode only).
     tx: Mutex<()>,
 }
@@ -191,8 +202,13 @@ impl Drop for LiveChannel {
         };
         // Best effort: the connection is usually already gone when a channel is dropped.
         // Outside a runtime there is nothing to close it on; dropping it ends its I/O loop.
+        // Its undecided publishes settle first (bounded): closing under them would fail them
+        // and turn each into a resend, a duplicate when the broker already had it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let settled = self.confirms.settled();
+            let bound = self.drain_bound;
             runtime.spawn(async move {
+                let _ = tokio::time::timeout(bound, settled).await;
                 let _ = connection
                     .close(200, "reliable publisher closing".into())
                     .await;
@@ -248,6 +264,7 @@ impl AmqpPublisher {
                 exchange: String::new(),
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
+                inflight: Arc::default(),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -277,6 +294,7 @@ impl AmqpPublisher {
                 exchange,
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
+                inflight: Arc::default(),
                 closed: AtomicBool::new(false),
             },
         };
@@ -447,7 +465,19 @@ impl AmqpPublisher {
         }
     }
 
+    fn target(&self, msg: &Message) -> Target {
+        Target {
+            id: msg.id_text().to_owned(),
+            exchange: msg.destination().unwrap_or(&self.inner.exchange).to_owned(),
+            routing_key: msg.routing_key().unwrap_or_default().to_owned(),
+            size: msg.payload().len(),
+        }
+    }
+
     async fn publish_confirmed(&self, msg: &Message) -> Result<(), PublishError> {
+        if let Some(outcome) = self.inner.inflight.earlier(&self.target(msg)).await {
+            return outcome;
+        }
         let live = self.live().await.map_err(|e| classify(&e))?;
         let result = self.publish_on(&live, msg).await;
         if matches!(
@@ -491,12 +521,7 @@ impl AmqpPublisher {
             // we know.
             return publish.await.map(drop).map_err(|e| classify(&e));
         }
-        let target = Target {
-            id: msg.id_text().to_owned(),
-            exchange: msg.destination().unwrap_or(&self.inner.exchange).to_owned(),
-            size: msg.payload().len(),
-        };
-        live.confirms.publish(target, publish).await
+        live.confirms.publish(self.target(msg), publish).await
     }
 }
 

@@ -26,8 +26,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod refusal;
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 use std::time::Duration;
+
+pub use refusal::{DataLoss, InvalidSetting, SettingsError, UnsafeSetting};
 
 /// The kind of queue the topology helpers declare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,119 +61,6 @@ impl QueueType {
     pub fn durable(self) -> bool {
         !matches!(self, QueueType::ClassicTransient)
     }
-}
-
-/// A setting that loses data, for [`AmqpSettings::unsafe_allow_data_loss`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DataLoss {
-    /// Declare non-durable classic queues: the queue and its messages vanish on restart.
-    NonDurableQueues,
-    /// Publish with delivery mode 1: messages are kept only in memory and lost on restart.
-    TransientMessages,
-    /// Publish without publisher confirms: a publish counts as done once written to the
-    /// socket, and messages lost in flight go unnoticed.
-    NoPublisherConfirms,
-    /// Publish without `mandatory`: the broker drops unroutable messages and still acks them.
-    NoMandatory,
-    /// Consume with auto-ack: messages are acked before the handler ran, and lost if it fails.
-    AutoAck,
-}
-
-impl DataLoss {
-    fn setting(self) -> &'static str {
-        match self {
-            DataLoss::NonDurableQueues => "queue_type",
-            DataLoss::TransientMessages => "persistent_messages",
-            DataLoss::NoPublisherConfirms => "publisher_confirms",
-            DataLoss::NoMandatory => "mandatory",
-            DataLoss::AutoAck => "manual_ack",
-        }
-    }
-
-    fn value(self) -> &'static str {
-        match self {
-            DataLoss::NonDurableQueues => "ClassicTransient",
-            _ => "false",
-        }
-    }
-
-    fn why(self) -> &'static str {
-        match self {
-            DataLoss::NonDurableQueues => {
-                "a non-durable queue and every message in it are deleted when the broker restarts"
-            }
-            DataLoss::TransientMessages => {
-                "transient messages (delivery mode 1) are kept only in memory and lost when the \
-                 broker restarts"
-            }
-            DataLoss::NoPublisherConfirms => {
-                "without publisher confirms a publish counts as done once written to the socket; \
-                 messages lost on the way or in a broker crash go unnoticed"
-            }
-            DataLoss::NoMandatory => {
-                "without mandatory the broker acks and drops a message no queue is bound for"
-            }
-            DataLoss::AutoAck => {
-                "with auto-ack the broker forgets a message when it is sent, so a consumer that \
-                 crashes or fails in its handler loses it"
-            }
-        }
-    }
-}
-
-/// A settings override refused because it loses data (invariant 7).
-///
-/// Keep the preset's value; if losing data is really acceptable (a throw-away test queue, a
-/// negative control), opt out with [`AmqpSettings::unsafe_allow_data_loss`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "refused `{setting} = {value}`: {why}; keep the safe value, or opt out explicitly with \
-     AmqpSettings::unsafe_allow_data_loss(DataLoss::{opt_out:?})"
-)]
-pub struct UnsafeSetting {
-    /// The setting's name, as its `with_*` method spells it.
-    pub setting: &'static str,
-    /// The refused value.
-    pub value: &'static str,
-    /// Why the value loses data.
-    pub why: &'static str,
-    /// The [`DataLoss`] to pass to the opt-out, if the caller accepts the loss.
-    pub opt_out: DataLoss,
-}
-
-impl From<DataLoss> for UnsafeSetting {
-    fn from(loss: DataLoss) -> Self {
-        Self {
-            setting: loss.setting(),
-            value: loss.value(),
-            why: loss.why(),
-            opt_out: loss,
-        }
-    }
-}
-
-/// A settings value out of range (not a data-loss question).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("`{setting} = {value}` is out of range: {expected}")]
-pub struct InvalidSetting {
-    /// The setting's name.
-    pub setting: &'static str,
-    /// The refused value.
-    pub value: String,
-    /// The accepted range, in words.
-    pub expected: &'static str,
-}
-
-/// Refusal of a settings override: it loses data, or it is out of range.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SettingsError {
-    /// The override loses data.
-    #[error(transparent)]
-    Unsafe(#[from] UnsafeSetting),
-    /// The value is out of range.
-    #[error(transparent)]
-    Invalid(#[from] InvalidSetting),
 }
 
 /// How the publisher makes a publish durable: publisher confirms, or AMQP transactions.
@@ -512,127 +405,5 @@ impl AmqpSettings {
     /// The data-loss opt-outs applied, in order; empty for a safe configuration.
     pub fn data_loss_opt_outs(&self) -> &[DataLoss] {
         &self.opted_out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_lossy_override_is_refused_with_its_name_and_reason() {
-        let cases: [(Result<AmqpSettings, UnsafeSetting>, &str); 5] = [
-            (
-                AmqpSettings::safe().with_queue_type(QueueType::ClassicTransient),
-                "queue_type",
-            ),
-            (
-                AmqpSettings::safe().with_persistent_messages(false),
-                "persistent_messages",
-            ),
-            (
-                AmqpSettings::safe().with_publisher_confirms(false),
-                "publisher_confirms",
-            ),
-            (AmqpSettings::safe().with_mandatory(false), "mandatory"),
-            (AmqpSettings::safe().with_manual_ack(false), "manual_ack"),
-        ];
-        for (result, setting) in cases {
-            let err = result.unwrap_err();
-            assert_eq!(err.setting, setting);
-            let text = err.to_string();
-            assert!(text.contains(setting), "{text}");
-            assert!(text.contains("unsafe_allow_data_loss"), "{text}");
-            assert!(!err.why.is_empty());
-        }
-    }
-
-    #[test]
-    fn safe_overrides_are_accepted() {
-        let s = AmqpSettings::transactional()
-            .with_queue_type(QueueType::ClassicDurable)
-            .unwrap()
-            .with_persistent_messages(true)
-            .unwrap()
-            .with_prefetch(150)
-            .unwrap();
-        assert_eq!(s.publish_mode(), PublishMode::Transactions);
-        assert_eq!(s.queue_type(), QueueType::ClassicDurable);
-        assert_eq!(s.prefetch(), 150);
-        assert!(s.data_loss_opt_outs().is_empty());
-    }
-
-    #[test]
-    fn presets_are_safe_and_prefetch_is_bounded() {
-        for s in [
-            AmqpSettings::safe(),
-            AmqpSettings::classic_durable(),
-            AmqpSettings::transactional(),
-            AmqpSettings::high_throughput(),
-        ] {
-            assert!(s.queue_type().durable());
-            assert!(s.persistent_messages() && s.publisher_confirms() && s.mandatory());
-            assert!(s.manual_ack());
-            assert!((100..=300).contains(&s.prefetch()), "{s:?}");
-        }
-        assert!(AmqpSettings::safe().with_prefetch(0).is_err());
-    }
-
-    #[test]
-    fn the_confirm_timeout_defaults_to_30s_and_is_bounded() {
-        assert_eq!(
-            AmqpSettings::safe().confirm_timeout(),
-            Duration::from_secs(30)
-        );
-        let s = AmqpSettings::safe()
-            .with_confirm_timeout(Duration::from_secs(5))
-            .unwrap();
-        assert_eq!(s.confirm_timeout(), Duration::from_secs(5));
-        let err = AmqpSettings::safe()
-            .with_confirm_timeout(Duration::ZERO)
-            .unwrap_err();
-        assert_eq!(err.setting, "confirm_timeout");
-    }
-
-    #[test]
-    fn every_preset_proposes_a_short_heartbeat_and_off_is_refused() {
-        for s in [
-            AmqpSettings::safe(),
-            AmqpSettings::classic_durable(),
-            AmqpSettings::transactional(),
-            AmqpSettings::high_throughput(),
-        ] {
-            assert_eq!(s.heartbeat(), Duration::from_secs(5), "{s:?}");
-        }
-        let s = AmqpSettings::safe()
-            .with_heartbeat(Duration::from_secs(20))
-            .unwrap();
-        assert_eq!(s.heartbeat(), Duration::from_secs(20));
-        for refused in [
-            Duration::ZERO,
-            Duration::from_millis(500),
-            Duration::from_millis(5_500),
-            Duration::from_secs(61),
-            Duration::from_secs(3600),
-        ] {
-            let err = AmqpSettings::safe().with_heartbeat(refused).unwrap_err();
-            assert_eq!(err.setting, "heartbeat");
-            let text = err.to_string();
-            assert!(text.contains("1 s to 60 s"), "{text}");
-            assert!(text.contains("cannot be turned off"), "{text}");
-        }
-    }
-
-    #[test]
-    fn the_opt_out_applies_the_lossy_value_and_records_it() {
-        let s = AmqpSettings::safe()
-            .unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
-            .unsafe_allow_data_loss(DataLoss::NonDurableQueues);
-        assert!(!s.publisher_confirms());
-        assert_eq!(s.queue_type(), QueueType::ClassicTransient);
-        assert_eq!(
-            s.data_loss_opt_outs(),
-            &[DataLoss::NoPublisherConfirms, DataLoss::NonDurableQueues]
-        );
     }
 }
