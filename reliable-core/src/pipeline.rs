@@ -75,10 +75,13 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::backoff::BackoffPolicy;
-use crate::idempotency::{IdempotencyStore, Reservation};
 use crate::message::{headers, Message};
 use crate::producer::{Producer, SendError};
 use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource, Position};
+
+mod dedupe;
+
+pub use dedupe::{Dedupe, DedupeError, DedupeLayer};
 
 /// The user's message handler (and every layer around it).
 #[async_trait]
@@ -351,130 +354,6 @@ impl<H: Handler> Handler for Timeout<H> {
                     self.timeout
                 )))
             })
-    }
-}
-
-/// Runs the handler at most once per idempotency key (loss-matrix row L8).
-///
-/// Reserves the key first: a duplicate is skipped (`Ok`, so it is acked). A key held by another
-/// worker is polled with backoff until that worker completes it (then it is a duplicate) or
-/// releases it (then this copy runs), for at most [`with_in_progress_wait`](Self::with_in_progress_wait);
-/// set that to the store's lease so the wait always ends in an answer. After the handler, the key
-/// is completed on success and released on failure. Put it outside the [`RetryLayer`] so the key
-/// stays reserved across retries.
-pub struct DedupeLayer<S: ?Sized> {
-    store: Arc<S>,
-    duplicates: Arc<AtomicU64>,
-    in_progress_wait: Duration,
-}
-
-impl<S: ?Sized> Clone for DedupeLayer<S> {
-    fn clone(&self) -> Self {
-        Self {
-            store: self.store.clone(),
-            duplicates: self.duplicates.clone(),
-            in_progress_wait: self.in_progress_wait,
-        }
-    }
-}
-
-impl<S: IdempotencyStore + ?Sized> DedupeLayer<S> {
-    /// Deduplicates against `store`.
-    pub fn new(store: Arc<S>) -> Self {
-        Self {
-            store,
-            duplicates: Arc::default(),
-            in_progress_wait: Duration::from_secs(300),
-        }
-    }
-
-    /// How long a copy waits for another worker holding its key before failing as transient.
-    /// Default 5 minutes (the in-memory store's default lease).
-    pub fn with_in_progress_wait(mut self, wait: Duration) -> Self {
-        self.in_progress_wait = wait;
-        self
-    }
-
-    /// Duplicates skipped so far by handlers made from this layer (and its clones).
-    pub fn duplicates(&self) -> u64 {
-        self.duplicates.load(Ordering::Relaxed)
-    }
-}
-
-impl<S: IdempotencyStore + ?Sized, H: Handler> Layer<H> for DedupeLayer<S> {
-    type Handler = Dedupe<H, S>;
-    fn layer(&self, inner: H) -> Dedupe<H, S> {
-        Dedupe {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// Polling of a key held by another worker.
-const IN_PROGRESS_POLL: BackoffPolicy = BackoffPolicy {
-    min_delay: Duration::from_millis(20),
-    max_delay: Duration::from_secs(2),
-    factor: 2.0,
-    jitter: true,
-};
-
-/// The handler made by [`DedupeLayer`].
-pub struct Dedupe<H, S: ?Sized> {
-    inner: H,
-    layer: DedupeLayer<S>,
-}
-
-#[async_trait]
-impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
-    async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
-        let key = msg.idempotency_key();
-        let store = &self.layer.store;
-        // `None`: a wait too long to represent is no limit.
-        let give_up = tokio::time::Instant::now().checked_add(self.layer.in_progress_wait);
-        let mut delays = IN_PROGRESS_POLL.delays();
-        loop {
-            // The store being down says nothing about the message: requeue it, never
-            // dead-letter it (ErrorKind::Unavailable).
-            match store
-                .reserve(key)
-                .await
-                .map_err(HandlerError::unavailable)?
-            {
-                Reservation::New => break,
-                Reservation::Duplicate => {
-                    self.layer.duplicates.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%key, "duplicate skipped");
-                    return Ok(());
-                }
-                Reservation::InProgress
-                    if give_up.is_none_or(|g| tokio::time::Instant::now() < g) =>
-                {
-                    let delay = delays.next().unwrap_or(IN_PROGRESS_POLL.max_delay);
-                    tokio::time::sleep(delay).await;
-                }
-                Reservation::InProgress => {
-                    return Err(HandlerError::transient(format!(
-                        "idempotency key {key} is still held by another worker"
-                    )));
-                }
-            }
-        }
-        match self.inner.handle(msg).await {
-            Ok(()) => {
-                if let Err(e) = store.complete(key).await {
-                    // The effect happened; failing now would apply it again on retry.
-                    tracing::error!(%key, error = %e, "effect applied but key not recorded; a redelivery may repeat it");
-                }
-                Ok(())
-            }
-            Err(err) => {
-                if let Err(e) = store.release(key).await {
-                    tracing::warn!(%key, error = %e, "could not release key; it frees when its lease ends");
-                }
-                Err(err)
-            }
-        }
     }
 }
 

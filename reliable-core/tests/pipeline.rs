@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use reliable_core::backoff::BackoffPolicy;
 use reliable_core::idempotency::{
-    IdempotencyStore, InMemoryIdempotencyStore, Reservation, StoreError,
+    Completion, IdempotencyStore, InMemoryIdempotencyStore, LeaseToken, Renewal, Reservation,
+    StoreError,
 };
 use reliable_core::memory::{DeliveryFault, InMemoryBroker};
 use reliable_core::message::headers;
@@ -385,11 +386,21 @@ impl IdempotencyStore for FlakyStore {
         }
         self.inner.reserve(key).await
     }
-    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.inner.complete(key).await
+    fn lease_duration(&self) -> Option<Duration> {
+        self.inner.lease_duration()
     }
-    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.inner.release(key).await
+    async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
+        self.inner.renew(key, token).await
+    }
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: LeaseToken,
+    ) -> Result<Completion, StoreError> {
+        self.inner.complete(key, token).await
+    }
+    async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
     }
 }
 

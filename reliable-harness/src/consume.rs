@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use dashmap::DashSet;
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpConsumer;
-use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+use reliable_core::idempotency::{
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
+};
 use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
     PipelineConfig,
@@ -103,23 +105,36 @@ impl Inbox {
     }
 }
 
+// A reservation lives in this process's memory until its holder completes or releases it (or
+// the process dies with it), so it never runs out, needs no renewal, and only its holder can
+// release it: tokens need no checking.
 #[async_trait]
 impl IdempotencyStore for Inbox {
+    fn lease_duration(&self) -> Option<Duration> {
+        None
+    }
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         if self.applied.contains(key.as_str()) {
             Ok(Reservation::Duplicate)
         } else if self.reserved.insert(key.as_str().to_owned()) {
-            Ok(Reservation::New)
+            Ok(Reservation::New(LeaseToken::generate()))
         } else {
             Ok(Reservation::InProgress)
         }
     }
-    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+    async fn renew(&self, _: &IdempotencyKey, _: LeaseToken) -> Result<Renewal, StoreError> {
+        Ok(Renewal::Renewed)
+    }
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        _: LeaseToken,
+    ) -> Result<Completion, StoreError> {
         // The effect record already holds the key; only the reservation remains.
         self.reserved.remove(key.as_str());
-        Ok(())
+        Ok(Completion::Recorded)
     }
-    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+    async fn release(&self, key: &IdempotencyKey, _: LeaseToken) -> Result<(), StoreError> {
         self.reserved.remove(key.as_str());
         Ok(())
     }
@@ -213,7 +228,7 @@ async fn run_safe(
             // The no-confirm control of the broker kill writes transient messages to a classic
             // durable queue (a quorum queue would persist them anyway); read it with otherwise
             // safe settings.
-            let settings = if roles(child.scenario, child.variant).unsafe_producer {
+            let settings = if roles(child.scenario, child.variant).classic_queue {
                 AmqpSettings::classic_durable()
             } else {
                 AmqpSettings::safe()
@@ -355,19 +370,19 @@ mod tests {
                 Arc::new(Journal::open(&path).unwrap()),
                 &ConsumerView::default(),
             );
-            assert_eq!(inbox.reserve(&key(1)).await.unwrap(), Reservation::New);
+            let token = inbox.reserve(&key(1)).await.unwrap().token().unwrap();
             assert_eq!(
                 inbox.reserve(&key(1)).await.unwrap(),
                 Reservation::InProgress
             );
             inbox.apply(1).unwrap();
-            inbox.complete(&key(1)).await.unwrap();
+            inbox.complete(&key(1), token).await.unwrap();
             assert_eq!(
                 inbox.reserve(&key(1)).await.unwrap(),
                 Reservation::Duplicate
             );
             // Reserved but never applied: the process dies here.
-            assert_eq!(inbox.reserve(&key(2)).await.unwrap(), Reservation::New);
+            assert!(inbox.reserve(&key(2)).await.unwrap().is_new());
         }
         let mut view = ConsumerView::default();
         Tail::new(&path).read(|l| view.apply(l)).unwrap();
@@ -376,7 +391,7 @@ mod tests {
             inbox.reserve(&key(1)).await.unwrap(),
             Reservation::Duplicate
         );
-        assert_eq!(inbox.reserve(&key(2)).await.unwrap(), Reservation::New);
+        assert!(inbox.reserve(&key(2)).await.unwrap().is_new());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,10 @@
 //! *unexpected*
 //! = applied but never sent, *duplicated deliveries* = deliveries beyond the first of each
 //! message, *duplicate effects* = effects beyond the first (must be 0 with dedupe).
+//!
+//! Where the run mixes in messages the broker must refuse (`amqp-bad-publish`), the check is
+//! told which: a refused message reported confirmed is lost too (confirmed, and nowhere), and so
+//! is a good message handed back (it had nothing to be refused for).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -136,6 +140,16 @@ impl ProducerView {
             .map_or(0, |m| m + 1)
     }
 
+    /// Messages whose send resolved, confirmed or handed back.
+    pub fn resolved(&self) -> u64 {
+        let failed_only = self
+            .failed
+            .keys()
+            .filter(|s| !self.confirmed.contains(s))
+            .count();
+        (self.confirmed.len() + failed_only) as u64
+    }
+
     /// Applies one journal line.
     pub fn apply(&mut self, line: &str) {
         let mut parts = line.splitn(3, ' ');
@@ -242,10 +256,23 @@ pub struct Counts {
     pub malformed: u64,
     /// Up to 10 lost sequence numbers, for the investigation.
     pub lost_sample: Vec<u64>,
+    /// Of the lost: good messages handed back with an error (runs with messages the broker
+    /// must refuse only).
+    pub good_refused: u64,
+    /// Of the lost: messages the broker must refuse, reported confirmed.
+    pub bad_confirmed: u64,
 }
 
-/// Runs the total-queue check over both journals.
-pub fn check(producer: &ProducerView, consumer: &ConsumerView) -> Counts {
+/// Runs the total-queue check over both journals. `must_refuse`, for runs that mix in
+/// messages the broker must refuse, says which: then a good message handed back is lost too.
+/// Without it, a hand-back is the SDK's honest answer to a fault, not loss.
+pub fn check(
+    producer: &ProducerView,
+    consumer: &ConsumerView,
+    must_refuse: Option<&dyn Fn(u64) -> bool>,
+) -> Counts {
+    let refusing = must_refuse.is_some();
+    let must_refuse = |s: u64| must_refuse.is_some_and(|f| f(s));
     let attempted = producer.done.map_or_else(
         || {
             // The producer never finished: count what it wrote about.
@@ -264,15 +291,35 @@ pub fn check(producer: &ProducerView, consumer: &ConsumerView) -> Counts {
         .keys()
         .filter(|s| !producer.confirmed.contains(s))
         .count() as u64;
+    let (mut good_refused, mut bad_confirmed) = (0, 0);
     let lost: Vec<u64> = producer
         .accepted
         .union(&producer.confirmed)
+        .chain(producer.failed.keys())
         .copied()
-        .filter(|s| !consumer.effects.contains_key(s))
-        .filter(|s| producer.confirmed.contains(s) || !producer.failed.contains_key(s))
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .filter(|s| {
+            let confirmed = producer.confirmed.contains(s);
+            let failed = producer.failed.contains_key(s);
+            if must_refuse(*s) {
+                bad_confirmed += u64::from(confirmed);
+                return confirmed;
+            }
+            if consumer.effects.contains_key(s) {
+                return false;
+            }
+            let refused = refusing && failed && !confirmed;
+            good_refused += u64::from(refused);
+            confirmed || !failed || refused
+        })
         .collect();
-    let unexpected =
-        consumer.effects.keys().filter(|&&s| s >= attempted).count() as u64 + consumer.foreign;
+    let unexpected = consumer
+        .effects
+        .keys()
+        .filter(|&&s| s >= attempted || must_refuse(s))
+        .count() as u64
+        + consumer.foreign;
     let recovered = consumer
         .effects
         .keys()
@@ -293,6 +340,8 @@ pub fn check(producer: &ProducerView, consumer: &ConsumerView) -> Counts {
         recovered,
         malformed: producer.malformed + consumer.malformed,
         lost_sample: lost.into_iter().take(10).collect(),
+        good_refused,
+        bad_confirmed,
     }
 }
 
@@ -305,7 +354,7 @@ mod tests {
         producer.iter().for_each(|l| p.apply(l));
         let mut c = ConsumerView::default();
         consumer.iter().for_each(|l| c.apply(l));
-        check(&p, &c)
+        check(&p, &c, None)
     }
 
     #[test]
@@ -368,6 +417,44 @@ mod tests {
         ["A 0", "A 5", "C 3"].iter().for_each(|l| p.apply(l));
         assert_eq!(p.next_seq(), 6);
         assert_eq!(ProducerView::default().next_seq(), 0);
+    }
+
+    #[test]
+    fn with_messages_the_broker_must_refuse_a_refused_one_confirmed_is_lost_and_so_is_a_good_one_handed_back(
+    ) {
+        let mut p = ProducerView::default();
+        [
+            "A 0",
+            "A 1",
+            "A 2",
+            "A 3",
+            "A 4",
+            "A 5",
+            "C 0",
+            "F 1 unroutable",
+            "C 2",
+            "F 3 refused",
+            "C 4",
+            "F 5 unroutable",
+            "DONE 6 0",
+        ]
+        .iter()
+        .for_each(|l| p.apply(l));
+        let mut c = ConsumerView::default();
+        ["E 0", "E 4", "E 5"].iter().for_each(|l| c.apply(l));
+        // 1 and 5 must be refused; 2 is confirmed although it must be refused; 3 is good.
+        let counts = check(&p, &c, Some(&|s| s % 2 == 1 || s == 2));
+        assert_eq!(counts.bad_confirmed, 1, "seq 2");
+        assert_eq!(counts.good_refused, 0);
+        assert_eq!(counts.unexpected, 1, "seq 5 must never reach the queue");
+        let counts = check(&p, &c, Some(&|s| s == 1 || s == 5));
+        assert_eq!(counts.bad_confirmed, 0);
+        assert_eq!(counts.good_refused, 1, "seq 3 was good and handed back");
+        assert_eq!(counts.lost, 2, "seq 2 (confirmed, never applied) and seq 3");
+        assert_eq!(counts.lost_sample, vec![2, 3]);
+        // Without refused messages a hand-back is not loss.
+        assert_eq!(check(&p, &c, None).good_refused, 0);
+        assert_eq!(check(&p, &c, None).lost, 1, "only seq 2");
     }
 
     #[test]

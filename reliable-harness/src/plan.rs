@@ -6,10 +6,9 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Serialize;
 
-/// A fault scenario: which broker carries the messages and what gets killed.
+/// A fault scenario: which broker carries the messages and what goes wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-#[allow(clippy::enum_variant_names)] // every scenario is a kill; the names say of what
 pub enum Scenario {
     /// kill -9 of the RabbitMQ node, then restart (loss-matrix rows L1, L3).
     AmqpBrokerKill,
@@ -25,6 +24,15 @@ pub enum Scenario {
     /// followers frozen for a moment), then restart: what it had accepted but not yet had
     /// confirmed must still arrive (the durable outbox).
     KafkaProducerKill,
+    /// Bad publishes mixed into a stream of good ones: unroutable messages (`mandatory`, a
+    /// routing key no queue is bound to), publishes to a missing exchange (the broker closes
+    /// the channel with 404) and first attempts cut short after a few microseconds (L2,
+    /// invariant 9). Every good message must arrive, no bad one may be reported confirmed.
+    AmqpBadPublish,
+    /// The producer's link to RabbitMQ goes silent (a TCP proxy stops carrying bytes, no FIN,
+    /// no RST) for longer than the confirm timeout and the heartbeat timeouts of both sides,
+    /// then carries them again (L12).
+    AmqpSilentNetwork,
 }
 
 /// What a scenario's fault hits.
@@ -36,13 +44,19 @@ pub enum Target {
     Consumer,
     /// The producer process.
     Producer,
+    /// The producer's publishes themselves (bad ones mixed in).
+    Publishes,
+    /// The network between the producer and the broker.
+    Link,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
+        Scenario::AmqpBadPublish,
+        Scenario::AmqpSilentNetwork,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaConsumerKill,
         Scenario::KafkaProducerKill,
@@ -51,7 +65,10 @@ impl Scenario {
     /// The broker the scenario's messages travel through.
     pub fn broker(self) -> Broker {
         match self {
-            Scenario::AmqpBrokerKill | Scenario::AmqpConsumerKill => Broker::Amqp,
+            Scenario::AmqpBrokerKill
+            | Scenario::AmqpConsumerKill
+            | Scenario::AmqpBadPublish
+            | Scenario::AmqpSilentNetwork => Broker::Amqp,
             Scenario::KafkaLeaderKill
             | Scenario::KafkaConsumerKill
             | Scenario::KafkaProducerKill => Broker::Kafka,
@@ -64,6 +81,23 @@ impl Scenario {
             Scenario::AmqpBrokerKill | Scenario::KafkaLeaderKill => Target::Broker,
             Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => Target::Consumer,
             Scenario::KafkaProducerKill => Target::Producer,
+            Scenario::AmqpBadPublish => Target::Publishes,
+            Scenario::AmqpSilentNetwork => Target::Link,
+        }
+    }
+
+    /// Whether the fault runs through the whole stream instead of striking at planned
+    /// moments: such a run has one fault, whatever the mode.
+    pub fn continuous(self) -> bool {
+        self == Scenario::AmqpBadPublish
+    }
+
+    /// Faults planned for one run of this scenario.
+    pub fn faults(self, sizes: &Sizes) -> u32 {
+        if self.continuous() {
+            1
+        } else {
+            sizes.faults
         }
     }
 
@@ -75,6 +109,8 @@ impl Scenario {
             Scenario::AmqpConsumerKill => "amqp-consumer-kill",
             Scenario::KafkaConsumerKill => "kafka-consumer-kill",
             Scenario::KafkaProducerKill => "kafka-producer-kill",
+            Scenario::AmqpBadPublish => "amqp-bad-publish",
+            Scenario::AmqpSilentNetwork => "amqp-silent-network",
         }
     }
 }
@@ -93,6 +129,48 @@ pub enum Broker {
     Amqp,
     /// Kafka through `reliable-kafka`.
     Kafka,
+}
+
+/// What one message of a run is meant to be: only `amqp-bad-publish` mixes bad ones in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    /// Routed to the run's queue: must be confirmed and arrive.
+    Good,
+    /// Published with `mandatory` and a routing key no queue is bound to: must be refused
+    /// (returned), never confirmed.
+    Unroutable,
+    /// Published to an exchange that does not exist: the broker closes the channel (404); must
+    /// be refused, and only it.
+    MissingExchange,
+}
+
+impl Publish {
+    /// What message `seq` of a `scenario` run is: in `amqp-bad-publish` one in ten is
+    /// unroutable and one in fifty goes to a missing exchange; every other message is good.
+    pub fn of(scenario: Scenario, seq: u64) -> Self {
+        if scenario != Scenario::AmqpBadPublish {
+            return Publish::Good;
+        }
+        match (seq % 10, seq % 50) {
+            (3, _) => Publish::Unroutable,
+            (_, 7) => Publish::MissingExchange,
+            _ => Publish::Good,
+        }
+    }
+
+    /// Whether the broker must refuse the message (so it must never be reported confirmed).
+    pub fn refused(self) -> bool {
+        self != Publish::Good
+    }
+
+    /// How long the first attempt to publish message `seq` of a `scenario` run may take
+    /// before it is cut short (its future dropped, as a caller's timeout does), if it is: in
+    /// `amqp-bad-publish`, one good message in ten and one unroutable message in two, after
+    /// 0 to 400 µs.
+    pub fn cut_short(scenario: Scenario, seq: u64) -> Option<Duration> {
+        let cut = scenario == Scenario::AmqpBadPublish && (seq % 10 == 5 || seq % 20 == 13);
+        cut.then(|| Duration::from_micros(seq.wrapping_mul(37) % 400))
+    }
 }
 
 /// The configuration a scenario runs with.
@@ -118,12 +196,17 @@ impl Variant {
 /// Which side of a run uses an unsafe setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Roles {
-    /// The producer is unsafe (no confirms + transient messages; or acks=1 without idempotence).
+    /// The producer is unsafe: the classic unsafe setting against the scenario's fault (no
+    /// confirms + transient messages for a broker kill, no `mandatory` for bad publishes, no
+    /// confirms for a silent network; acks=1 without idempotence for Kafka).
     pub unsafe_producer: bool,
     /// The consumer is unsafe (auto-ack or auto-commit, with an in-memory buffer, no dedupe).
     pub unsafe_consumer: bool,
     /// The producer spools every message to a durable outbox before sending it.
     pub outbox: bool,
+    /// The RabbitMQ queue is a classic durable one instead of a quorum queue (a quorum queue
+    /// would persist the transient messages of the broker-kill control).
+    pub classic_queue: bool,
 }
 
 /// Which component runs unsafe in `scenario` under `variant`: the control flips the settings of
@@ -132,9 +215,11 @@ pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
     let control = variant == Variant::Control;
     let target = scenario.target();
     Roles {
-        unsafe_producer: control && target == Target::Broker,
+        unsafe_producer: control
+            && matches!(target, Target::Broker | Target::Publishes | Target::Link),
         unsafe_consumer: control && target == Target::Consumer,
         outbox: !control && target == Target::Producer,
+        classic_queue: control && scenario == Scenario::AmqpBrokerKill,
     }
 }
 
@@ -169,6 +254,18 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         (Scenario::KafkaProducerKill, Variant::Control) => {
             "unconfirmed messages only in memory (no outbox)"
         }
+        (Scenario::AmqpBadPublish, Variant::Safe) => {
+            "quorum queue, confirms + mandatory, returns matched by message id, dedupe inbox"
+        }
+        (Scenario::AmqpBadPublish, Variant::Control) => {
+            "no `mandatory`: the broker acks unroutable messages and drops them"
+        }
+        (Scenario::AmqpSilentNetwork, Variant::Safe) => {
+            "confirms, 2 s confirm timeout, heartbeat 5 s, resend on a fresh connection, dedupe inbox"
+        }
+        (Scenario::AmqpSilentNetwork, Variant::Control) => {
+            "no confirms: a publish counts once written to the socket"
+        }
     }
 }
 
@@ -201,6 +298,12 @@ pub struct Sizes {
     /// drain is declared finished (messages still missing then count as lost).
     #[serde(with = "millis")]
     pub quiet: Duration,
+    /// How long a silent network stays silent: longer than the confirm timeout and than the
+    /// heartbeat timeouts of both sides (lapin gives up after two heartbeats without a byte,
+    /// 10 s at the presets' 5 s; RabbitMQ after about three, 15 s), so the dead connection is
+    /// given up on both ends and what was written into it is refused when the link heals.
+    #[serde(with = "millis")]
+    pub blackhole: Duration,
 }
 
 impl Mode {
@@ -214,6 +317,7 @@ impl Mode {
                 faults: 1,
                 downtime: Duration::from_secs(1),
                 quiet: Duration::from_secs(15),
+                blackhole: Duration::from_secs(20),
             },
             Mode::Long => Sizes {
                 messages: 100_000,
@@ -222,6 +326,7 @@ impl Mode {
                 faults: 5,
                 downtime: Duration::from_secs(2),
                 quiet: Duration::from_secs(30),
+                blackhole: Duration::from_secs(20),
             },
         }
     }
@@ -262,8 +367,16 @@ mod tests {
             assert_eq!(safe.outbox, s.target() == Target::Producer, "{s}");
             let c = roles(s, Variant::Control);
             assert_eq!(c.unsafe_consumer, s.target() == Target::Consumer, "{s}");
-            assert_eq!(c.unsafe_producer, s.target() == Target::Broker, "{s}");
+            assert_eq!(
+                c.unsafe_producer,
+                matches!(
+                    s.target(),
+                    Target::Broker | Target::Publishes | Target::Link
+                ),
+                "{s}"
+            );
             assert!(!c.outbox, "{s}");
+            assert_eq!(c.classic_queue, s == Scenario::AmqpBrokerKill, "{s}");
         }
     }
 
@@ -276,5 +389,48 @@ mod tests {
         }
         assert!(Mode::Long.sizes().messages >= 100_000);
         assert!(Mode::Long.sizes().faults >= 5);
+    }
+
+    #[test]
+    fn a_silent_network_outlasts_the_heartbeat_timeouts_of_both_sides() {
+        let heartbeat = reliable_amqp::settings::DEFAULT_HEARTBEAT;
+        for m in [Mode::Short, Mode::Long] {
+            // RabbitMQ gives a silent client up after about three heartbeats.
+            assert!(m.sizes().blackhole > heartbeat * 3, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn bad_publishes_are_mixed_only_into_their_scenario() {
+        let kinds: Vec<Publish> = (0..100)
+            .map(|s| Publish::of(Scenario::AmqpBadPublish, s))
+            .collect();
+        let count = |k| kinds.iter().filter(|&&x| x == k).count();
+        assert_eq!(count(Publish::Unroutable), 10);
+        assert_eq!(count(Publish::MissingExchange), 2);
+        assert_eq!(count(Publish::Good), 88);
+        let cut: Vec<u64> = (0..100)
+            .filter(|&s| Publish::cut_short(Scenario::AmqpBadPublish, s).is_some())
+            .collect();
+        assert_eq!(cut.len(), 15);
+        assert!(cut
+            .iter()
+            .any(|&s| Publish::of(Scenario::AmqpBadPublish, s) == Publish::Unroutable));
+        for s in Scenario::ALL
+            .into_iter()
+            .filter(|&s| s != Scenario::AmqpBadPublish)
+        {
+            assert!((0..100)
+                .all(|q| Publish::of(s, q) == Publish::Good && Publish::cut_short(s, q).is_none()));
+        }
+    }
+
+    #[test]
+    fn a_continuous_fault_is_one_fault_in_every_mode() {
+        let long = Mode::Long.sizes();
+        assert_eq!(Scenario::AmqpBadPublish.faults(&long), 1);
+        assert_eq!(Scenario::AmqpSilentNetwork.faults(&long), long.faults);
+        let names: std::collections::HashSet<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), Scenario::ALL.len());
     }
 }

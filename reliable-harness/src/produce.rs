@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use dashmap::DashSet;
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpPublisher;
 use reliable_core::outbox::Outbox;
 use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
-use reliable_core::{Message, MessageId, Transport};
+use reliable_core::{Message, MessageId, PublishError, Transport};
 use reliable_kafka::config::Safety;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaTransport, TopicSpec};
@@ -18,7 +20,7 @@ use tracing::Instrument;
 
 use crate::child::{parse_payload, payload, ChildArgs, KAFKA_PARTITIONS};
 use crate::journal::{Journal, ProducerView, Tail};
-use crate::plan::{roles, Broker};
+use crate::plan::{roles, Broker, Publish, Scenario};
 use crate::HarnessError;
 
 /// Producer child options.
@@ -45,6 +47,62 @@ fn producer_config(confirm_timeout: Duration) -> ProducerConfig {
     }
 }
 
+/// The RabbitMQ settings of the run's producer: the safe preset, or the classic unsafe
+/// setting against the scenario's fault.
+fn amqp_settings(scenario: Scenario, unsafe_producer: bool) -> AmqpSettings {
+    if !unsafe_producer {
+        return AmqpSettings::safe();
+    }
+    match scenario {
+        Scenario::AmqpBadPublish => {
+            AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::NoMandatory)
+        }
+        Scenario::AmqpSilentNetwork => {
+            AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
+        }
+        _ => AmqpSettings::classic_durable()
+            .unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
+            .unsafe_allow_data_loss(DataLoss::TransientMessages),
+    }
+}
+
+/// How long one attempt may wait for its confirm: short where the link goes silent, so the
+/// fault outlasts it many times over.
+fn amqp_confirm_timeout(scenario: Scenario) -> Duration {
+    match scenario {
+        Scenario::AmqpSilentNetwork => Duration::from_secs(2),
+        _ => Duration::from_secs(5),
+    }
+}
+
+/// Cuts the first attempt of some messages short (see [`Publish::cut_short`]): the publish
+/// future is dropped after a few microseconds, anywhere inside the transport, as a caller's
+/// timeout drops it. The core producer then resends the message.
+struct CutShort {
+    inner: Arc<dyn Transport>,
+    scenario: Scenario,
+    cut: DashSet<MessageId>,
+}
+
+#[async_trait]
+impl Transport for CutShort {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let after = parse_payload(msg.payload())
+            .and_then(|seq| Publish::cut_short(self.scenario, seq))
+            .filter(|_| self.cut.insert(msg.id()));
+        match after {
+            Some(after) => tokio::time::timeout(after, self.inner.publish(msg))
+                .await
+                .unwrap_or(Err(PublishError::Timeout)),
+            None => self.inner.publish(msg).await,
+        }
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
 /// The transport of the run, wrapped in the core producer (with the outbox when the run's role
 /// asks for one).
 async fn build(
@@ -58,22 +116,22 @@ async fn build(
     };
     match args.broker() {
         Broker::Amqp => {
-            let settings = if unsafe_producer {
-                AmqpSettings::classic_durable()
-                    .unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
-                    .unsafe_allow_data_loss(DataLoss::TransientMessages)
-            } else {
-                AmqpSettings::safe()
-            };
-            let confirm_timeout = Duration::from_secs(5);
-            let settings = settings
+            let confirm_timeout = amqp_confirm_timeout(args.scenario);
+            let settings = amqp_settings(args.scenario, unsafe_producer)
                 .with_confirm_timeout(confirm_timeout)
                 .map_err(|e| HarnessError::Setup(e.to_string()))?;
-            let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings).await?;
-            Ok((
-                wrap(Arc::new(publisher), producer_config(confirm_timeout)),
-                None,
-            ))
+            let publisher: Arc<dyn Transport> =
+                Arc::new(AmqpPublisher::connect(&args.brokers.amqp_url, settings).await?);
+            let transport: Arc<dyn Transport> = if args.scenario == Scenario::AmqpBadPublish {
+                Arc::new(CutShort {
+                    inner: publisher,
+                    scenario: args.scenario,
+                    cut: DashSet::new(),
+                })
+            } else {
+                publisher
+            };
+            Ok((wrap(transport, producer_config(confirm_timeout)), None))
         }
         Broker::Kafka => {
             let spec = TopicSpec::new(&args.dest).partitions(KAFKA_PARTITIONS);
@@ -128,6 +186,23 @@ fn track(
         }
         .instrument(span),
     );
+}
+
+/// Message `seq` of the run: to the run's queue or topic, or, in `amqp-bad-publish`, one of
+/// the bad publishes (see [`Publish::of`]).
+fn message(child: &ChildArgs, seq: u64) -> Result<Message, HarnessError> {
+    let msg = Message::new(payload(seq)).with_idempotency_key(seq.to_string())?;
+    if child.broker() == Broker::Kafka {
+        return Ok(msg);
+    }
+    let dest = &child.dest;
+    Ok(match Publish::of(child.scenario, seq) {
+        Publish::Good => msg.with_routing_key(dest),
+        Publish::Unroutable => msg.with_routing_key(format!("{dest}.unroutable")),
+        Publish::MissingExchange => msg
+            .with_destination(format!("{dest}.missing-exchange"))
+            .with_routing_key(dest),
+    })
 }
 
 /// Runs the producer child to the end. A restarted producer (its journal already has entries)
@@ -187,11 +262,7 @@ pub async fn run(args: ProduceArgs) -> Result<(), HarnessError> {
         while owed >= 1.0 && seq + (batch.len() as u64) < args.messages {
             owed -= 1.0;
             let n = seq + batch.len() as u64;
-            let mut msg = Message::new(payload(n)).with_idempotency_key(n.to_string())?;
-            if args.child.broker() == Broker::Amqp {
-                msg = msg.with_routing_key(&args.child.dest);
-            }
-            batch.push(msg);
+            batch.push(message(&args.child, n)?);
         }
         if batch.is_empty() {
             continue;

@@ -34,6 +34,8 @@ pub struct Verdict {
     pub ok: bool,
     /// Why (failed checks, or what a control showed).
     pub notes: Vec<String>,
+    /// Figures worth reading that decide nothing (e.g. extra copies after a silent network).
+    pub figures: Vec<String>,
 }
 
 impl Verdict {
@@ -68,16 +70,23 @@ impl Verdict {
                     }
                 }
                 if counts.lost > 0 {
+                    notes.extend(lost_breakdown(counts));
                     notes.push(format!("lost sample: {:?}", counts.lost_sample));
                 }
                 let ok = notes.is_empty();
                 let status = if ok { Status::Pass } else { Status::Fail };
-                Self { status, ok, notes }
+                Self {
+                    status,
+                    ok,
+                    notes,
+                    figures: Vec::new(),
+                }
             }
             Variant::Control => {
                 let harness_ok = notes.is_empty();
                 let (status, ok) = if counts.lost > 0 {
                     notes.push(format!("{} accepted messages lost", counts.lost));
+                    notes.extend(lost_breakdown(counts));
                     (Status::LossSeen, harness_ok)
                 } else {
                     notes.push(
@@ -86,10 +95,39 @@ impl Verdict {
                     );
                     (Status::NoLossSeen, false)
                 };
-                Self { status, ok, notes }
+                Self {
+                    status,
+                    ok,
+                    notes,
+                    figures: Vec::new(),
+                }
             }
         }
     }
+
+    /// Adds figures that decide nothing.
+    pub fn with_figures(mut self, figures: Vec<String>) -> Self {
+        self.figures.extend(figures);
+        self
+    }
+}
+
+/// The kinds of loss only runs with messages the broker must refuse have.
+fn lost_breakdown(counts: &Counts) -> Vec<String> {
+    let mut notes = Vec::new();
+    if counts.bad_confirmed > 0 {
+        notes.push(format!(
+            "{} of them must have been refused and were reported confirmed",
+            counts.bad_confirmed
+        ));
+    }
+    if counts.good_refused > 0 {
+        notes.push(format!(
+            "{} of them were good and handed back",
+            counts.good_refused
+        ));
+    }
+    notes
 }
 
 impl fmt::Display for Verdict {
@@ -106,6 +144,9 @@ impl fmt::Display for Verdict {
         }
         if !self.notes.is_empty() {
             write!(f, ": {}", self.notes.join("; "))?;
+        }
+        if !self.figures.is_empty() {
+            write!(f, " ({})", self.figures.join("; "))?;
         }
         Ok(())
     }

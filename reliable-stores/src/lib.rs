@@ -55,14 +55,17 @@
 //! failure is a [`StoreError::Unavailable`] (retryable: the pipeline requeues the message)
 //! that comes back within the store's timeout, and whose reason never contains a password.
 //!
-//! # Leases and the trait's one limit
+//! # Leases (loss-matrix row L11)
 //!
-//! [`release`](IdempotencyStore::release) takes only the key, so a store tells its own lease
-//! from another's by a token made per store instance: one process never deletes a lease that
-//! another process took over. Two tasks of the *same* instance share that token, so when one
-//! task's lease ran out and a second task of the same instance took the key over, the first
-//! task's late `release` frees the second's reservation. Keep the lease longer than the
-//! longest handler run (the pipeline's `TimeoutLayer` bounds it) and this cannot happen.
+//! A reservation is a lease named by a [`LeaseToken`] made for that one reservation. The
+//! pipeline's `DedupeLayer` renews it every third of the store's lease while the handler runs,
+//! so a handler slower than the lease keeps its key; the lease only has to outlast a few
+//! renewals, and it bounds how long a crashed consumer blocks its message. Renewing, completing
+//! and releasing check the token in one atomic step (a Lua script in Redis, one statement in
+//! PostgreSQL, one write transaction in redb): a holder whose lease ran out and was taken over,
+//! in another process or in the same one, can neither extend nor free the new holder's
+//! reservation. Its late `complete` still records the key, since its effect did run, and answers
+//! [`Completion::Superseded`] so the layer can report that the effect may have run twice.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -96,4 +99,6 @@ pub use deadpool_postgres;
 #[cfg(feature = "postgres")]
 pub use tokio_postgres;
 
-pub use reliable_core::idempotency::{IdempotencyStore, Reservation, StoreError};
+pub use reliable_core::idempotency::{
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
+};

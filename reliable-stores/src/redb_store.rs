@@ -9,24 +9,33 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{
     Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    TableHandle, WriteTransaction,
 };
 use reliable_core::idempotency::{
-    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
+    DEFAULT_TTL,
 };
 use reliable_core::message::IdempotencyKey;
 
 use crate::error::StoresError;
 use crate::util::{millis, now_ms, positive};
 
-/// key → (state, expires at in ms since the epoch).
-const KEYS: TableDefinition<&str, (u8, u64)> = TableDefinition::new("reliable_idempotency_v1");
+/// key → (state, expires at in ms since the epoch, token of the reservation that reserved or
+/// completed it; 0 for keys carried over from [`KEYS_V1`]).
+const KEYS: TableDefinition<&str, (u8, u64, u128)> =
+    TableDefinition::new("reliable_idempotency_v2");
+/// The table of earlier versions, without tokens: its completed keys move to [`KEYS`] when the
+/// file is opened, then it is deleted.
+const KEYS_V1: TableDefinition<&str, (u8, u64)> = TableDefinition::new("reliable_idempotency_v1");
 /// (expires at, key) → (): completed keys by expiry, so purging reads only what expired.
 const EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("reliable_idempotency_expiry_v1");
 
 const RESERVED: u8 = 0;
 const DONE: u8 = 1;
+
+/// A row of [`KEYS`].
+type Row = (u8, u64, u128);
 /// Expired keys are purged on every this many completions, at most [`PURGE_LIMIT`] at a time.
 const PURGE_EVERY: u64 = 256;
 const PURGE_LIMIT: usize = 4096;
@@ -45,8 +54,9 @@ pub struct RedbStoreConfig {
     /// How long a completed key is remembered: the deduplication window. Must exceed the longest
     /// time a duplicate can arrive after the original. Default 24 h.
     pub ttl: Duration,
-    /// How long a reservation lasts without `complete` or `release`. Must exceed the longest
-    /// handler run. Default 5 min.
+    /// How long a reservation lasts unless renewed, completed or released. The pipeline's
+    /// `DedupeLayer` renews it every third of this while the handler runs, so it must exceed a
+    /// few renewals, not the handler's run. Default 5 min.
     pub lease: Duration,
 }
 
@@ -120,7 +130,7 @@ impl RedbStore {
             }
             Err(e) => return Err(storage(&e)),
         };
-        let dropped = drop_reservations(&db).map_err(|e| storage(&e))?;
+        let dropped = prepare(&db).map_err(|e| storage(&e))?;
         if dropped > 0 {
             tracing::info!(
                 path = %path.display(),
@@ -184,20 +194,40 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Removes every reservation (run at open, when no other process can hold one).
-fn drop_reservations(db: &Database) -> Result<usize, String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
+/// Readies a file just opened: moves the completed keys of an earlier version's table over,
+/// and removes every reservation (no other process can hold one). Returns how many
+/// reservations went.
+fn prepare(db: &Database) -> Result<usize, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let txn = db.begin_write().map_err(|e| err(&e))?;
     let dropped;
     {
-        txn.open_table(EXPIRY).map_err(|e| e.to_string())?;
-        let mut keys = txn.open_table(KEYS).map_err(|e| e.to_string())?;
-        let before = keys.len().map_err(|e| e.to_string())?;
-        keys.retain(|_, (state, _)| state != RESERVED)
-            .map_err(|e| e.to_string())?;
-        dropped = before - keys.len().map_err(|e| e.to_string())?;
+        txn.open_table(EXPIRY).map_err(|e| err(&e))?;
+        let mut keys = txn.open_table(KEYS).map_err(|e| err(&e))?;
+        let legacy = txn
+            .list_tables()
+            .map_err(|e| err(&e))?
+            .any(|t| t.name() == KEYS_V1.name());
+        if legacy {
+            let old = txn.open_table(KEYS_V1).map_err(|e| err(&e))?;
+            for entry in old.iter().map_err(|e| err(&e))? {
+                let (key, value) = entry.map_err(|e| err(&e))?;
+                let (state, until) = value.value();
+                if state == DONE {
+                    keys.insert(key.value(), (DONE, until, 0))
+                        .map_err(|e| err(&e))?;
+                }
+            }
+            drop(old);
+            txn.delete_table(KEYS_V1).map_err(|e| err(&e))?;
+        }
+        let before = keys.len().map_err(|e| err(&e))?;
+        keys.retain(|_, (state, _, _)| state != RESERVED)
+            .map_err(|e| err(&e))?;
+        dropped = before - keys.len().map_err(|e| err(&e))?;
     }
-    txn.commit().map_err(|e| e.to_string())?;
-    usize::try_from(dropped).map_err(|e| e.to_string())
+    txn.commit().map_err(|e| err(&e))?;
+    usize::try_from(dropped).map_err(|e| err(&e))
 }
 
 /// Removes up to `limit` completed keys that expired before `now`; returns how many.
@@ -220,7 +250,7 @@ fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, StoreE
             .get(key.as_str())
             .map_err(unavailable)?
             .map(|v| v.value());
-        if current == Some((DONE, *at)) {
+        if matches!(current, Some((DONE, until, _)) if until == *at) {
             keys.remove(key.as_str()).map_err(unavailable)?;
             removed += 1;
         }
@@ -228,8 +258,23 @@ fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, StoreE
     Ok(removed)
 }
 
+/// The row of `key` in `keys`, if any.
+fn row(
+    keys: &redb::Table<'_, &'static str, Row>,
+    key: &IdempotencyKey,
+) -> Result<Option<Row>, StoreError> {
+    Ok(keys
+        .get(key.as_str())
+        .map_err(unavailable)?
+        .map(|v| v.value()))
+}
+
 #[async_trait]
 impl IdempotencyStore for RedbStore {
+    fn lease_duration(&self) -> Option<Duration> {
+        Some(self.inner.config.lease)
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         let key = key.clone();
@@ -239,18 +284,15 @@ impl IdempotencyStore for RedbStore {
             let txn = inner.write(Durability::None)?;
             let answer = {
                 let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-                let current = keys
-                    .get(key.as_str())
-                    .map_err(unavailable)?
-                    .map(|v| v.value());
-                match current {
-                    Some((DONE, until)) if until > now => Reservation::Duplicate,
-                    Some((_, until)) if until > now => Reservation::InProgress,
+                match row(&keys, &key)? {
+                    Some((DONE, until, _)) if until > now => Reservation::Duplicate,
+                    Some((_, until, _)) if until > now => Reservation::InProgress,
                     _ => {
+                        let token = LeaseToken::generate();
                         let until = now.saturating_add(millis(inner.config.lease));
-                        keys.insert(key.as_str(), (RESERVED, until))
+                        keys.insert(key.as_str(), (RESERVED, until, token.as_u128()))
                             .map_err(unavailable)?;
-                        Reservation::New
+                        Reservation::New(token)
                     }
                 }
             };
@@ -261,47 +303,142 @@ impl IdempotencyStore for RedbStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+    async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
         let key = key.clone();
-        self.blocking("complete", move |inner| {
+        let token = token.as_u128();
+        self.blocking("renew", move |inner| {
             let now = now_ms();
-            let until = now.saturating_add(millis(inner.config.ttl));
-            let txn = inner.write(Durability::Immediate)?;
-            {
+            let txn = inner.write(Durability::None)?;
+            let answer = {
                 let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-                let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
-                keys.insert(key.as_str(), (DONE, until))
-                    .map_err(unavailable)?;
-                expiry
-                    .insert((until, key.as_str()), ())
-                    .map_err(unavailable)?;
-            }
-            if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-                purge(&txn, now, PURGE_LIMIT)?;
-            }
-            txn.commit().map_err(unavailable)
+                let take = match row(&keys, &key)? {
+                    Some((DONE, until, t)) if until > now => {
+                        return Ok(if t == token {
+                            Renewal::Renewed
+                        } else {
+                            Renewal::Lost
+                        });
+                    }
+                    // Its own reservation (running or run out unclaimed), or a free key.
+                    Some((RESERVED, _, t)) if t == token => true,
+                    Some((_, until, _)) => until <= now,
+                    None => true,
+                };
+                if take {
+                    let until = now.saturating_add(millis(inner.config.lease));
+                    keys.insert(key.as_str(), (RESERVED, until, token))
+                        .map_err(unavailable)?;
+                    Renewal::Renewed
+                } else {
+                    Renewal::Lost
+                }
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(answer)
         })
         .await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: LeaseToken,
+    ) -> Result<Completion, StoreError> {
         let key = key.clone();
+        let token = token.as_u128();
+        self.blocking("complete", move |inner| {
+            let now = now_ms();
+            let until = now.saturating_add(millis(inner.config.ttl));
+            let txn = inner.write(Durability::Immediate)?;
+            let answer = {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                let answer = match row(&keys, &key)? {
+                    // Recorded already: by this reservation (a retry) or another one.
+                    Some((DONE, done_until, t)) if done_until > now => {
+                        return Ok(if t == token {
+                            Completion::Recorded
+                        } else {
+                            Completion::Superseded
+                        });
+                    }
+                    Some((RESERVED, held_until, t)) if held_until > now && t != token => {
+                        Completion::Superseded
+                    }
+                    _ => Completion::Recorded,
+                };
+                let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+                keys.insert(key.as_str(), (DONE, until, token))
+                    .map_err(unavailable)?;
+                expiry
+                    .insert((until, key.as_str()), ())
+                    .map_err(unavailable)?;
+                answer
+            };
+            if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+                purge(&txn, now, PURGE_LIMIT)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
+        let key = key.clone();
+        let token = token.as_u128();
         self.blocking("release", move |inner| {
             let txn = inner.write(Durability::None)?;
             {
                 let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-                let current = keys
-                    .get(key.as_str())
-                    .map_err(unavailable)?
-                    .map(|v| v.value());
-                // A completed key stays completed.
-                if matches!(current, Some((RESERVED, _))) {
+                // Only this reservation's; a completed key stays completed.
+                if matches!(row(&keys, &key)?, Some((RESERVED, _, t)) if t == token) {
                     keys.remove(key.as_str()).map_err(unavailable)?;
                 }
             }
             txn.commit().map_err(unavailable)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::ReadableDatabase;
+
+    use super::*;
+
+    /// A file written by a version without tokens keeps its completed keys, loses its
+    /// reservations (as on every open), and drops the old table.
+    #[tokio::test]
+    async fn a_file_of_the_tokenless_version_keeps_its_completed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let far = now_ms() + 3_600_000;
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut old = txn.open_table(KEYS_V1).unwrap();
+                old.insert("done", (DONE, far)).unwrap();
+                old.insert("held", (RESERVED, far)).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+        let key = |s: &str| IdempotencyKey::new(s).unwrap();
+        assert_eq!(
+            store.reserve(&key("done")).await.unwrap(),
+            Reservation::Duplicate
+        );
+        assert!(store.reserve(&key("held")).await.unwrap().is_new());
+        let txn = store.inner.db.begin_read().unwrap();
+        let tables: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(!tables.contains(&KEYS_V1.name().to_owned()), "{tables:?}");
     }
 }

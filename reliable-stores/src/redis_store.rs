@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use reliable_core::idempotency::{
-    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
+    DEFAULT_TTL,
 };
 use reliable_core::message::IdempotencyKey;
 use reliable_core::redact::{redact_url, Scrubber};
@@ -18,18 +19,55 @@ use crate::util::{bounded, millis, positive, ScrubbedError};
 /// The prefix of every key the store writes, unless configured otherwise.
 pub const DEFAULT_KEY_PREFIX: &str = "reliable:idem:";
 
-/// The value of a completed key.
-const DONE: &str = "done";
+// A key's value names its state and the reservation that set it: `lease:<token>` while
+// reserved, `done:<token>` once completed (a bare `done` is a completion whose reservation is
+// unknown). Every script below reads and writes one key atomically.
 
-/// `SET key lease NX PX ms`, and when the key exists, whether it is done.
-/// Returns 0 = New, 1 = Duplicate, 2 = InProgress.
+/// The value of a key reserved by `token`.
+fn lease_value(token: LeaseToken) -> String {
+    format!("lease:{token}")
+}
+
+/// The value of a key completed under `token`.
+fn done_value(token: LeaseToken) -> String {
+    format!("done:{token}")
+}
+
+/// `SET key <lease> NX PX <lease ms>`, and when the key exists, whether it is done.
+/// ARGV: lease value, lease ms. Returns 0 = New, 1 = Duplicate, 2 = InProgress.
 const RESERVE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-if redis.call('GET', KEYS[1]) == ARGV[3] then return 1 end
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 4) == 'done' then return 1 end
 return 2
 ";
 
-/// Deletes the key only while it holds this store's lease.
+/// Extends the caller's lease, or takes the key again when it is free; never touches another
+/// reservation or a completed key. ARGV: lease value, lease ms, done value.
+/// Returns 1 = Renewed, 0 = Lost.
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == ARGV[3] then return 1 end
+return 0
+";
+
+/// Marks the key done under the caller's token unless it is done already. ARGV: lease value,
+/// done value, TTL ms. Returns 1 = Recorded (the caller's lease, a free key, or its own earlier
+/// completion), 0 = Superseded (another reservation held or completed the key).
+const COMPLETE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[2] then return 1 end
+if v and string.sub(v, 1, 4) == 'done' then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if v == false or v == ARGV[1] then return 1 end
+return 0
+";
+
+/// Deletes the key only while the caller's reservation holds it. ARGV: lease value.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -48,8 +86,10 @@ return 0
 pub struct RedisStoreConfig {
     /// How long a completed key is remembered: the deduplication window. Default 24 h.
     pub ttl: Duration,
-    /// How long a reservation lasts without `complete` or `release`: the longest a crashed
-    /// consumer blocks a message. Must exceed the longest handler run. Default 5 min.
+    /// How long a reservation lasts unless renewed, completed or released: the longest a
+    /// crashed consumer blocks a message. The pipeline's `DedupeLayer` renews it every third of
+    /// this while the handler runs, so it must exceed a few renewal round trips (and
+    /// [`timeout`](Self::timeout)), not the handler's run. Default 5 min.
     pub lease: Duration,
     /// Prepended to every key, so several applications can share one Redis. Default
     /// [`DEFAULT_KEY_PREFIX`].
@@ -70,9 +110,11 @@ impl Default for RedisStoreConfig {
     }
 }
 
-/// An [`IdempotencyStore`] in Redis. A reservation is `SET key <lease token> NX PX <lease>`, a
-/// completed key is `SET key done PX <ttl>`; every consumer pointed at the same server and
-/// prefix sees the same keys, so a duplicate delivered to another process is still recognised.
+/// An [`IdempotencyStore`] in Redis. A reservation is `SET key lease:<token> NX PX <lease>`
+/// with a fresh token per reservation, a completed key is `done:<token>` with the TTL; every
+/// consumer pointed at the same server and prefix sees the same keys, so a duplicate delivered
+/// to another process is still recognised. Renewing, completing and releasing are Lua scripts
+/// that check the token, so they act for their own reservation only.
 ///
 /// Durability is Redis's: run it with `appendonly yes` (as `scripts/stores` does) if completed
 /// keys must survive a restart of Redis itself. A lost Redis write can only make a duplicate
@@ -95,11 +137,11 @@ impl Default for RedisStoreConfig {
 pub struct RedisStore {
     connection: ConnectionManager,
     config: RedisStoreConfig,
-    /// This instance's lease value: tells its reservations from another process's.
-    lease_token: String,
     url: String,
     scrubber: Scrubber,
     reserve: Script,
+    renew: Script,
+    complete: Script,
     release: Script,
 }
 
@@ -166,10 +208,11 @@ impl RedisStore {
         };
         let store = Self {
             connection,
-            lease_token: format!("lease:{}", uuid::Uuid::now_v7()),
             url: shown,
             scrubber,
             reserve: Script::new(RESERVE),
+            renew: Script::new(RENEW),
+            complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             config,
         };
@@ -191,60 +234,96 @@ impl RedisStore {
     fn key(&self, key: &IdempotencyKey) -> String {
         format!("{}{}", self.config.key_prefix, key.as_str())
     }
+
+    /// Runs `script` (built by `args`) within the timeout; a failure or timeout becomes a
+    /// scrubbed [`StoreError::Unavailable`] naming `what`.
+    async fn run(
+        &self,
+        what: &'static str,
+        script: &Script,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<i64, StoreError> {
+        let mut c = self.connection.clone();
+        let mut invocation = script.prepare_invoke();
+        args(&mut invocation);
+        bounded(self.config.timeout, what, async {
+            invocation
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.scrubber.unavailable(what, e))
+        })
+        .await
+    }
 }
 
 #[async_trait]
 impl IdempotencyStore for RedisStore {
+    fn lease_duration(&self) -> Option<Duration> {
+        Some(self.config.lease)
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
-        let mut c = self.connection.clone();
-        let answer: i64 = bounded(self.config.timeout, "Redis reserve", async {
-            self.reserve
-                .key(self.key(key))
-                .arg(&self.lease_token)
-                .arg(millis(self.config.lease))
-                .arg(DONE)
-                .invoke_async(&mut c)
-                .await
-                .map_err(|e| self.scrubber.unavailable("Redis reserve", e))
-        })
-        .await?;
+        let token = LeaseToken::generate();
+        let answer = self
+            .run("Redis reserve", &self.reserve, |i| {
+                i.key(self.key(key))
+                    .arg(lease_value(token))
+                    .arg(millis(self.config.lease));
+            })
+            .await?;
         Ok(match answer {
-            0 => Reservation::New,
+            0 => Reservation::New(token),
             1 => Reservation::Duplicate,
             _ => Reservation::InProgress,
         })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let mut c = self.connection.clone();
-        bounded(self.config.timeout, "Redis complete", async {
-            redis::cmd("SET")
-                .arg(self.key(key))
-                .arg(DONE)
-                .arg("PX")
-                .arg(millis(self.config.ttl))
-                .query_async::<()>(&mut c)
-                .await
-                .map_err(|e| self.scrubber.unavailable("Redis complete", e))
+    async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
+        let answer = self
+            .run("Redis renew", &self.renew, |i| {
+                i.key(self.key(key))
+                    .arg(lease_value(token))
+                    .arg(millis(self.config.lease))
+                    .arg(done_value(token));
+            })
+            .await?;
+        Ok(if answer == 1 {
+            Renewal::Renewed
+        } else {
+            Renewal::Lost
         })
-        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let mut c = self.connection.clone();
-        bounded(self.config.timeout, "Redis release", async {
-            self.release
-                .key(self.key(key))
-                .arg(&self.lease_token)
-                .invoke_async::<i64>(&mut c)
-                .await
-                .map(|_| ())
-                .map_err(|e| self.scrubber.unavailable("Redis release", e))
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: LeaseToken,
+    ) -> Result<Completion, StoreError> {
+        let answer = self
+            .run("Redis complete", &self.complete, |i| {
+                i.key(self.key(key))
+                    .arg(lease_value(token))
+                    .arg(done_value(token))
+                    .arg(millis(self.config.ttl));
+            })
+            .await?;
+        Ok(if answer == 1 {
+            Completion::Recorded
+        } else {
+            Completion::Superseded
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.run("Redis release", &self.release, |i| {
+            i.key(self.key(key)).arg(lease_value(token));
         })
         .await
+        .map(|_| ())
     }
 }
 

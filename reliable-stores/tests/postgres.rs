@@ -88,6 +88,39 @@ async fn postgres_store_frees_leases_and_forgets_keys_after_their_ttl() {
     );
 }
 
+/// A store with the 1 s lease of the L11 checks.
+async fn short_lease(url: &str) -> PostgresStore {
+    let config = PostgresStoreConfig {
+        lease: common::leases::LEASE,
+        ..config()
+    };
+    store(url, config).await
+}
+
+#[tokio::test]
+async fn postgres_a_handler_slower_than_the_lease_applies_its_effect_once() {
+    let url = require!(postgres_url());
+    common::leases::a_slow_handler_keeps_its_lease(Arc::new(short_lease(&url).await)).await;
+}
+
+#[tokio::test]
+async fn postgres_a_failed_complete_is_retried_and_never_becomes_a_second_effect() {
+    let url = require!(postgres_url());
+    common::leases::a_failed_complete_is_retried(Arc::new(short_lease(&url).await)).await;
+}
+
+#[tokio::test]
+async fn postgres_renew_complete_and_release_act_for_their_own_reservation_only() {
+    let url = require!(postgres_url());
+    common::leases::tokens_fence_renew_and_complete(&short_lease(&url).await).await;
+}
+
+#[tokio::test]
+async fn postgres_a_late_release_keeps_the_reservation_of_the_same_instance_s_new_holder() {
+    let url = require!(postgres_url());
+    common::leases::a_late_release_keeps_the_new_holder(&short_lease(&url).await).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_postgres_answers_unavailable_in_time_and_the_store_recovers() {
     let url = require!(postgres_url());
@@ -260,7 +293,7 @@ async fn complete_in_records_the_key_only_if_the_business_transaction_commits() 
     let s = store(&url, config()).await;
     let (rolled_back, committed) = (common::key("rolled-back"), common::key("committed"));
     for k in [&rolled_back, &committed] {
-        assert_eq!(s.reserve(k).await.unwrap(), Reservation::New);
+        common::new(&s, k).await;
     }
     let mut client = s.pool().get().await.unwrap();
     let tx = client.transaction().await.unwrap();
@@ -274,5 +307,69 @@ async fn complete_in_records_the_key_only_if_the_business_transaction_commits() 
         s.reserve(&rolled_back).await.unwrap(),
         Reservation::InProgress,
         "a rolled-back completion leaves the reservation as it was"
+    );
+}
+
+/// The inbox form by hand under a `DedupeLayer`: the handler records the key with
+/// `complete_in` in its own transaction and then keeps running past a lease. The layer's
+/// renewals and its final `complete` must take that key as this message's own: no lost lease
+/// reported, one effect.
+#[tokio::test]
+async fn complete_in_under_a_dedupe_layer_is_not_taken_for_a_lost_lease() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use reliable_core::pipeline::{handler_fn, DedupeLayer, Handler, HandlerBuilder, HandlerError};
+    use reliable_core::Message;
+
+    let url = require!(postgres_url());
+    let s = short_lease(&url).await;
+    let effects = effects_table(&s).await;
+    let applied = Arc::new(AtomicUsize::new(0));
+    let layer = DedupeLayer::new(Arc::new(s.clone()));
+    let handler = HandlerBuilder::new(handler_fn({
+        let (s, effects, applied) = (s.clone(), effects.clone(), applied.clone());
+        move |msg: Message| {
+            let (s, effects, applied) = (s.clone(), effects.clone(), applied.clone());
+            async move {
+                let key = msg.idempotency_key().clone();
+                let mut client = s.pool().get().await.map_err(HandlerError::transient)?;
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(HandlerError::transient)?;
+                tx.execute(
+                    format!("INSERT INTO {effects} (key) VALUES ($1)").as_str(),
+                    &[&key.as_str()],
+                )
+                .await
+                .map_err(HandlerError::transient)?;
+                s.complete_in(&tx, &key)
+                    .await
+                    .map_err(HandlerError::transient)?;
+                tx.commit().await.map_err(HandlerError::transient)?;
+                applied.fetch_add(1, Ordering::SeqCst);
+                // Work after the commit, across several renewals.
+                tokio::time::sleep(common::leases::LEASE * 2).await;
+                Ok::<(), HandlerError>(())
+            }
+        }
+    }))
+    .layer(layer.clone())
+    .build();
+    let msg = Message::new("order").with_key(common::key("inbox-by-hand"));
+    handler.handle(&msg).await.unwrap();
+    assert_eq!(applied.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        layer.leases_lost(),
+        0,
+        "the key the handler recorded itself is not a lost lease"
+    );
+    assert_eq!(
+        s.reserve(msg.idempotency_key()).await.unwrap(),
+        Reservation::Duplicate
+    );
+    assert_eq!(
+        count(&s, &format!("SELECT count(*) FROM {effects}")).await,
+        1
     );
 }

@@ -31,6 +31,39 @@ async fn redb_store_frees_leases_and_forgets_keys_after_their_ttl() {
     common::expiry(&store, Duration::from_millis(500)).await;
 }
 
+/// A store with the 1 s lease of the L11 checks, in `dir`.
+fn short_lease(dir: &tempfile::TempDir) -> RedbStore {
+    let config = RedbStoreConfig {
+        lease: common::leases::LEASE,
+        ..RedbStoreConfig::default()
+    };
+    RedbStore::open(dir.path().join("keys.redb"), config).unwrap()
+}
+
+#[tokio::test]
+async fn redb_a_handler_slower_than_the_lease_applies_its_effect_once() {
+    let dir = tempfile::tempdir().unwrap();
+    common::leases::a_slow_handler_keeps_its_lease(Arc::new(short_lease(&dir))).await;
+}
+
+#[tokio::test]
+async fn redb_a_failed_complete_is_retried_and_never_becomes_a_second_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    common::leases::a_failed_complete_is_retried(Arc::new(short_lease(&dir))).await;
+}
+
+#[tokio::test]
+async fn redb_renew_complete_and_release_act_for_their_own_reservation_only() {
+    let dir = tempfile::tempdir().unwrap();
+    common::leases::tokens_fence_renew_and_complete(&short_lease(&dir)).await;
+}
+
+#[tokio::test]
+async fn redb_a_late_release_keeps_the_new_holder_s_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    common::leases::a_late_release_keeps_the_new_holder(&short_lease(&dir)).await;
+}
+
 #[tokio::test]
 async fn completed_keys_survive_a_reopen_and_reservations_of_the_dead_process_do_not() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,15 +71,14 @@ async fn completed_keys_survive_a_reopen_and_reservations_of_the_dead_process_do
     let (done, held) = (common::key("done"), common::key("held"));
     {
         let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
-        assert_eq!(store.reserve(&done).await.unwrap(), Reservation::New);
-        store.complete(&done).await.unwrap();
-        assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+        let token = common::new(&store, &done).await;
+        store.complete(&done, token).await.unwrap();
+        common::new(&store, &held).await;
     }
     let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
     assert_eq!(store.reserve(&done).await.unwrap(), Reservation::Duplicate);
-    assert_eq!(
-        store.reserve(&held).await.unwrap(),
-        Reservation::New,
+    assert!(
+        store.reserve(&held).await.unwrap().is_new(),
         "a reservation of the earlier process must not block the key for a whole lease"
     );
 }
@@ -97,13 +129,13 @@ async fn purge_removes_expired_keys_and_keeps_live_ones() {
     let store = RedbStore::open(dir.path().join("keys.redb"), short()).unwrap();
     for i in 0..10 {
         let k = common::key(&format!("old{i}"));
-        assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
-        store.complete(&k).await.unwrap();
+        let token = common::new(&store, &k).await;
+        store.complete(&k, token).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let fresh = common::key("fresh");
-    assert_eq!(store.reserve(&fresh).await.unwrap(), Reservation::New);
-    store.complete(&fresh).await.unwrap();
+    let token = common::new(&store, &fresh).await;
+    store.complete(&fresh, token).await.unwrap();
     assert_eq!(store.purge_expired().await.unwrap(), 10);
     assert_eq!(store.reserve(&fresh).await.unwrap(), Reservation::Duplicate);
 }
@@ -123,11 +155,11 @@ async fn completed_keys_survive_a_kill_9_of_the_process() {
         // The child: never returns; the parent kills it.
         let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
         let held = reliable_core::message::IdempotencyKey::new("held").unwrap();
-        assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+        common::new(&store, &held).await;
         for i in 0.. {
             let k = reliable_core::message::IdempotencyKey::new(format!("k{i}")).unwrap();
-            assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
-            store.complete(&k).await.unwrap();
+            let token = common::new(&store, &k).await;
+            store.complete(&k, token).await.unwrap();
             println!("done k{i}");
         }
         unreachable!();
@@ -167,5 +199,5 @@ async fn completed_keys_survive_a_kill_9_of_the_process() {
         );
     }
     let held = reliable_core::message::IdempotencyKey::new("held").unwrap();
-    assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+    assert!(store.reserve(&held).await.unwrap().is_new());
 }

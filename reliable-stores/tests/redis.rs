@@ -38,6 +38,39 @@ async fn redis_store_frees_leases_and_forgets_keys_after_their_ttl() {
     common::expiry(&store(&url, config).await, short).await;
 }
 
+/// A store with the 1 s lease of the L11 checks.
+async fn short_lease(url: &str) -> RedisStore {
+    let config = RedisStoreConfig {
+        lease: common::leases::LEASE,
+        ..RedisStoreConfig::default()
+    };
+    store(url, config).await
+}
+
+#[tokio::test]
+async fn redis_a_handler_slower_than_the_lease_applies_its_effect_once() {
+    let url = require!(redis_url());
+    common::leases::a_slow_handler_keeps_its_lease(Arc::new(short_lease(&url).await)).await;
+}
+
+#[tokio::test]
+async fn redis_a_failed_complete_is_retried_and_never_becomes_a_second_effect() {
+    let url = require!(redis_url());
+    common::leases::a_failed_complete_is_retried(Arc::new(short_lease(&url).await)).await;
+}
+
+#[tokio::test]
+async fn redis_renew_complete_and_release_act_for_their_own_reservation_only() {
+    let url = require!(redis_url());
+    common::leases::tokens_fence_renew_and_complete(&short_lease(&url).await).await;
+}
+
+#[tokio::test]
+async fn redis_a_late_release_keeps_the_reservation_of_the_same_instance_s_new_holder() {
+    let url = require!(redis_url());
+    common::leases::a_late_release_keeps_the_new_holder(&short_lease(&url).await).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_answers_unavailable_in_time_and_the_store_recovers() {
     let url = require!(redis_url());

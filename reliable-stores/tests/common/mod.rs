@@ -3,10 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod leases;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use reliable_core::idempotency::{IdempotencyStore, Reservation};
+use reliable_core::idempotency::{Completion, IdempotencyStore, LeaseToken, Reservation};
 use reliable_core::message::IdempotencyKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -16,24 +18,37 @@ pub fn key(name: &str) -> IdempotencyKey {
     IdempotencyKey::new(reliable_test_support::unique_name(name)).expect("valid key")
 }
 
+/// Reserves `k`, which must be free; returns the reservation's token.
+pub async fn new(store: &dyn IdempotencyStore, k: &IdempotencyKey) -> LeaseToken {
+    match store.reserve(k).await.unwrap() {
+        Reservation::New(token) => token,
+        other => panic!("{k} should be free, the store answered {other:?}"),
+    }
+}
+
 /// reserve → New, then InProgress while held; complete → Duplicate; release → New again.
 pub async fn protocol(store: &dyn IdempotencyStore) {
     let k = key("protocol");
-    assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
+    let first = new(store, &k).await;
     assert_eq!(store.reserve(&k).await.unwrap(), Reservation::InProgress);
-    store.release(&k).await.unwrap();
+    store.release(&k, first).await.unwrap();
+    let second = new(store, &k).await; // released keys are free
+    assert_ne!(first, second, "a token per reservation");
     assert_eq!(
-        store.reserve(&k).await.unwrap(),
-        Reservation::New,
-        "released keys are free"
+        store.complete(&k, second).await.unwrap(),
+        Completion::Recorded
     );
-    store.complete(&k).await.unwrap();
     assert_eq!(store.reserve(&k).await.unwrap(), Reservation::Duplicate);
-    store.release(&k).await.unwrap();
+    store.release(&k, second).await.unwrap();
     assert_eq!(
         store.reserve(&k).await.unwrap(),
         Reservation::Duplicate,
         "release never undoes a completed key"
+    );
+    assert_eq!(
+        store.complete(&k, second).await.unwrap(),
+        Completion::Recorded,
+        "completing again (a retry after a lost answer) is recorded"
     );
 }
 
@@ -41,22 +56,14 @@ pub async fn protocol(store: &dyn IdempotencyStore) {
 /// forgotten after the TTL. `store` must have a lease and a TTL of `short`.
 pub async fn expiry(store: &dyn IdempotencyStore, short: Duration) {
     let held = key("lease");
-    assert_eq!(store.reserve(&held).await.unwrap(), Reservation::New);
+    new(store, &held).await;
     let done = key("ttl");
-    assert_eq!(store.reserve(&done).await.unwrap(), Reservation::New);
-    store.complete(&done).await.unwrap();
+    let token = new(store, &done).await;
+    store.complete(&done, token).await.unwrap();
     assert_eq!(store.reserve(&done).await.unwrap(), Reservation::Duplicate);
     tokio::time::sleep(short + Duration::from_millis(300)).await;
-    assert_eq!(
-        store.reserve(&held).await.unwrap(),
-        Reservation::New,
-        "lease ended"
-    );
-    assert_eq!(
-        store.reserve(&done).await.unwrap(),
-        Reservation::New,
-        "TTL ended"
-    );
+    assert!(store.reserve(&held).await.unwrap().is_new(), "lease ended");
+    assert!(store.reserve(&done).await.unwrap().is_new(), "TTL ended");
 }
 
 /// Two instances over the same backend (two processes' view): a key completed by one is a
@@ -64,15 +71,15 @@ pub async fn expiry(store: &dyn IdempotencyStore, short: Duration) {
 /// release does not free the other's reservation.
 pub async fn shared(a: &dyn IdempotencyStore, b: &dyn IdempotencyStore) {
     let k = key("shared");
-    assert_eq!(a.reserve(&k).await.unwrap(), Reservation::New);
+    let token = new(a, &k).await;
     assert_eq!(b.reserve(&k).await.unwrap(), Reservation::InProgress);
-    b.release(&k).await.unwrap();
+    b.release(&k, LeaseToken::generate()).await.unwrap();
     assert_eq!(
         b.reserve(&k).await.unwrap(),
         Reservation::InProgress,
-        "b's release must not free a's lease"
+        "a release under another token must not free a's lease"
     );
-    a.complete(&k).await.unwrap();
+    assert_eq!(a.complete(&k, token).await.unwrap(), Completion::Recorded);
     assert_eq!(b.reserve(&k).await.unwrap(), Reservation::Duplicate);
 }
 
@@ -86,7 +93,7 @@ pub async fn one_winner(a: Arc<dyn IdempotencyStore>, b: Arc<dyn IdempotencyStor
         tasks.push(tokio::spawn(async move {
             let mut won = Vec::new();
             for k in &keys {
-                if store.reserve(k).await.unwrap() == Reservation::New {
+                if store.reserve(k).await.unwrap().is_new() {
                     won.push(k.as_str().to_owned());
                 }
             }
@@ -198,7 +205,7 @@ pub async fn unavailable_then_back(
     deadline: Duration,
 ) {
     let k = key("outage");
-    assert_eq!(store.reserve(&k).await.unwrap(), Reservation::New);
+    new(store, &k).await;
     proxy.cut();
     let started = std::time::Instant::now();
     let err = store

@@ -2,8 +2,6 @@
 //! process, with the inbox form in which the key commits in the same transaction as the
 //! business write.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,46 +10,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use reliable_core::idempotency::{
-    IdempotencyStore, Reservation, StoreError, DEFAULT_LEASE, DEFAULT_TTL,
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
+    DEFAULT_TTL,
 };
 use reliable_core::message::IdempotencyKey;
 use reliable_core::redact::{redact_url, Scrubber};
-use tokio_postgres::{NoTls, Transaction};
+use tokio_postgres::NoTls;
 
 use crate::error::StoresError;
 use crate::util::{bounded, millis_i64, positive, ScrubbedError};
+
+mod inbox;
+mod sql;
+
+pub use inbox::{Applied, ApplyError, TxFuture};
+use sql::Sql;
 
 /// The table the store uses unless configured otherwise.
 pub const DEFAULT_TABLE: &str = "reliable_idempotency";
 
 /// Expired keys are purged on every this many completions, at most 1 000 at a time.
 const PURGE_EVERY: u64 = 256;
-
-/// The future a [`PostgresStore::apply_once`] closure returns: the business write, run inside
-/// the transaction it is given.
-pub type TxFuture<'t, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 't>>;
-
-/// What [`PostgresStore::apply_once`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied<T> {
-    /// The key was new: the write ran and committed together with the key. Holds its result.
-    New(T),
-    /// The key's effect had committed before: nothing ran. Acknowledge the message.
-    Duplicate,
-}
-
-/// Why [`PostgresStore::apply_once`] did not commit. Either way the transaction was rolled back:
-/// neither the effect nor the key is recorded, and the message must be retried.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError<E> {
-    /// PostgreSQL failed or did not answer in time (retryable). When the failure was the commit
-    /// itself, the outcome is unknown; a retry answers [`Applied::Duplicate`] if it did commit.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The business write returned an error.
-    #[error("the write inside the idempotent transaction failed: {0}")]
-    Write(E),
-}
 
 /// Settings of a [`PostgresStore`].
 ///
@@ -65,8 +44,10 @@ pub enum ApplyError<E> {
 pub struct PostgresStoreConfig {
     /// How long a completed key is remembered: the deduplication window. Default 24 h.
     pub ttl: Duration,
-    /// How long a reservation lasts without `complete` or `release`. Must exceed the longest
-    /// handler run. Default 5 min.
+    /// How long a reservation lasts unless renewed, completed or released: the longest a
+    /// crashed consumer blocks a message. The pipeline's `DedupeLayer` renews it every third of
+    /// this while the handler runs, so it must exceed a few renewal round trips (and
+    /// [`timeout`](Self::timeout)), not the handler's run. Default 5 min.
     pub lease: Duration,
     /// The table, a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), created
     /// if missing. Default [`DEFAULT_TABLE`].
@@ -137,53 +118,10 @@ pub struct PostgresStore {
 struct Inner {
     pool: Pool,
     config: PostgresStoreConfig,
-    owner: String,
     url: String,
     scrubber: Scrubber,
     completions: AtomicU64,
     sql: Sql,
-}
-
-/// The statements, with the table name filled in.
-struct Sql {
-    reserve: String,
-    state: String,
-    complete: String,
-    release: String,
-    claim_done: String,
-    purge: String,
-}
-
-impl Sql {
-    fn new(t: &str) -> Self {
-        let upsert = |done: bool, owner: &str, when: &str| {
-            format!(
-                "INSERT INTO {t} (key, done, owner, expires_at) \
-                 VALUES ($1, {done}, {owner}, now() + $2::bigint * interval '1 millisecond') \
-                 ON CONFLICT (key) DO UPDATE SET done = EXCLUDED.done, owner = EXCLUDED.owner, \
-                 expires_at = EXCLUDED.expires_at {when}"
-            )
-        };
-        Self {
-            reserve: upsert(
-                false,
-                "$3",
-                &format!("WHERE {t}.expires_at <= now() RETURNING 1"),
-            ),
-            state: format!("SELECT done, expires_at > now() FROM {t} WHERE key = $1"),
-            complete: upsert(true, "NULL", ""),
-            release: format!("DELETE FROM {t} WHERE key = $1 AND owner = $2 AND NOT done"),
-            claim_done: upsert(
-                true,
-                "NULL",
-                &format!("WHERE NOT {t}.done OR {t}.expires_at <= now() RETURNING 1"),
-            ),
-            purge: format!(
-                "DELETE FROM {t} WHERE key IN \
-                 (SELECT key FROM {t} WHERE expires_at <= now() LIMIT 1000)"
-            ),
-        }
-    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -285,7 +223,6 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 sql: Sql::new(&config.table),
                 pool,
-                owner: uuid::Uuid::now_v7().to_string(),
                 url,
                 scrubber,
                 completions: AtomicU64::new(0),
@@ -336,83 +273,6 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Records `key` as done inside `tx`, the transaction of your business write: the inbox
-    /// pattern by hand. Commit `tx` and both are recorded; roll it back and neither is.
-    ///
-    /// Use it under a [`DedupeLayer`](reliable_core::pipeline::DedupeLayer) over this store:
-    /// the layer's `reserve` makes a concurrent duplicate wait, and after a crash between the
-    /// commit and the acknowledgement the redelivered copy is recognised as a duplicate.
-    pub async fn complete_in(
-        &self,
-        tx: &Transaction<'_>,
-        key: &IdempotencyKey,
-    ) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        bounded(inner.config.timeout, "PostgreSQL complete_in", async {
-            tx.execute(
-                inner.sql.complete.as_str(),
-                &[&key.as_str(), &millis_i64(inner.config.ttl)],
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| inner.scrubber.unavailable("PostgreSQL complete_in", e))
-        })
-        .await
-    }
-
-    /// Runs `write` and records `key` in one transaction, unless `key`'s effect committed
-    /// before: the inbox pattern. Returns [`Applied::New`] with the write's result, or
-    /// [`Applied::Duplicate`] when the key was done already (nothing ran).
-    ///
-    /// A concurrent call with the same key, from any process, waits on the key's row until
-    /// this transaction ends, then answers `Duplicate` (committed) or runs (rolled back).
-    /// On any error the transaction is rolled back; see [`ApplyError`].
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    pub async fn apply_once<T, E, F>(
-        &self,
-        key: &IdempotencyKey,
-        write: F,
-    ) -> Result<Applied<T>, ApplyError<E>>
-    where
-        F: for<'t> FnOnce(&'t Transaction<'t>) -> TxFuture<'t, T, E>,
-    {
-        let inner = &self.inner;
-        let what = "PostgreSQL apply_once";
-        let fail = |e: tokio_postgres::Error| inner.scrubber.unavailable(what, e);
-        let mut client = self.client().await?;
-        let tx = bounded(inner.config.timeout, what, async {
-            client.transaction().await.map_err(fail)
-        })
-        .await?;
-        // Row lock on the key until commit: a concurrent duplicate waits here.
-        let claimed = bounded(inner.config.lease, what, async {
-            tx.query_opt(
-                inner.sql.claim_done.as_str(),
-                &[&key.as_str(), &millis_i64(inner.config.ttl)],
-            )
-            .await
-            .map_err(fail)
-        })
-        .await?;
-        if claimed.is_none() {
-            let _ = tx.rollback().await;
-            tracing::debug!("duplicate: the key's effect committed before");
-            return Ok(Applied::Duplicate);
-        }
-        let result = match write(&tx).await {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(ApplyError::Write(e));
-            }
-        };
-        bounded(inner.config.timeout, what, async {
-            tx.commit().await.map_err(fail)
-        })
-        .await?;
-        Ok(Applied::New(result))
-    }
-
     /// Removes every key whose TTL (or lease) has passed; returns how many. The store also does
     /// this by itself, a thousand at a time, as keys complete.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
@@ -460,23 +320,26 @@ impl PostgresStore {
 
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
+    fn lease_duration(&self) -> Option<Duration> {
+        Some(self.inner.config.lease)
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         let inner = &self.inner;
         let what = "PostgreSQL reserve";
+        let token = LeaseToken::generate();
+        let owner = token.to_string();
         let client = self.client().await?;
         bounded(inner.config.timeout, what, async {
             let fail = |e| inner.scrubber.unavailable(what, e);
             let lease = millis_i64(inner.config.lease);
             let won = client
-                .query_opt(
-                    inner.sql.reserve.as_str(),
-                    &[&key.as_str(), &lease, &inner.owner],
-                )
+                .query_opt(inner.sql.reserve.as_str(), &[&key.as_str(), &lease, &owner])
                 .await
                 .map_err(fail)?;
             if won.is_some() {
-                return Ok(Reservation::New);
+                return Ok(Reservation::New(token));
             }
             let row = client
                 .query_opt(inner.sql.state.as_str(), &[&key.as_str()])
@@ -495,28 +358,64 @@ impl IdempotencyStore for PostgresStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn complete(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let ttl = millis_i64(self.inner.config.ttl);
-        self.execute(
-            "PostgreSQL complete",
-            &self.inner.sql.complete,
-            &[&key.as_str(), &ttl],
-        )
+    async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
+        let inner = &self.inner;
+        let what = "PostgreSQL renew";
+        let lease = millis_i64(inner.config.lease);
+        let owner = token.to_string();
+        let client = self.client().await?;
+        let row = bounded(inner.config.timeout, what, async {
+            client
+                .query_opt(inner.sql.renew.as_str(), &[&key.as_str(), &lease, &owner])
+                .await
+                .map_err(|e| inner.scrubber.unavailable(what, e))
+        })
         .await?;
-        if self.inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+        Ok(if row.is_some() {
+            Renewal::Renewed
+        } else {
+            Renewal::Lost
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: LeaseToken,
+    ) -> Result<Completion, StoreError> {
+        let inner = &self.inner;
+        let what = "PostgreSQL complete";
+        let ttl = millis_i64(inner.config.ttl);
+        let owner = token.to_string();
+        let client = self.client().await?;
+        let own = bounded(inner.config.timeout, what, async {
+            client
+                .query_one(inner.sql.complete.as_str(), &[&key.as_str(), &ttl, &owner])
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+                .map_err(|e| inner.scrubber.unavailable(what, e))
+        })
+        .await?;
+        drop(client);
+        if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
             if let Err(e) = self
-                .execute("PostgreSQL purge", &self.inner.sql.purge, &[])
+                .execute("PostgreSQL purge", &inner.sql.purge, &[])
                 .await
             {
                 tracing::warn!(error = %e, "purging expired idempotency keys failed; will retry");
             }
         }
-        Ok(())
+        Ok(if own {
+            Completion::Recorded
+        } else {
+            Completion::Superseded
+        })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn release(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let owner = self.inner.owner.as_str();
+    async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
+        let owner = token.to_string();
         self.execute(
             "PostgreSQL release",
             &self.inner.sql.release,

@@ -1,23 +1,29 @@
 //! The orchestrator: prepares queues and topics, starts the producer and consumer processes,
 //! injects the faults on schedule, drains, and checks the journals.
 
+mod children;
+mod inject;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reliable_amqp::lapin::{Connection, ConnectionProperties};
 use reliable_amqp::topology::{self, QueueSpec};
-use reliable_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, TopicSpec};
+use reliable_test_support::proxy::Proxy;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::child::{BrokerArgs, KAFKA_PARTITIONS};
-use crate::journal::{check, open_append, ConsumerView, ProducerView, Tail};
-use crate::plan::{describe, fault_threshold, roles, Broker, Mode, Scenario, Sizes, Variant};
+use crate::journal::{check, ConsumerView, ProducerView, Tail};
+use crate::plan::{
+    describe, fault_threshold, roles, Broker, Mode, Publish, Scenario, Sizes, Variant,
+};
 use crate::report::{self, Report, RunResult, Verdict};
 use crate::HarnessError;
+use children::{child_args, Children};
+use inject::{brokers, inject, Targets};
 
 /// Orchestrator options.
 #[derive(clap::Args, Clone, Debug)]
@@ -73,6 +79,10 @@ pub struct FaultRecord {
     pub confirmed_before: u64,
     /// Seconds from the kill until the component was back (and, for Kafka, in sync).
     pub recovery_s: f64,
+    /// Messages unconfirmed at some moment of the fault (in flight when it struck, or
+    /// accepted while it lasted), where the harness measures it (a silent network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
 }
 
 /// Runs every planned scenario and writes the report; `Ok(true)` when every verdict holds.
@@ -160,7 +170,7 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             .await
             .map_err(|e| HarnessError::Setup(format!("channel: {e}")))?;
         for p in &amqp {
-            let spec = if roles(p.scenario, p.variant).unsafe_producer {
+            let spec = if roles(p.scenario, p.variant).classic_queue {
                 QueueSpec::classic_durable(&p.dest)
             } else {
                 QueueSpec::quorum(&p.dest)
@@ -189,136 +199,6 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             })?;
     }
     Ok(())
-}
-
-/// Runs `scripts/brokers ARGS` and returns its standard output.
-async fn brokers(script: &Path, args: &[&str]) -> Result<String, HarnessError> {
-    let mut command = Command::new(script);
-    command.args(args).stderr(Stdio::inherit());
-    let what = format!("{} {}", script.display(), args.join(" "));
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .map_err(|e| HarnessError::Setup(e.to_string()))?
-        .map_err(|e| HarnessError::Script {
-            command: what.clone(),
-            detail: e.to_string(),
-        })?;
-    if !output.status.success() {
-        return Err(HarnessError::Script {
-            command: what,
-            detail: output.status.to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-/// The child processes of one run.
-struct Children {
-    exe: PathBuf,
-    base: Vec<String>,
-    dir: PathBuf,
-    capacity: u32,
-    producer_args: Vec<String>,
-    producer: Option<KillOnDrop>,
-    consumer: Option<Child>,
-    consumer_kills: u32,
-    consumer_crashes: u32,
-}
-
-impl Children {
-    fn spawn(&self, role: &str, extra: &[String]) -> Result<Child, HarnessError> {
-        let log = open_append(&self.dir.join(format!("{role}.out")))?;
-        let err = log.try_clone()?;
-        let journal = self.dir.join(format!("{role}.log"));
-        Ok(Command::new(&self.exe)
-            .arg(role)
-            .args(&self.base)
-            .arg("--journal")
-            .arg(journal)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()?)
-    }
-
-    fn start_producer(&mut self) -> Result<(), HarnessError> {
-        self.producer = Some(KillOnDrop(self.spawn("produce", &self.producer_args)?));
-        Ok(())
-    }
-
-    /// SIGKILL, and reap.
-    fn kill_producer(&mut self) {
-        self.producer = None;
-    }
-
-    /// The producer's exit status, once it has exited on its own.
-    fn producer_exited(&mut self) -> Result<Option<std::process::ExitStatus>, HarnessError> {
-        match self.producer.as_mut() {
-            Some(p) => Ok(p.0.try_wait()?),
-            None => Ok(None),
-        }
-    }
-
-    fn start_consumer(&mut self) -> Result<(), HarnessError> {
-        let capacity = ["--capacity".to_owned(), self.capacity.to_string()];
-        self.consumer = Some(self.spawn("consume", &capacity)?);
-        Ok(())
-    }
-
-    /// SIGKILL, and reap.
-    fn kill_consumer(&mut self) {
-        if let Some(mut c) = self.consumer.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Restarts a consumer that died on its own (counted: it must not happen in safe runs).
-    fn supervise(&mut self) -> Result<(), HarnessError> {
-        let exited = match self.consumer.as_mut() {
-            Some(c) => c.try_wait()?,
-            None => return Ok(()),
-        };
-        if let Some(status) = exited {
-            self.consumer_crashes += 1;
-            eprintln!("harness: consumer exited on its own ({status}); restarting it");
-            self.start_consumer()?;
-        }
-        Ok(())
-    }
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped: an aborted run leaves nothing
-/// running.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        self.kill_consumer();
-    }
-}
-
-fn child_args(args: &RunArgs, p: &Planned) -> Vec<String> {
-    let mut v = vec![
-        "--scenario".into(),
-        p.scenario.name().into(),
-        "--variant".into(),
-        p.variant.name().into(),
-        "--dest".into(),
-        p.dest.clone(),
-    ];
-    v.extend(args.brokers.to_args());
-    v
 }
 
 struct Views {
@@ -356,6 +236,10 @@ impl Views {
 
 async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult, HarnessError> {
     let label = p.label();
+    let sizes = &Sizes {
+        faults: p.scenario.faults(sizes),
+        ..*sizes
+    };
     let dir = args
         .out
         .join(format!("{}-{}", p.scenario, p.variant.name()));
@@ -363,9 +247,30 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir_all(&dir)?;
+    // A silent network needs a link that can go silent: the producer reaches RabbitMQ through
+    // a TCP proxy in this process (the consumer connects directly).
+    let link =
+        if p.scenario == Scenario::AmqpSilentNetwork {
+            let upstream = reliable_test_support::amqp_socket_addr(&args.brokers.amqp_url)
+                .map_err(|missing| HarnessError::BrokerUnavailable {
+                    broker: "RabbitMQ",
+                    detail: missing.0,
+                })?;
+            Some(Proxy::start(upstream).await?)
+        } else {
+            None
+        };
+    let producer_brokers = BrokerArgs {
+        amqp_url: link.as_ref().map_or_else(
+            || args.brokers.amqp_url.clone(),
+            |proxy| proxy.url_for(&args.brokers.amqp_url),
+        ),
+        ..args.brokers.clone()
+    };
     let mut children = Children {
         exe: std::env::current_exe()?,
-        base: child_args(args, p),
+        base: child_args(p, &args.brokers),
+        producer_base: child_args(p, &producer_brokers),
         dir: dir.clone(),
         capacity: sizes.consumer_capacity,
         producer_args: vec![
@@ -401,8 +306,18 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         }
         let done = faults.len() as u32;
         let confirmed = views.producer.confirmed.len() as u64;
-        if done < sizes.faults && confirmed >= fault_threshold(sizes.messages, sizes.faults, done) {
-            let record = inject(args, sizes, p, &mut children, confirmed, started).await?;
+        let threshold = if p.scenario.continuous() {
+            0
+        } else {
+            fault_threshold(sizes.messages, sizes.faults, done)
+        };
+        if done < sizes.faults && confirmed >= threshold {
+            let targets = Targets {
+                children: &mut children,
+                link: link.as_ref(),
+                views: &mut views,
+            };
+            let record = inject(args, sizes, p, targets, started).await?;
             eprintln!(
                 "harness: {label}: fault {}/{}: {} (back after {:.1} s)",
                 done + 1,
@@ -418,9 +333,10 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         }
     };
     children.kill_producer(); // reaped, or killed if it overran its time
-                              // Drain: until every confirmed message has its effect (then a short settle for late
-                              // duplicates), or until nothing new arrives for the quiet period (what is missing then is
-                              // lost).
+
+    // Drain: until every confirmed message has its effect (then a short settle for late
+    // duplicates), or until nothing new arrives for the quiet period (what is missing then is
+    // lost).
     let progress = |v: &Views| v.consumer.deliveries_total + v.consumer.effects_total;
     let mut last_progress = (Instant::now(), progress(&views));
     let drain_started = Instant::now();
@@ -452,7 +368,13 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
     }
     children.kill_consumer();
     views.refresh()?;
-    let counts = check(&views.producer, &views.consumer);
+    let scenario = p.scenario;
+    let must_refuse = move |seq: u64| Publish::of(scenario, seq).refused();
+    let counts = check(
+        &views.producer,
+        &views.consumer,
+        (scenario == Scenario::AmqpBadPublish).then_some(&must_refuse as &dyn Fn(u64) -> bool),
+    );
     let verdict = Verdict::judge(
         p.variant,
         sizes,
@@ -460,7 +382,8 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         faults.len() as u32,
         &views.producer,
         producer_status.is_some_and(|s| s.success()),
-    );
+    )
+    .with_figures(figures(scenario, &counts, &faults, &views.producer));
     Ok(RunResult {
         scenario: p.scenario,
         variant: p.variant,
@@ -476,6 +399,44 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         duration_s: round1(started.elapsed().as_secs_f64()),
         verdict,
     })
+}
+
+/// The figures of a run that decide nothing but are worth reading: the extra copies a silent
+/// network cost, and how the bad publishes were answered.
+fn figures(
+    scenario: Scenario,
+    counts: &crate::journal::Counts,
+    faults: &[FaultRecord],
+    producer: &ProducerView,
+) -> Vec<String> {
+    match scenario {
+        Scenario::AmqpSilentNetwork => {
+            let in_flight: u64 = faults.iter().filter_map(|f| f.in_flight).sum();
+            let extra = counts.duplicated_deliveries;
+            vec![format!(
+                "{extra} extra copies = {:.1} % of the {in_flight} messages in flight during \
+                 the silence",
+                100.0 * extra as f64 / in_flight.max(1) as f64
+            )]
+        }
+        Scenario::AmqpBadPublish => {
+            let refused = |kind: Publish| {
+                producer
+                    .failed
+                    .keys()
+                    .filter(|&&s| {
+                        !producer.confirmed.contains(&s) && Publish::of(scenario, s) == kind
+                    })
+                    .count()
+            };
+            vec![format!(
+                "refused: {} unroutable, {} to a missing exchange",
+                refused(Publish::Unroutable),
+                refused(Publish::MissingExchange)
+            )]
+        }
+        _ => Vec::new(),
+    }
 }
 
 fn round1(x: f64) -> f64 {
@@ -495,142 +456,6 @@ fn status_line(label: &str, started: Instant, sizes: &Sizes, views: &Views, faul
         sizes.faults,
         views.consumer.starts,
     );
-}
-
-/// Brokers in the project's Kafka cluster (`scripts/brokers up`).
-const KAFKA_BROKERS: u32 = 3;
-
-/// How long the followers are frozen before the leader is killed: below the cluster's broker
-/// session timeout (3 s), so they are not fenced for the pause itself.
-const FOLLOWER_PAUSE: Duration = Duration::from_millis(1000);
-
-/// Injects the scenario's fault and waits until the component is back.
-async fn inject(
-    args: &RunArgs,
-    sizes: &Sizes,
-    p: &Planned,
-    children: &mut Children,
-    confirmed: u64,
-    started: Instant,
-) -> Result<FaultRecord, HarnessError> {
-    let at = started.elapsed();
-    let kill = Instant::now();
-    let script = &args.brokers_script;
-    let action = match p.scenario {
-        Scenario::AmqpBrokerKill => {
-            brokers(script, &["rabbit-kill"]).await?;
-            tokio::time::sleep(sizes.downtime).await;
-            brokers(script, &["rabbit-restart"]).await?;
-            "kill -9 RabbitMQ, restart".to_owned()
-        }
-        Scenario::KafkaLeaderKill => {
-            let leader = brokers(script, &["kafka-leader", &p.dest, "0"]).await?;
-            let id: u32 = leader.parse().map_err(|_| HarnessError::Script {
-                command: "kafka-leader".into(),
-                detail: format!("not a broker id: {leader:?}"),
-            })?;
-            // The leader dies before its followers caught up: freeze them, let the leader take
-            // writes alone for a moment, kill it, then let them run again. acks=1 writes of
-            // that moment were confirmed by the leader only; acks=all writes were not confirmed.
-            let followers: Vec<String> = (1..=KAFKA_BROKERS)
-                .filter(|&b| b != id)
-                .map(|b| b.to_string())
-                .collect();
-            for f in &followers {
-                brokers(script, &["kafka-pause", f]).await?;
-            }
-            tokio::time::sleep(FOLLOWER_PAUSE).await;
-            let killed = brokers(script, &["kafka-kill", &id.to_string()]).await;
-            for f in &followers {
-                brokers(script, &["kafka-resume", f]).await?;
-            }
-            killed?;
-            tokio::time::sleep(sizes.downtime).await;
-            brokers(script, &["kafka-restart", &id.to_string()]).await?;
-            wait_in_sync(args, &p.dest).await?;
-            format!(
-                "followers frozen {} ms, kill -9 Kafka broker {id} (leader of partition 0), restart",
-                FOLLOWER_PAUSE.as_millis()
-            )
-        }
-        Scenario::KafkaProducerKill => {
-            // The cluster is slow to acknowledge (the followers of partition 0's leader are
-            // frozen), so the producer holds unconfirmed messages when it dies.
-            let leader = brokers(script, &["kafka-leader", &p.dest, "0"]).await?;
-            let followers: Vec<String> = (1..=KAFKA_BROKERS)
-                .map(|b| b.to_string())
-                .filter(|b| *b != leader)
-                .collect();
-            for f in &followers {
-                brokers(script, &["kafka-pause", f]).await?;
-            }
-            tokio::time::sleep(FOLLOWER_PAUSE).await;
-            children.kill_producer();
-            for f in &followers {
-                brokers(script, &["kafka-resume", f]).await?;
-            }
-            tokio::time::sleep(sizes.downtime).await;
-            children.start_producer()?;
-            format!(
-                "followers frozen {} ms, SIGKILL the producer process, restart",
-                FOLLOWER_PAUSE.as_millis()
-            )
-        }
-        Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => {
-            children.kill_consumer();
-            children.consumer_kills += 1;
-            tokio::time::sleep(sizes.downtime).await;
-            children.start_consumer()?;
-            "SIGKILL the consumer process, restart".to_owned()
-        }
-    };
-    Ok(FaultRecord {
-        action,
-        at_s: round1(at.as_secs_f64()),
-        confirmed_before: confirmed,
-        recovery_s: round1(kill.elapsed().as_secs_f64()),
-    })
-}
-
-/// Waits until every partition of `topic` has all its replicas in sync again, so the next
-/// fault starts from a fully replicated topic.
-async fn wait_in_sync(args: &RunArgs, topic: &str) -> Result<(), HarnessError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers.kafka_bootstrap)
-        .create()
-        .map_err(|e| HarnessError::Setup(format!("metadata client: {e}")))?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let topic = topic.to_owned();
-    let consumer = std::sync::Arc::new(consumer);
-    loop {
-        let c = consumer.clone();
-        let t = topic.clone();
-        let in_sync = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(5))
-                .ok()
-                .and_then(|m| {
-                    m.topics().first().map(|t| {
-                        !t.partitions().is_empty()
-                            && t.partitions()
-                                .iter()
-                                .all(|p| p.isr().len() == p.replicas().len())
-                    })
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .map_err(|e| HarnessError::Setup(e.to_string()))?;
-        if in_sync {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(HarnessError::Script {
-                command: format!("wait for {topic} in sync"),
-                detail: "replicas not back in sync after 180 s".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 impl Mode {
