@@ -26,6 +26,9 @@
 //! assert_eq!(tracker.committable(&tp), Some(13));
 //! # Ok::<(), reliable_core::offsets::OffsetError>(())
 //! ```
+//!
+//! The tracker's owner (a consumer) is the only one that may change it; everyone else gets an
+//! [`OffsetsView`], which reads the same state and cannot finish, commit or revoke anything.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -95,6 +98,13 @@ impl OffsetTracker {
         st.next = Some(offset.saturating_add(1));
     }
 
+    /// Whether `offset` of `partition` is tracked and not yet finished.
+    pub fn is_in_flight(&self, partition: &TopicPartition, offset: i64) -> bool {
+        self.lock()
+            .get(partition)
+            .is_some_and(|st| st.in_flight.contains(&offset))
+    }
+
     /// Records that processing of `offset` is final (handled, or dead-lettered and confirmed).
     pub fn complete(&self, partition: &TopicPartition, offset: i64) -> Result<(), OffsetError> {
         let mut parts = self.lock();
@@ -149,6 +159,12 @@ impl OffsetTracker {
         }
     }
 
+    /// A read-only view of this tracker, to hand to callers that may watch the offsets but
+    /// must not change them.
+    pub fn view(&self) -> OffsetsView<'_> {
+        OffsetsView { tracker: self }
+    }
+
     /// Forgets a revoked partition and returns its final commit position (commit it in the
     /// rebalance callback before the partition moves). Offsets still in flight there keep the
     /// position below them; their later completion is reported as
@@ -157,6 +173,78 @@ impl OffsetTracker {
         self.lock()
             .remove(partition)
             .and_then(|st| st.committable())
+    }
+}
+
+/// A read-only view of an [`OffsetTracker`]: each partition's commit position, its unfinished
+/// offsets and its last committed position. It reads the tracker live (every call sees the
+/// current state) and has no method that changes it, so a holder cannot move a commit past
+/// unfinished work (invariant 5):
+///
+/// ```compile_fail
+/// use reliable_core::offsets::OffsetTracker;
+/// use reliable_core::TopicPartition;
+///
+/// let tracker = OffsetTracker::new();
+/// let tp = TopicPartition::new("orders", 0);
+/// tracker.track(&tp, 0);
+/// tracker.view().complete(&tp, 0); // error: `OffsetsView` cannot finish an offset
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct OffsetsView<'a> {
+    tracker: &'a OffsetTracker,
+}
+
+/// One partition's offsets at one moment, from [`OffsetsView::partitions`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionOffsets {
+    /// The partition.
+    pub partition: TopicPartition,
+    /// The position a commit would store now (every tracked offset below it is finished);
+    /// `None` when nothing was tracked there.
+    pub committable: Option<i64>,
+    /// How many tracked offsets are not finished yet.
+    pub unfinished: usize,
+    /// The last position reported committed; `None` before the first commit.
+    pub committed: Option<i64>,
+}
+
+impl OffsetsView<'_> {
+    /// The position a commit of `partition` would store now; `None` when nothing was tracked
+    /// there.
+    pub fn committable(&self, partition: &TopicPartition) -> Option<i64> {
+        self.tracker.committable(partition)
+    }
+
+    /// The unfinished offsets of `partition`, lowest first.
+    pub fn unfinished(&self, partition: &TopicPartition) -> Vec<i64> {
+        self.tracker.in_flight(partition)
+    }
+
+    /// The last position reported committed for `partition`; `None` before its first commit.
+    pub fn committed(&self, partition: &TopicPartition) -> Option<i64> {
+        self.tracker
+            .lock()
+            .get(partition)
+            .and_then(|st| st.committed)
+    }
+
+    /// Every tracked partition, sorted by partition.
+    pub fn partitions(&self) -> Vec<PartitionOffsets> {
+        let mut out: Vec<PartitionOffsets> = self
+            .tracker
+            .lock()
+            .iter()
+            .map(|(tp, st)| PartitionOffsets {
+                partition: tp.clone(),
+                committable: st.committable(),
+                unfinished: st.in_flight.len(),
+                committed: st.committed,
+            })
+            .collect();
+        out.sort_by(|a, b| a.partition.cmp(&b.partition));
+        out
     }
 }
 

@@ -68,6 +68,23 @@ use crate::message::{Message, MessageFormatError, MessageId};
 
 /// Message id (UUIDv7 bytes, so key order is send order) → encoded message.
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reliable_outbox_v1");
+/// Entries `pending` could not decode, moved aside with the reason: key -> reason length (u32
+/// LE), reason, raw entry.
+const QUARANTINE: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("reliable_outbox_quarantine_v1");
+
+/// An outbox entry that could not be decoded (written by an incompatible version of the SDK,
+/// or damaged), kept apart by [`Outbox::pending`] so the other entries can be replayed. Nothing
+/// is deleted: inspect it, and remove the file only once you know what it held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The entry's key in the outbox.
+    pub key: Vec<u8>,
+    /// The entry as stored.
+    pub raw: Vec<u8>,
+    /// Why it could not be decoded.
+    pub reason: String,
+}
 
 /// The most operations one commit takes.
 const MAX_BATCH: usize = 4096;
@@ -87,9 +104,11 @@ pub enum OutboxError {
         /// What failed.
         reason: String,
     },
-    /// An entry could not be decoded (written by an incompatible version, or corrupted).
+    /// Entries that cannot be decoded (written by an incompatible version, or damaged) could not
+    /// be moved to the quarantine ([`Outbox::quarantined`]); nothing was discarded.
     #[error(
-        "outbox {path}: an entry cannot be decoded ({reason}); move the file aside to start empty"
+        "outbox {path}: an undecodable entry could not be quarantined ({reason}); check the disk, \
+         the other entries are intact"
     )]
     Corrupt {
         /// The outbox file.
@@ -249,21 +268,92 @@ impl Outbox {
 
     /// Messages in the outbox, oldest first: unconfirmed ones, including those this process is
     /// delivering right now, and handed-back ones nobody received.
+    ///
+    /// An entry that cannot be decoded does not stop the others: it is moved to the quarantine
+    /// ([`quarantined`](Self::quarantined)) with the reason, and logged at `error` level.
     pub fn pending(&self) -> Result<Vec<Message>, OutboxError> {
         let storage = |e: &dyn std::fmt::Display| self.storage_error(e);
         let txn = self.inner.db.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(TABLE).map_err(|e| storage(&e))?;
         let mut out = Vec::new();
+        let mut bad = Vec::new();
         for entry in table.iter().map_err(|e| storage(&e))? {
-            let (_, value) = entry.map_err(|e| storage(&e))?;
-            out.push(
-                decode(value.value()).map_err(|reason| OutboxError::Corrupt {
-                    path: self.inner.path.clone(),
+            let (key, value) = entry.map_err(|e| storage(&e))?;
+            match decode(value.value()) {
+                Ok(msg) => out.push(msg),
+                Err(reason) => bad.push(Quarantined {
+                    key: key.value().to_vec(),
+                    raw: value.value().to_vec(),
                     reason,
-                })?,
-            );
+                }),
+            }
+        }
+        drop(table);
+        drop(txn);
+        if !bad.is_empty() {
+            self.quarantine(&bad)?;
         }
         Ok(out)
+    }
+
+    /// The entries [`pending`](Self::pending) could not decode and moved aside, oldest first.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, OutboxError> {
+        let storage = |e: &dyn std::fmt::Display| self.storage_error(e);
+        let txn = self.inner.db.begin_read().map_err(|e| storage(&e))?;
+        let table = match txn.open_table(QUARANTINE) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(&e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| storage(&e))? {
+            let (key, value) = entry.map_err(|e| storage(&e))?;
+            let value = value.value();
+            let (len, rest) = value.split_at(value.len().min(4));
+            let len = u32::from_le_bytes(len.try_into().unwrap_or([0; 4])) as usize;
+            let (reason, raw) = rest.split_at(len.min(rest.len()));
+            out.push(Quarantined {
+                key: key.value().to_vec(),
+                raw: raw.to_vec(),
+                reason: String::from_utf8_lossy(reason).into_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Moves `bad` entries from the outbox to the quarantine, in one commit.
+    fn quarantine(&self, bad: &[Quarantined]) -> Result<(), OutboxError> {
+        let corrupt = |e: &dyn std::fmt::Display| OutboxError::Corrupt {
+            path: self.inner.path.clone(),
+            reason: e.to_string(),
+        };
+        let txn = self.inner.db.begin_write().map_err(|e| corrupt(&e))?;
+        {
+            let mut pending = txn.open_table(TABLE).map_err(|e| corrupt(&e))?;
+            let mut quarantine = txn.open_table(QUARANTINE).map_err(|e| corrupt(&e))?;
+            for entry in bad {
+                let mut value = Vec::with_capacity(4 + entry.reason.len() + entry.raw.len());
+                value.extend_from_slice(&(entry.reason.len() as u32).to_le_bytes());
+                value.extend_from_slice(entry.reason.as_bytes());
+                value.extend_from_slice(&entry.raw);
+                quarantine
+                    .insert(entry.key.as_slice(), value.as_slice())
+                    .map_err(|e| corrupt(&e))?;
+                pending
+                    .remove(entry.key.as_slice())
+                    .map_err(|e| corrupt(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| corrupt(&e))?;
+        for entry in bad {
+            tracing::error!(
+                outbox = %self.inner.path.display(),
+                reason = %entry.reason,
+                bytes = entry.raw.len(),
+                "an outbox entry cannot be decoded: moved to the quarantine (Outbox::quarantined), the others are replayed"
+            );
+        }
+        Ok(())
     }
 
     /// How many messages the outbox holds.

@@ -331,3 +331,66 @@ async fn replay_skips_messages_in_flight_in_this_process() -> TestResult {
     assert_eq!(producer.stats().sent, 3);
     Ok(())
 }
+
+/// One undecodable entry (a newer version's, or damaged) is moved to the quarantine and every
+/// other entry is still replayed: nothing is discarded, and the bad entry stays inspectable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_entry_is_quarantined_and_the_rest_replayed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o");
+    let (first, second) = (msg(1), msg(2));
+    {
+        let outbox = Outbox::open(&path)?;
+        let producer = Producer::with_outbox(Blackhole, short_deadline(), outbox.clone());
+        drop(producer.send(first.clone()).await?);
+        drop(producer.send(second.clone()).await?);
+        assert!(
+            eventually(Duration::from_secs(5), || producer.stats().failed == 2).await,
+            "both handed back, nobody receiving them: they stay"
+        );
+        assert_eq!(outbox.len()?, 2);
+    }
+    {
+        // A damaged entry between the two, written straight into the file.
+        let db = reopen_raw(&path);
+        let table: redb::TableDefinition<&[u8], &[u8]> =
+            redb::TableDefinition::new("reliable_outbox_v1");
+        let txn = db.begin_write()?;
+        txn.open_table(table)?
+            .insert(&b"\x00damaged"[..], &b"\x07not an entry"[..])?;
+        txn.commit()?;
+    }
+    let outbox = reopen(&path);
+    let pending = outbox.pending()?;
+    assert_eq!(ids(&pending), vec![first.id(), second.id()]);
+    let quarantined = outbox.quarantined()?;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0].reason.contains("version"), "{quarantined:?}");
+    assert_eq!(quarantined[0].raw, b"\x07not an entry");
+    assert_eq!(outbox.len()?, 2, "the quarantine is apart from the pending entries");
+
+    let broker = InMemoryBroker::new();
+    broker.declare_queue("q");
+    let producer = Producer::with_outbox(
+        broker.transport(),
+        ProducerConfig::default(),
+        outbox.clone(),
+    );
+    for h in producer.replay_outbox().await? {
+        h.await?;
+    }
+    assert_eq!(broker.messages("q").len(), 2);
+    Ok(())
+}
+
+/// The outbox file opened with redb itself, once the previous owner let it go.
+fn reopen_raw(path: &Path) -> redb::Database {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match redb::Database::create(path) {
+            Ok(db) => return db,
+            Err(e) if Instant::now() > until => panic!("outbox not released: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
