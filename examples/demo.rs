@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reliable::amqp::topology::{self, QueueSpec};
+use reliable::amqp::topology::{self, DeadLetterTarget, QueueSpec};
 use reliable::amqp::{AmqpConsumer, AmqpPublisher, AmqpSettings};
 use reliable::core::idempotency::InMemoryIdempotencyStore;
 use reliable::core::pipeline::{
@@ -66,6 +66,10 @@ async fn main() -> DemoResult<()> {
 
     // RabbitMQ: a durable quorum queue, confirms + mandatory + persistent messages.
     let queue = format!("reliable-demo-{run}");
+    let spec = QueueSpec::quorum(&queue).with_dead_letter(DeadLetterTarget::new(
+        "reliable-demo.dlx",
+        "reliable-demo.dlq",
+    ));
     let started = Instant::now();
     let settings = AmqpSettings::safe();
     let publisher = AmqpPublisher::connect(&amqp_url, settings.clone()).await?;
@@ -73,14 +77,15 @@ async fn main() -> DemoResult<()> {
         let conn = lapin_connection(&amqp_url).await?;
         let channel = conn.create_channel().await?;
         // Rejected (poison) messages go to the dead-letter exchange, never to nowhere.
-        topology::declare_dead_letter(&channel, "reliable-demo.dlx", "reliable-demo.dlq").await?;
-        let spec = QueueSpec::quorum(&queue).with_dead_letter_exchange("reliable-demo.dlx");
+        // declare_queue declares the dead-letter exchange and queue and binds them too.
         topology::declare_queue(&channel, &spec).await?;
     }
     let producer = Producer::new(publisher, Default::default());
     let messages = (0..count).map(|i| Message::new(format!("{run}-{i}")).with_routing_key(&queue));
     let producer_stats = send_all(&producer, messages).await?;
-    let source = AmqpConsumer::connect(&amqp_url, &queue, settings).await?;
+    // Checks at start that the queue dead-letters, at least once, to a bound durable queue:
+    // only then may a poison message be rejected to the broker.
+    let source = AmqpConsumer::connect_checked(&amqp_url, &spec, settings).await?;
     // A poison message is rejected to the queue's dead-letter exchange.
     let rabbit = consume(source, producer_stats, started).await?;
     println!("RabbitMQ  {rabbit}");

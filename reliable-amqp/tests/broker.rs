@@ -9,7 +9,7 @@ use futures::future::join_all;
 use reliable_amqp::error::AmqpError;
 use reliable_amqp::lapin::ExchangeKind;
 use reliable_amqp::settings::{AmqpSettings, DataLoss, QueueType};
-use reliable_amqp::topology::{self, Overflow, QueueSpec};
+use reliable_amqp::topology::{self, DeadLetterTarget, Overflow, QueueSpec};
 use reliable_amqp::{AmqpConsumer, AmqpPublisher};
 use reliable_core::message::headers;
 use reliable_core::{DeliverySource, Message, PublishError, Transport};
@@ -598,9 +598,11 @@ async fn the_same_message_delivered_twice_changes_state_once() {
     let url = require!(reliable_test_support::amqp_url());
     let (conn, ch) = common::open(&url).await;
     let queue = unique_name("amqp-dedupe");
-    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
-        .await
-        .unwrap();
+    let spec = QueueSpec::quorum(&queue).with_dead_letter(DeadLetterTarget::new(
+        format!("{queue}.dlx"),
+        format!("{queue}.dlq"),
+    ));
+    topology::declare_queue(&ch, &spec).await.unwrap();
     let publisher = AmqpPublisher::connect(&url, AmqpSettings::safe())
         .await
         .unwrap();
@@ -623,7 +625,7 @@ async fn the_same_message_delivered_twice_changes_state_once() {
         InMemoryIdempotencyStore::default(),
     )))
     .build();
-    let source = AmqpConsumer::connect(&url, &queue, AmqpSettings::safe())
+    let source = AmqpConsumer::connect_checked(&url, &spec, AmqpSettings::safe())
         .await
         .unwrap();
     let stats = run_pipeline_until(

@@ -11,6 +11,7 @@
 //! | [`pipeline`] | consumer pipeline: dedupe → handler → retry → dead letter → ack | L4, L8 |
 //! | [`offsets`] | contiguous commit watermark per partition | L5 |
 //! | [`idempotency`] | idempotency stores (reserve / complete / release) | L8 |
+//! | [`attempts`] | delivery counts that survive a crashed consumer | L10 |
 //! | [`backoff`] | exponential backoff with jitter | — |
 //! | [`redact`] | credentials out of errors, logs and `Debug` views, for every crate | — |
 //! | [`memory`] | in-memory broker with fault injection, for tests | — |
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod attempts;
 pub mod backoff;
 pub mod idempotency;
 pub mod memory;

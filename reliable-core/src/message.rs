@@ -69,6 +69,12 @@ pub mod headers {
     pub const ORIGIN_PARTITION: &str = "x-origin-partition";
     /// Set on dead-lettered copies of offset-based deliveries: the original's offset.
     pub const ORIGIN_OFFSET: &str = "x-origin-offset";
+    /// Set on dead-lettered copies of queue deliveries whose adapter names the queue: the
+    /// original's queue.
+    pub const ORIGIN_QUEUE: &str = "x-origin-queue";
+    /// Set on dead-lettered copies whose deliveries were counted (broker count or attempt
+    /// counter): how many times the message was delivered, the last one included.
+    pub const DELIVERY_ATTEMPTS: &str = "x-delivery-attempts";
 }
 
 /// A unique, time-ordered message id (UUIDv7).

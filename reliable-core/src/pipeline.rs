@@ -8,8 +8,19 @@
 //! |---|---|
 //! | `Ok` (including a duplicate skipped by [`DedupeLayer`]) | ack |
 //! | `Err` (permanent, retries exhausted, or a panic) | dead letter (publish awaited to its confirm), then ack |
-//! | `Err` of kind [`ErrorKind::Unavailable`] (a dependency such as the idempotency store is down) | after [`PipelineConfig::requeue_delay`], nack with requeue: never acked, never dead-lettered |
-//! | dead-letter publish failed | nack with requeue: the message comes back, nothing is lost |
+//! | `Err` of kind [`ErrorKind::Unavailable`] (a dependency such as the idempotency store is down) | held: the handler is retried in place for up to [`PipelineConfig::requeue_delay`]; then settled by its new outcome, or, still unavailable, nacked with requeue: never acked, never dead-lettered |
+//! | dead-letter publish failed | held: the publish is retried in place for up to [`PipelineConfig::requeue_delay`]; still failing, nack with requeue: the message comes back, nothing is lost |
+//!
+//! # Holding before a requeue
+//!
+//! A requeue is not free: a RabbitMQ quorum queue counts each message's returns and, past its
+//! delivery limit (20 by default from RabbitMQ 4.0), dead-letters the message or, without a
+//! dead-letter exchange, drops it; RabbitMQ 4.0-4.2 count every `nack` with requeue. So the
+//! pipeline keeps a delivery whose dependency or dead-letter publish is unavailable, retrying
+//! with backoff (100 ms doubling to 2 s, with jitter), and nacks it only when
+//! [`PipelineConfig::requeue_delay`] (30 s) has passed: an outage shorter than that costs no
+//! requeue at all, a longer one one requeue per window. A held delivery keeps its concurrency
+//! slot. On shutdown ([`Pipeline::run_until`]) held deliveries are nacked at once.
 //!
 //! Behaviour around the user's handler is built from tower-style [`Layer`]s; the built-in ones
 //! are [`TimeoutLayer`] (per-attempt time limit), [`RetryLayer`] (transient errors retried with
@@ -74,14 +85,18 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::attempts::AttemptCounter;
 use crate::backoff::BackoffPolicy;
-use crate::message::{headers, Message};
-use crate::producer::{Producer, SendError};
-use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource, Position};
+use crate::message::Message;
+use crate::producer::Producer;
+use crate::transport::{AckError, ConsumeError, Delivery, DeliverySource};
 
 mod dedupe;
+mod poison;
 
 pub use dedupe::{Dedupe, DedupeError, DedupeLayer};
+
+use poison::{send_dead_letter, Counted, DeadLettered, Poison};
 
 /// The user's message handler (and every layer around it).
 #[async_trait]
@@ -361,10 +376,11 @@ impl<H: Handler> Handler for Timeout<H> {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum DeadLetter {
-    /// Publish a copy (same id and key, plus the `x-dead-letter-reason` header and, for
-    /// offset-based deliveries, `x-origin-topic` / `x-origin-partition` / `x-origin-offset`) to
-    /// `destination` through `producer`, and ack the original only after that publish is
-    /// confirmed.
+    /// Publish a copy (same id and key, plus the `x-dead-letter-reason` header; the origin:
+    /// `x-origin-queue` for queue deliveries whose adapter names the queue, `x-origin-topic` /
+    /// `x-origin-partition` / `x-origin-offset` for offset-based ones; and
+    /// `x-delivery-attempts` where deliveries are counted) to `destination` through
+    /// `producer`, and ack the original only after that publish is confirmed.
     Publish {
         /// The confirmed-publish producer.
         producer: Producer,
@@ -372,10 +388,12 @@ pub enum DeadLetter {
         destination: String,
     },
     /// Reject the delivery and let the broker dead-letter it. Only loss-free when the broker
-    /// routes rejected messages to a dead-letter exchange (AMQP DLX, ideally at-least-once on a
-    /// quorum queue); Kafka has no such thing, so use [`DeadLetter::Publish`] there: over a
-    /// source that cannot dead-letter on reject the pipeline refuses to start with
-    /// [`PipelineError::NoBrokerDeadLetter`].
+    /// routes every rejected message to a durable queue, at least once (an AMQP quorum queue
+    /// with a dead-letter exchange, at-least-once dead-lettering and a bound dead-letter
+    /// queue). The source says whether it does ([`DeliverySource::rejects_to_dead_letter`]):
+    /// Kafka never does, an AMQP consumer only when it verified the route at start. Over any
+    /// other source the pipeline refuses to start with [`PipelineError::NoBrokerDeadLetter`],
+    /// before it takes a delivery; use [`DeadLetter::Publish`] there.
     BrokerReject,
 }
 
@@ -387,31 +405,6 @@ impl DeadLetter {
             destination: destination.into(),
         }
     }
-
-    /// The copy of `msg` that goes to the dead letter.
-    fn copy(
-        msg: &Message,
-        position: Option<&Position>,
-        destination: &str,
-        err: &HandlerError,
-    ) -> Message {
-        let mut reason = err.to_string();
-        if reason.len() > 1024 {
-            let mut end = 1024;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
-        let mut copy = msg.clone().with_destination(destination);
-        copy.set_header(headers::DEAD_LETTER_REASON, reason);
-        if let Some(p) = position {
-            copy.set_header(headers::ORIGIN_TOPIC, p.partition.topic.to_string());
-            copy.set_header(headers::ORIGIN_PARTITION, p.partition.partition.to_string());
-            copy.set_header(headers::ORIGIN_OFFSET, p.offset.to_string());
-        }
-        copy
-    }
 }
 
 /// Pipeline limits.
@@ -422,9 +415,30 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Delay between attempts to pull from a source that lost its connection.
     pub reconnect_backoff: BackoffPolicy,
-    /// How long a delivery whose handler failed with [`ErrorKind::Unavailable`] is held before
-    /// it is nacked back to the broker (so an outage does not spin). Default 1 s.
+    /// How long a delivery is held, its handler (after [`ErrorKind::Unavailable`]) or its
+    /// dead-letter publish (after a failure) retried in place with backoff, before it is
+    /// nacked back to the broker. Default 30 s.
+    ///
+    /// Each nack may count towards a RabbitMQ quorum queue's delivery limit (see the module
+    /// docs), so longer holds make outages cost fewer requeues; 0 nacks at once. Keep it well
+    /// below the broker's consumer timeout (RabbitMQ: 30 minutes), and remember a held
+    /// delivery keeps its concurrency slot.
     pub requeue_delay: Duration,
+    /// How many deliveries of one message may end without an outcome (the consumer crashed,
+    /// was killed or lost its connection under the handler) before the next delivery is
+    /// dead-lettered without running the handler: the handler runs at most this many times
+    /// for a message that keeps crashing its consumer. At least 1; default 5.
+    ///
+    /// Deliveries are counted where the count survives the consumer: by the
+    /// [`AttemptCounter`] given to [`Pipeline::with_attempt_counter`] (use a durable one; it
+    /// counts exactly the deliveries that reached the handler), else by the broker (a RabbitMQ
+    /// quorum queue's `x-delivery-count`, less the requeues this process made on purpose).
+    /// A broker counts every return, prefetched deliveries the crashed consumer never started
+    /// included: with the broker's count alone, keep the prefetch near the concurrency, or a
+    /// consumer crashing `max_deliveries` times stops its prefetched neighbours too. With
+    /// neither, nothing counts across a crash and a message that crashes its consumer is
+    /// redelivered for ever.
+    pub max_deliveries: u32,
 }
 
 impl Default for PipelineConfig {
@@ -432,7 +446,8 @@ impl Default for PipelineConfig {
         Self {
             concurrency: 16,
             reconnect_backoff: BackoffPolicy::default(),
-            requeue_delay: Duration::from_secs(1),
+            requeue_delay: Duration::from_secs(30),
+            max_deliveries: 5,
         }
     }
 }
@@ -447,8 +462,12 @@ pub struct PipelineStats {
     /// Deliveries dead-lettered, then acked (or rejected to the broker's DLX).
     pub dead_lettered: u64,
     /// Deliveries nacked back to the broker: the dead-letter publish failed, or a dependency
-    /// of the handler was unavailable.
+    /// of the handler was unavailable, for longer than [`PipelineConfig::requeue_delay`] (or
+    /// until shutdown).
     pub requeued: u64,
+    /// Deliveries held and retried in place because a dependency or the dead-letter publish
+    /// was unavailable, whether they recovered or were then requeued.
+    pub held: u64,
     /// Settle calls (ack / nack / reject) that failed; the broker redelivers those messages.
     pub settle_failures: u64,
 }
@@ -459,6 +478,7 @@ struct Counters {
     succeeded: AtomicU64,
     dead_lettered: AtomicU64,
     requeued: AtomicU64,
+    held: AtomicU64,
     settle_failures: AtomicU64,
 }
 
@@ -470,6 +490,7 @@ impl Counters {
             succeeded: l(&self.succeeded),
             dead_lettered: l(&self.dead_lettered),
             requeued: l(&self.requeued),
+            held: l(&self.held),
             settle_failures: l(&self.settle_failures),
         }
     }
@@ -485,10 +506,11 @@ pub enum PipelineError {
     /// The final close/commit failed; unsettled or uncommitted messages will be redelivered.
     #[error("closing the delivery source failed: {0}")]
     Close(#[source] ConsumeError),
-    /// [`DeadLetter::BrokerReject`] over a source whose broker has no dead letter (Kafka): a
-    /// rejected message would be dropped, so the pipeline refused to start. Nothing was
-    /// consumed.
-    #[error("DeadLetter::BrokerReject would drop poison messages: this source's broker has no dead letter (Kafka has none); use DeadLetter::publish(producer, \"<topic>.dlq\") to dead-letter through a confirmed publish")]
+    /// [`DeadLetter::BrokerReject`] over a source whose rejects are not known to reach a
+    /// durable dead-letter queue (Kafka has no dead letter; an AMQP consumer did not verify its
+    /// queue's route): a rejected message could be dropped, so the pipeline refused to start.
+    /// No delivery was taken, and the source was closed.
+    #[error("DeadLetter::BrokerReject could drop poison messages: this source's rejects are not known to reach a durable dead-letter queue (Kafka has no dead letter; a RabbitMQ consumer must be started with AmqpConsumer::connect_checked on a quorum queue declared with QueueSpec::with_dead_letter, and AmqpConsumer::dead_letter_route says what is missing); or use DeadLetter::publish(producer, \"<queue or topic>.dlq\") to dead-letter through a confirmed publish")]
     NoBrokerDeadLetter,
 }
 
@@ -499,6 +521,7 @@ pub struct Pipeline<S, H> {
     dead_letter: Arc<DeadLetter>,
     config: PipelineConfig,
     counters: Arc<Counters>,
+    attempt_counter: Option<Arc<dyn AttemptCounter>>,
 }
 
 impl<S, H> fmt::Debug for Pipeline<S, H> {
@@ -520,7 +543,19 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
             dead_letter: Arc::new(dead_letter),
             config: PipelineConfig::default(),
             counters: Arc::default(),
+            attempt_counter: None,
         }
+    }
+
+    /// Counts deliveries in `counter` where the broker does not count them (Kafka, classic
+    /// queues), so that a message crashing its consumer is dead-lettered after
+    /// [`PipelineConfig::max_deliveries`]. The count must outlive the consumer process: use a
+    /// durable counter (`reliable-stores`), or share the store every consumer of the queue or
+    /// topic uses. It takes precedence over a broker's own count (which also counts prefetched
+    /// deliveries that never reached a handler).
+    pub fn with_attempt_counter(mut self, counter: Arc<dyn AttemptCounter>) -> Self {
+        self.attempt_counter = Some(counter);
+        self
     }
 
     /// Replaces the limits.
@@ -549,15 +584,25 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
             && !self.source.rejects_to_dead_letter()
         {
             tracing::error!(
-                "DeadLetter::BrokerReject over a source without a broker dead letter; not starting"
+                "DeadLetter::BrokerReject over a source without a verified broker dead letter; not starting"
             );
+            // Hand back what the source may hold (an AMQP prefetch) rather than wait for drop.
+            if let Err(e) = self.source.close().await {
+                tracing::warn!(error = %e, "closing the refused source failed; its broker redelivers what it held");
+            }
             return Err(PipelineError::NoBrokerDeadLetter);
         }
+        // Ends the holds of deliveries in flight once the pipeline stops taking new ones.
+        let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut reconnect: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
         let mut failure = None;
+        let poison = Arc::new(Poison::new(
+            self.attempt_counter.clone(),
+            self.config.max_deliveries,
+        ));
         loop {
             while let Some(done) = tasks.try_join_next() {
                 log_join(done);
@@ -583,15 +628,25 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                         "reliable.consume",
                         message_id = %delivery.message().id(),
                         redelivered = delivery.redelivered(),
+                        delivery_count = delivery.delivery_count(),
+                        attempts = tracing::field::Empty,
                     );
                     let handler = self.handler.clone();
                     let dead_letter = self.dead_letter.clone();
-                    let requeue_delay = self.config.requeue_delay;
+                    let hold = Hold {
+                        window: self.config.requeue_delay,
+                        draining: drain_signal.clone(),
+                    };
                     let counters = self.counters.clone();
+                    let poison = poison.clone();
                     tasks.spawn(
                         async move {
-                            process(&*handler, &dead_letter, requeue_delay, &counters, delivery)
-                                .await;
+                            let task = Task {
+                                dead_letter: &dead_letter,
+                                poison: &poison,
+                                counters: &counters,
+                            };
+                            process(&*handler, task, hold, delivery).await;
                             drop(permit);
                         }
                         .instrument(span),
@@ -618,6 +673,8 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
             }
         }
         tracing::debug!(in_flight = tasks.len(), "pipeline draining");
+        // No receiver left (no delivery was taken) is not an error.
+        let _ = draining.send(true);
         while let Some(done) = tasks.join_next().await {
             log_join(done);
         }
@@ -655,18 +712,141 @@ fn log_join(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Handles one delivery and settles it once its outcome is final.
-async fn process<H: Handler + ?Sized>(
+/// In-place retries while a delivery is held (see the module docs).
+const HOLD_RETRY: BackoffPolicy = BackoffPolicy {
+    min_delay: Duration::from_millis(100),
+    max_delay: Duration::from_secs(2),
+    factor: 2.0,
+    jitter: true,
+};
+
+/// How long one delivery may be held before a requeue, and the pipeline's shutdown signal.
+struct Hold {
+    window: Duration,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Hold {
+    /// Starts holding one delivery now.
+    fn start(self) -> Holding {
+        Holding {
+            // `None`: a window too long to represent has no end.
+            deadline: tokio::time::Instant::now().checked_add(self.window),
+            delays: Box::new(HOLD_RETRY.delays()),
+            draining: self.draining,
+        }
+    }
+}
+
+/// One delivery being held: when to give up, and the waits between in-place attempts.
+struct Holding {
+    deadline: Option<tokio::time::Instant>,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Holding {
+    /// Waits before the next in-place attempt (the last one falls on the deadline); `false`
+    /// once the hold is over: the window has passed, or the pipeline is shutting down.
+    async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) || *self.draining.borrow() {
+            return false;
+        }
+        let next = self.delays.next().unwrap_or(HOLD_RETRY.max_delay);
+        let delay = self.deadline.map_or(next, |d| next.min(d - now));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            // Shutdown, or the pipeline is gone: either way, stop holding.
+            _ = self.draining.wait_for(|draining| *draining) => false,
+        }
+    }
+}
+
+/// Runs the handler, turning a panic into a permanent failure.
+async fn run_handler<H: Handler + ?Sized>(
     handler: &H,
-    dead_letter: &DeadLetter,
-    requeue_delay: Duration,
-    counters: &Counters,
-    delivery: Delivery,
-) {
-    let outcome = AssertUnwindSafe(handler.handle(delivery.message()))
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
+    AssertUnwindSafe(handler.handle(delivery.message()))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")));
+        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")))
+}
+
+fn unavailable(outcome: &Result<(), HandlerError>) -> bool {
+    matches!(outcome, Err(e) if e.kind() == ErrorKind::Unavailable)
+}
+
+/// What a delivery's task shares with the pipeline.
+struct Task<'a> {
+    dead_letter: &'a DeadLetter,
+    poison: &'a Poison,
+    counters: &'a Counters,
+}
+
+/// One attempt at a delivery: counts it the first time (a count that cannot be recorded is an
+/// unavailable dependency), stops it without running the handler when it has been delivered
+/// too often, and otherwise runs the handler.
+async fn attempt<H: Handler + ?Sized>(
+    handler: &H,
+    poison: &Poison,
+    delivery: &Delivery,
+    counted: &mut Option<Option<Counted>>,
+) -> Result<(), HandlerError> {
+    let count = match *counted {
+        Some(count) => count,
+        None => match poison.count(delivery).await {
+            Ok(count) => {
+                *counted = Some(count);
+                if let Some(c) = count {
+                    tracing::Span::current().record("attempts", c.attempts());
+                }
+                count
+            }
+            Err(e) => {
+                return Err(HandlerError::unavailable(format!(
+                    "cannot record the delivery attempt: {e}"
+                )))
+            }
+        },
+    };
+    if let Some(stop) = count.and_then(|c| poison.exceeded(c)) {
+        return Err(stop);
+    }
+    run_handler(handler, delivery).await
+}
+
+/// Handles one delivery and settles it once its outcome is final.
+async fn process<H: Handler + ?Sized>(handler: &H, task: Task<'_>, hold: Hold, delivery: Delivery) {
+    let Task {
+        dead_letter,
+        poison,
+        counters,
+    } = task;
+    let (id, key) = (
+        delivery.message().id(),
+        delivery.message().idempotency_key().clone(),
+    );
+    let window = hold.window;
+    let mut hold = Some(hold);
+    let mut counted = None;
+    let mut outcome = attempt(handler, poison, &delivery, &mut counted).await;
+    if unavailable(&outcome) {
+        if let (Some(h), Err(err)) = (hold.take(), &outcome) {
+            counters.held.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %err, hold = ?window, "handler dependency unavailable; holding the delivery and retrying in place (not acked, not dead-lettered)");
+            let mut holding = h.start();
+            while unavailable(&outcome) && holding.wait().await {
+                outcome = attempt(handler, poison, &delivery, &mut counted).await;
+            }
+            if !unavailable(&outcome) {
+                tracing::info!("handler dependency available again; settling without a requeue");
+            }
+        }
+    }
+    let counted = counted.flatten();
+    let mut requeued = false;
     let settled = match outcome {
         Ok(()) => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -674,60 +854,44 @@ async fn process<H: Handler + ?Sized>(
         }
         Err(err) if err.kind() == ErrorKind::Unavailable => {
             counters.requeued.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %err, ?requeue_delay, "handler dependency unavailable; requeueing the message (not acked, not dead-lettered)");
-            tokio::time::sleep(requeue_delay).await;
+            requeued = true;
+            tracing::warn!(error = %err, hold = ?window, "handler dependency still unavailable after the hold; requeueing the message (not acked, not dead-lettered)");
             delivery.nack(true).await
         }
-        Err(err) => match send_dead_letter(dead_letter, &delivery, &err).await {
-            Ok(DeadLettered::Published) => {
-                counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %err, "message dead-lettered");
-                delivery.ack().await
+        Err(err) => {
+            let mut sent = send_dead_letter(dead_letter, &delivery, &err, counted).await;
+            if let (Err(dl), Some(h)) = (&sent, hold.take()) {
+                counters.held.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, dead_letter_error = %dl, hold = ?window, "dead-letter publish failed; holding the delivery and retrying the publish in place");
+                let mut holding = h.start();
+                while sent.is_err() && holding.wait().await {
+                    sent = send_dead_letter(dead_letter, &delivery, &err, counted).await;
+                }
             }
-            Ok(DeadLettered::Reject) => {
-                counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %err, "message rejected to the broker's dead letter");
-                delivery.reject().await
+            match sent {
+                Ok(DeadLettered::Published) => {
+                    counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, "message dead-lettered");
+                    delivery.ack().await
+                }
+                Ok(DeadLettered::Reject) => {
+                    counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, "message rejected to the broker's dead letter");
+                    delivery.reject().await
+                }
+                Err(dl) => {
+                    counters.requeued.fetch_add(1, Ordering::Relaxed);
+                    requeued = true;
+                    tracing::error!(error = %err, dead_letter_error = %dl, hold = ?window, "dead-letter publish still failing after the hold; requeueing");
+                    delivery.nack(true).await
+                }
             }
-            Err(dl) => {
-                counters.requeued.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %err, dead_letter_error = %dl, "dead-letter publish failed; requeueing");
-                delivery.nack(true).await
-            }
-        },
+        }
     };
+    poison.settled(id, &key, counted, requeued).await;
     if let Err(e) = settled {
         counters.settle_failures.fetch_add(1, Ordering::Relaxed);
         let e: AckError = e;
         tracing::warn!(error = %e, "could not settle delivery");
-    }
-}
-
-enum DeadLettered {
-    Published,
-    Reject,
-}
-
-async fn send_dead_letter(
-    dead_letter: &DeadLetter,
-    delivery: &Delivery,
-    err: &HandlerError,
-) -> Result<DeadLettered, SendError> {
-    match dead_letter {
-        DeadLetter::BrokerReject => Ok(DeadLettered::Reject),
-        DeadLetter::Publish {
-            producer,
-            destination,
-        } => {
-            producer
-                .send_confirmed(DeadLetter::copy(
-                    delivery.message(),
-                    delivery.position(),
-                    destination,
-                    err,
-                ))
-                .await?;
-            Ok(DeadLettered::Published)
-        }
     }
 }

@@ -229,6 +229,8 @@ pub enum AckError {
 pub struct Delivery {
     message: Message,
     redelivered: bool,
+    delivery_count: Option<u32>,
+    origin: Option<Arc<str>>,
     position: Option<Position>,
     acker: Box<dyn Acker>,
 }
@@ -239,6 +241,8 @@ impl Delivery {
         Self {
             message,
             redelivered: false,
+            delivery_count: None,
+            origin: None,
             position: None,
             acker,
         }
@@ -247,6 +251,22 @@ impl Delivery {
     /// Marks the delivery as a redelivery (AMQP `redelivered` flag).
     pub fn with_redelivered(mut self, redelivered: bool) -> Self {
         self.redelivered = redelivered;
+        self
+    }
+
+    /// Sets how many times the broker has delivered this message, this delivery included (1 on
+    /// the first delivery), where the broker counts (a RabbitMQ quorum queue's
+    /// `x-delivery-count` header, plus one). The pipeline uses it to stop a message that
+    /// keeps crashing its consumer ([`PipelineConfig::max_deliveries`](crate::pipeline::PipelineConfig::max_deliveries)).
+    pub fn with_delivery_count(mut self, count: u32) -> Self {
+        self.delivery_count = Some(count);
+        self
+    }
+
+    /// Names the queue the delivery came from, for the dead letter's `x-origin-queue` header
+    /// (offset-based deliveries name their topic through [`with_position`](Self::with_position)).
+    pub fn with_origin(mut self, queue: impl Into<Arc<str>>) -> Self {
+        self.origin = Some(queue.into());
         self
     }
 
@@ -264,6 +284,17 @@ impl Delivery {
     /// Whether the broker says it delivered this message before.
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// How many times the broker has delivered this message, this delivery included, when the
+    /// broker counts (see [`with_delivery_count`](Self::with_delivery_count)).
+    pub fn delivery_count(&self) -> Option<u32> {
+        self.delivery_count
+    }
+
+    /// The queue the delivery came from, when the adapter names it.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     /// The log position, for offset-based transports.
@@ -292,6 +323,8 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("message_id", &self.message.id())
             .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .field("origin", &self.origin)
             .field("position", &self.position)
             .finish_non_exhaustive()
     }

@@ -367,7 +367,11 @@ async fn an_undecodable_entry_is_quarantined_and_the_rest_replayed() -> TestResu
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert!(quarantined[0].reason.contains("version"), "{quarantined:?}");
     assert_eq!(quarantined[0].raw, b"\x07not an entry");
-    assert_eq!(outbox.len()?, 2, "the quarantine is apart from the pending entries");
+    assert_eq!(
+        outbox.len()?,
+        2,
+        "the quarantine is apart from the pending entries"
+    );
 
     let broker = InMemoryBroker::new();
     broker.declare_queue("q");

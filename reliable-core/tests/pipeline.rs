@@ -417,7 +417,14 @@ async fn an_unavailable_store_neither_acks_nor_dead_letters_and_the_message_is_r
         .layer(DedupeLayer::new(store.clone()))
         .build();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let pipeline = Pipeline::new(broker.consumer("q"), handler, dead_letter(&broker));
+    // A hold of 1 s: the outage outlasts it, so the message is nacked with requeue and comes
+    // back (holding within the window is `requeue_hold.rs`).
+    let pipeline = Pipeline::new(broker.consumer("q"), handler, dead_letter(&broker)).with_config(
+        PipelineConfig {
+            requeue_delay: Duration::from_secs(1),
+            ..PipelineConfig::default()
+        },
+    );
     let stats = pipeline.stats();
     let run = tokio::spawn(pipeline.run_until(async {
         let _ = stopped.await;

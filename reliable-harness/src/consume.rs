@@ -17,7 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashSet;
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
-use reliable_amqp::AmqpConsumer;
+use reliable_amqp::topology::QueueSpec;
+use reliable_amqp::{AmqpConsumer, AmqpPublisher};
 use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
 };
@@ -25,6 +26,7 @@ use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
     PipelineConfig,
 };
+use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::{DeliverySource, IdempotencyKey, Message};
 use reliable_kafka::config::consumer_preset;
 use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
@@ -36,7 +38,7 @@ use tokio::time::Instant;
 
 use crate::child::{parse_payload, ChildArgs, KAFKA_PARTITIONS, KAFKA_SESSION_TIMEOUT};
 use crate::journal::{ConsumerView, Journal, Tail};
-use crate::plan::{roles, Broker};
+use crate::plan::{amqp_dead_letter, amqp_queue, roles, Broker};
 use crate::HarnessError;
 
 /// Consumer child options.
@@ -233,8 +235,23 @@ async fn run_safe(
             } else {
                 AmqpSettings::safe()
             };
-            let source = connect_amqp(child, settings).await;
-            let stats = Pipeline::new(source, handler, DeadLetter::BrokerReject)
+            // The effect handler never fails (a journal failure ends the process instead), so
+            // nothing is dead-lettered in these runs; the route must still be loss-free for the
+            // pipeline to start.
+            let classic = roles(child.scenario, child.variant).classic_queue;
+            let source =
+                connect_amqp(child, &amqp_queue(&child.dest, classic), settings.clone()).await;
+            let dead_letter = if classic {
+                let publisher = AmqpPublisher::connect(&child.brokers.amqp_url, settings).await?;
+                let exchange = amqp_dead_letter(&child.dest).exchange().to_owned();
+                DeadLetter::publish(
+                    Producer::new(publisher, ProducerConfig::default()),
+                    exchange,
+                )
+            } else {
+                DeadLetter::BrokerReject
+            };
+            let stats = Pipeline::new(source, handler, dead_letter)
                 .with_config(config)
                 .run()
                 .await?;
@@ -269,9 +286,9 @@ async fn run_safe(
 }
 
 /// Connects, retrying while the broker is unreachable (a consumer restarted during an outage).
-async fn connect_amqp(child: &ChildArgs, settings: AmqpSettings) -> AmqpConsumer {
+async fn connect_amqp(child: &ChildArgs, spec: &QueueSpec, settings: AmqpSettings) -> AmqpConsumer {
     loop {
-        match AmqpConsumer::connect(&child.brokers.amqp_url, &child.dest, settings.clone()).await {
+        match AmqpConsumer::connect_checked(&child.brokers.amqp_url, spec, settings.clone()).await {
             Ok(consumer) => return consumer,
             Err(e) => {
                 tracing::warn!(error = %e, "consumer cannot connect yet; retrying");
@@ -301,7 +318,11 @@ async fn run_control(
     match child.broker() {
         Broker::Amqp => {
             let settings = AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::AutoAck);
-            let mut source = connect_amqp(child, settings).await;
+            let spec = amqp_queue(
+                &child.dest,
+                roles(child.scenario, child.variant).classic_queue,
+            );
+            let mut source = connect_amqp(child, &spec, settings).await;
             loop {
                 match source.next().await {
                     Ok(Some(delivery)) => {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use clap::ValueEnum;
+use reliable_amqp::topology::{DeadLetterTarget, QueueSpec};
 use serde::Serialize;
 
 /// A fault scenario: which broker carries the messages and what goes wrong.
@@ -346,6 +347,23 @@ pub mod millis {
 /// evenly spread over the run, never at its very start or end.
 pub fn fault_threshold(messages: u64, faults: u32, i: u32) -> u64 {
     messages * u64::from(i + 1) / u64::from(faults + 1)
+}
+
+/// The RabbitMQ queue a scenario's messages go through, as the parent declares it and the
+/// consumer checks it: a quorum queue dead-lettering at least once to `<dest>.dlx` /
+/// `<dest>.dlq`, or, for the classic-queue control, a classic durable queue without one (its
+/// consumer dead-letters by a confirmed publish to the same exchange).
+pub fn amqp_queue(dest: &str, classic_queue: bool) -> QueueSpec {
+    if classic_queue {
+        QueueSpec::classic_durable(dest)
+    } else {
+        QueueSpec::quorum(dest).with_dead_letter(amqp_dead_letter(dest))
+    }
+}
+
+/// Where a scenario's RabbitMQ dead letters go.
+pub fn amqp_dead_letter(dest: &str) -> DeadLetterTarget {
+    DeadLetterTarget::new(format!("{dest}.dlx"), format!("{dest}.dlq"))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use redb::{
     Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
     TableHandle, WriteTransaction,
 };
+use reliable_core::attempts::AttemptCounter;
 use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -19,6 +20,9 @@ use reliable_core::message::IdempotencyKey;
 
 use crate::error::StoresError;
 use crate::util::{millis, now_ms, positive};
+
+/// key → deliveries recorded since the key was last settled ([`AttemptCounter`]).
+const ATTEMPTS: TableDefinition<&str, u32> = TableDefinition::new("reliable_attempts_v1");
 
 /// key → (state, expires at in ms since the epoch, token of the reservation that reserved or
 /// completed it; 0 for keys carried over from [`KEYS_V1`]).
@@ -403,6 +407,49 @@ impl IdempotencyStore for RedbStore {
     }
 }
 
+/// Counts deliveries in the same file, so a consumer that aborts under a poison message finds
+/// its count again after the restart. Each record is an fsync'd commit (the abort may come
+/// right after it).
+#[async_trait]
+impl AttemptCounter for RedbStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn record_attempt(&self, key: &IdempotencyKey) -> Result<u32, StoreError> {
+        let key = key.clone();
+        self.blocking("record_attempt", move |inner| {
+            let txn = inner.write(Durability::Immediate)?;
+            let n = {
+                let mut table = txn.open_table(ATTEMPTS).map_err(unavailable)?;
+                let n = table
+                    .get(key.as_str())
+                    .map_err(unavailable)?
+                    .map_or(0, |v| v.value())
+                    .saturating_add(1);
+                table.insert(key.as_str(), n).map_err(unavailable)?;
+                n
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn clear(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking("clear_attempts", move |inner| {
+            // A count lost to a crash only lets the message run once more: no fsync needed.
+            let txn = inner.write(Durability::None)?;
+            txn.open_table(ATTEMPTS)
+                .map_err(unavailable)?
+                .remove(key.as_str())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use redb::ReadableDatabase;
@@ -440,5 +487,21 @@ mod tests {
             .map(|t| t.name().to_owned())
             .collect();
         assert!(!tables.contains(&KEYS_V1.name().to_owned()), "{tables:?}");
+    }
+
+    #[tokio::test]
+    async fn attempt_counts_survive_reopening_the_file_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let key = IdempotencyKey::new("poison").unwrap();
+        {
+            let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+            assert_eq!(store.record_attempt(&key).await.unwrap(), 1);
+            assert_eq!(store.record_attempt(&key).await.unwrap(), 2);
+        }
+        let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
+        assert_eq!(store.record_attempt(&key).await.unwrap(), 3);
+        store.clear(&key).await.unwrap();
+        assert_eq!(store.record_attempt(&key).await.unwrap(), 1);
     }
 }

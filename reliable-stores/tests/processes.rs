@@ -29,7 +29,7 @@ use reliable_amqp::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::lapin::{Connection, ConnectionProperties};
 use reliable_amqp::settings::AmqpSettings;
-use reliable_amqp::topology::{self, QueueSpec};
+use reliable_amqp::topology::{self, DeadLetterTarget, QueueSpec};
 use reliable_amqp::{AmqpConsumer, AmqpPublisher};
 use reliable_core::idempotency::InMemoryIdempotencyStore;
 use reliable_core::message::IdempotencyKey;
@@ -175,7 +175,7 @@ async fn scenario(env: &Env, store: &'static str) -> Result<Outcome, String> {
         .await
         .map_err(|e| format!("connect to RabbitMQ: {e}"))?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
+    topology::declare_queue(&ch, &queue_spec(&queue))
         .await
         .map_err(|e| e.to_string())?;
     let store_table = unique_name("idem").replace('-', "_");
@@ -473,7 +473,7 @@ async fn worker(args: &[String]) -> Result<(), String> {
         })
     };
 
-    let source = AmqpConsumer::connect(&env.amqp, queue, AmqpSettings::safe())
+    let source = AmqpConsumer::connect_checked(&env.amqp, &queue_spec(queue), AmqpSettings::safe())
         .await
         .map_err(|e| e.to_string())?;
     println!("ready");
@@ -499,4 +499,13 @@ async fn worker(args: &[String]) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The workers' queue: a quorum queue dead-lettering at least once to `<queue>.dlq`, so the
+/// pipeline may reject a poison message to the broker.
+fn queue_spec(queue: &str) -> QueueSpec {
+    QueueSpec::quorum(queue).with_dead_letter(DeadLetterTarget::new(
+        format!("{queue}.dlx"),
+        format!("{queue}.dlq"),
+    ))
 }

@@ -130,7 +130,7 @@ async fn a_consumer_whose_redis_is_down_neither_acks_nor_loses_the_message() {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use reliable_amqp::settings::AmqpSettings;
-    use reliable_amqp::topology::{self, QueueSpec};
+    use reliable_amqp::topology::{self, DeadLetterTarget, QueueSpec};
     use reliable_amqp::{AmqpConsumer, AmqpPublisher};
     use reliable_core::pipeline::{
         handler_fn, DeadLetter, DedupeLayer, HandlerBuilder, HandlerError, Pipeline, PipelineConfig,
@@ -151,9 +151,11 @@ async fn a_consumer_whose_redis_is_down_neither_acks_nor_loses_the_message() {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let queue = reliable_test_support::unique_name("store-down");
-    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
-        .await
-        .unwrap();
+    let spec = QueueSpec::quorum(&queue).with_dead_letter(DeadLetterTarget::new(
+        format!("{queue}.dlx"),
+        format!("{queue}.dlq"),
+    ));
+    topology::declare_queue(&ch, &spec).await.unwrap();
     let publisher = AmqpPublisher::connect(&amqp, AmqpSettings::safe())
         .await
         .unwrap();
@@ -177,7 +179,7 @@ async fn a_consumer_whose_redis_is_down_neither_acks_nor_loses_the_message() {
     let handler = HandlerBuilder::new(effect)
         .layer(DedupeLayer::new(store))
         .build();
-    let source = AmqpConsumer::connect(&amqp, &queue, AmqpSettings::safe())
+    let source = AmqpConsumer::connect_checked(&amqp, &spec, AmqpSettings::safe())
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -643,7 +643,12 @@ mod tests {
         let (reply, decision) = watch::channel(None);
         let token = inflight.insert(original.attempt_key(), decision);
         // Decided with nobody but the table watching: the caller gave up.
-        inflight.decided(&original.attempt_key(), token, &Ok(()), reply.receiver_count());
+        inflight.decided(
+            &original.attempt_key(),
+            token,
+            &Ok(()),
+            reply.receiver_count(),
+        );
         reply.send_replace(Some(Ok(())));
         // A dead-letter copy keeps the id but goes elsewhere: it must be published.
         assert_eq!(inflight.earlier(&target("m", "orders.dlx", 1)).await, None);
@@ -655,7 +660,12 @@ mod tests {
         let (reply, decision) = watch::channel(None);
         let token = inflight.insert(original.attempt_key(), decision);
         let lost = Err(lost("gone"));
-        inflight.decided(&original.attempt_key(), token, &lost, reply.receiver_count());
+        inflight.decided(
+            &original.attempt_key(),
+            token,
+            &lost,
+            reply.receiver_count(),
+        );
         assert_eq!(inflight.earlier(&original).await, None);
     }
 

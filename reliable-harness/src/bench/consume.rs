@@ -9,7 +9,7 @@ use futures::StreamExt;
 use reliable_amqp::lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
 use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::lapin::{Connection, ConnectionProperties};
-use reliable_amqp::topology::{self, QueueSpec};
+use reliable_amqp::topology::{self, DeadLetterTarget, QueueSpec};
 use reliable_amqp::{AmqpConsumer, AmqpPublisher, AmqpSettings};
 use reliable_core::idempotency::{InMemoryIdempotencyStore, InMemoryStoreConfig};
 use reliable_core::pipeline::{
@@ -274,7 +274,11 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             .await
             .map_err(setup)?;
         let channel = conn.create_channel().await.map_err(setup)?;
-        topology::declare_queue(&channel, &QueueSpec::quorum(&queue)).await?;
+        let spec = QueueSpec::quorum(&queue).with_dead_letter(DeadLetterTarget::new(
+            format!("{queue}.dlx"),
+            format!("{queue}.dlq"),
+        ));
+        topology::declare_queue(&channel, &spec).await?;
         let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
         let messages = args.amqp_messages;
         let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings.clone()).await?;
@@ -283,7 +287,8 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
             raw_t.add(with_cpu(amqp_raw(args, &queue, messages)).await?);
             fill(publisher.clone(), messages, Some(&queue)).await?;
             let source =
-                AmqpConsumer::connect(&args.brokers.amqp_url, &queue, settings.clone()).await?;
+                AmqpConsumer::connect_checked(&args.brokers.amqp_url, &spec, settings.clone())
+                    .await?;
             sdk_t.add(with_cpu(sdk_pipeline(source, DeadLetter::BrokerReject, messages)).await?);
             eprintln!(
                 "bench: RabbitMQ consumer: raw {:?}, SDK {:?}",

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reliable_amqp::lapin::{Connection, ConnectionProperties};
-use reliable_amqp::topology::{self, QueueSpec};
+use reliable_amqp::topology;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, TopicSpec};
 use reliable_test_support::proxy::Proxy;
@@ -18,7 +18,8 @@ use tokio::time::Instant;
 use crate::child::{BrokerArgs, KAFKA_PARTITIONS};
 use crate::journal::{check, ConsumerView, ProducerView, Tail};
 use crate::plan::{
-    describe, fault_threshold, roles, Broker, Mode, Publish, Scenario, Sizes, Variant,
+    amqp_dead_letter, amqp_queue, describe, fault_threshold, roles, Broker, Mode, Publish,
+    Scenario, Sizes, Variant,
 };
 use crate::report::{self, Report, RunResult, Verdict};
 use crate::HarnessError;
@@ -170,12 +171,11 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             .await
             .map_err(|e| HarnessError::Setup(format!("channel: {e}")))?;
         for p in &amqp {
-            let spec = if roles(p.scenario, p.variant).classic_queue {
-                QueueSpec::classic_durable(&p.dest)
-            } else {
-                QueueSpec::quorum(&p.dest)
-            };
-            topology::declare_queue(&channel, &spec).await?;
+            let classic = roles(p.scenario, p.variant).classic_queue;
+            if classic {
+                topology::declare_dead_letter_target(&channel, &amqp_dead_letter(&p.dest)).await?;
+            }
+            topology::declare_queue(&channel, &amqp_queue(&p.dest, classic)).await?;
         }
         let _ = conn.close(200, "prepared".into()).await;
         if amqp.iter().any(|p| p.scenario == Scenario::AmqpBrokerKill) {

@@ -1,0 +1,354 @@
+//! The manual-ack consumer: implements the core's [`DeliverySource`] over a lapin consumer
+//! (loss-matrix rows L4 and L9).
+//!
+//! * Manual acks only (auto-ack needs the explicit [`DataLoss::AutoAck`](crate::DataLoss)
+//!   opt-out); nothing is acked by the adapter — each [`Delivery`] is settled through its
+//!   [`Acker`](reliable_core::Acker) by the pipeline, after the handler's outcome is final.
+//! * `basic.qos` bounds the unacked deliveries per channel (the settings' prefetch).
+//! * The broker's `redelivered` flag is exposed as [`Delivery::redelivered`].
+//! * `nack(false)` / `reject()` hand the message to the queue's dead-letter exchange, if it
+//!   has one. The pipeline's `DeadLetter::BrokerReject` relies on that, so it is accepted only
+//!   over a consumer started with [`AmqpConsumer::connect_checked`] (or
+//!   [`from_connection_checked`](AmqpConsumer::from_connection_checked)) whose queue provably
+//!   dead-letters, at least once, to a durable queue: the queue's [`QueueSpec`] names a
+//!   [`DeadLetterTarget`](crate::topology::DeadLetterTarget), the broker holds the queue with
+//!   exactly those arguments, and the consumer declares the dead-letter exchange, queue and
+//!   binding again before it consumes. Anywhere else, [`DeliverySource::rejects_to_dead_letter`]
+//!   is `false` and the pipeline refuses `BrokerReject` with `PipelineError::NoBrokerDeadLetter`
+//!   before it takes a delivery; [`AmqpConsumer::dead_letter_route`] says why.
+//! * When the stream ends (consumer cancelled by the broker, channel or connection lost),
+//!   [`next`](DeliverySource::next) returns the retryable [`ConsumeError::ConnectionLost`];
+//!   the next call re-opens the channel (with backoff) and consumes again. Unacked
+//!   deliveries of the lost channel are redelivered by the broker with `redelivered = true`.
+//!
+//! ```no_run
+//! use reliable_amqp::consumer::AmqpConsumer;
+//! use reliable_amqp::settings::AmqpSettings;
+//! use reliable_amqp::topology::{DeadLetterTarget, QueueSpec};
+//! use reliable_core::DeliverySource;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+//! let orders = QueueSpec::quorum("orders.eu")
+//!     .with_dead_letter(DeadLetterTarget::new("orders.dlx", "orders.dlq"));
+//! let mut consumer = AmqpConsumer::connect_checked(url, &orders, AmqpSettings::safe()).await?;
+//! assert!(consumer.dead_letter_route().is_ok()); // DeadLetter::BrokerReject is safe here
+//! while let Some(delivery) = consumer.next().await? {
+//!     println!("{} redelivered={}", delivery.message().id(), delivery.redelivered());
+//!     delivery.ack().await?; // after the work is done
+//! }
+//! # Ok(()) }
+//! ```
+
+mod acker;
+mod convert;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use reliable_core::{ConsumeError, Delivery, DeliverySource};
+use tracing::Instrument;
+
+use crate::connect::{retryable, Link, Source};
+use crate::error::{soft_error, AmqpError};
+use crate::settings::{AmqpSettings, QueueType};
+use crate::topology::{self, DeadLetterRoute, NoDeadLetterRoute, QueueSpec};
+use acker::SETTLE_TIMEOUT;
+
+/// A manual-ack RabbitMQ consumer of one queue.
+pub struct AmqpConsumer {
+    source: Source,
+    settings: AmqpSettings,
+    queue: String,
+    current: Option<(Link, lapin::Consumer)>,
+    closed: bool,
+    /// Where a reject goes, as verified at start (or why it is not known).
+    dead_letter: Result<DeadLetterRoute, NoDeadLetterRoute>,
+}
+
+impl fmt::Debug for AmqpConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConsumer")
+            .field("source", &self.source)
+            .field("queue", &self.queue)
+            .field("consuming", &self.current.is_some())
+            .field("dead_letter", &self.dead_letter)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl AmqpConsumer {
+    /// Connects to `url` and starts consuming `queue`. The adapter owns the connection and
+    /// re-opens it after a loss. Credentials never appear in logs or errors. An unparsable
+    /// URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
+    ///
+    /// Nothing is known here about the queue's dead-lettering, so the pipeline refuses
+    /// `DeadLetter::BrokerReject` over this consumer; use
+    /// [`connect_checked`](Self::connect_checked) for that.
+    pub async fn connect(
+        url: &str,
+        queue: &str,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, queue, settings, None).await
+    }
+
+    /// Consumes `queue` on channels opened on an existing connection (see
+    /// [`connect`](Self::connect)).
+    pub async fn from_connection(
+        connection: Connection,
+        queue: &str,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::Connection(Arc::new(connection));
+        Self::start(source, queue, settings, None).await
+    }
+
+    /// Connects to `url` and consumes the queue `spec` describes, after checking it against
+    /// the broker; the check runs before `basic.consume`, so nothing is delivered to a consumer
+    /// that fails it.
+    ///
+    /// * The queue must exist with exactly `spec`'s durability, type and arguments
+    ///   ([`topology::verify_queue`]); otherwise [`AmqpError::QueueMissing`] or
+    ///   [`AmqpError::SettingsMismatch`].
+    /// * When `spec` names a [`DeadLetterTarget`](crate::topology::DeadLetterTarget) and
+    ///   dead-letters at least once (a quorum queue), the dead-letter exchange, queue and
+    ///   binding are declared again (idempotent; needs the configure permission on them), so
+    ///   a missing binding is created. One that exists with other settings fails with
+    ///   [`AmqpError::SettingsMismatch`]. Then [`dead_letter_route`](Self::dead_letter_route)
+    ///   is `Ok` and the pipeline accepts `DeadLetter::BrokerReject`.
+    /// * Otherwise the consumer still starts, but `dead_letter_route` says why a reject is
+    ///   not known to reach a durable queue, and the pipeline refuses `BrokerReject`.
+    ///
+    /// A queue whose dead-lettering comes from a policy rather than its arguments cannot be
+    /// checked over AMQP; dead-letter through `DeadLetter::publish` there.
+    pub async fn connect_checked(
+        url: &str,
+        spec: &QueueSpec,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, spec.name(), settings, Some(spec)).await
+    }
+
+    /// [`connect_checked`](Self::connect_checked) on an existing connection.
+    pub async fn from_connection_checked(
+        connection: Connection,
+        spec: &QueueSpec,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::Connection(Arc::new(connection));
+        Self::start(source, spec.name(), settings, Some(spec)).await
+    }
+
+    async fn start(
+        source: Source,
+        queue: &str,
+        settings: AmqpSettings,
+        spec: Option<&QueueSpec>,
+    ) -> Result<Self, AmqpError> {
+        let span = tracing::info_span!("reliable.amqp.consumer.start", queue);
+        async move {
+            let mut consumer = Self {
+                source,
+                settings,
+                queue: queue.to_owned(),
+                current: None,
+                closed: false,
+                dead_letter: Err(NoDeadLetterRoute::Unchecked {
+                    queue: queue.to_owned(),
+                }),
+            };
+            let classify = |e| AmqpError::classify("basic.consume", "queue", queue, e);
+            let link = consumer.open_link().await.map_err(classify)?;
+            if let Some(spec) = spec {
+                match consumer.check(&link, spec).await {
+                    Ok(route) => consumer.dead_letter = route,
+                    Err(error) => {
+                        close_link(link, "dead-letter check failed").await;
+                        return Err(error);
+                    }
+                }
+            }
+            if let Err(no_route) = &consumer.dead_letter {
+                tracing::debug!(reason = %no_route, "DeadLetter::BrokerReject will be refused over this consumer");
+            }
+            consumer.consume_on(link).await.map_err(classify)?;
+            Ok(consumer)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Checks `spec` on the consumer's own connection (see [`topology::check_route`]).
+    async fn check(
+        &self,
+        link: &Link,
+        spec: &QueueSpec,
+    ) -> Result<Result<DeadLetterRoute, NoDeadLetterRoute>, AmqpError> {
+        let connection = match (&self.source, &link.connection) {
+            (Source::Url(_), Some(owned)) => owned,
+            (Source::Connection(shared), _) => &**shared,
+            // The consumer has no constructor from a channel; nothing to check on.
+            _ => {
+                return Ok(Err(NoDeadLetterRoute::Unchecked {
+                    queue: self.queue.clone(),
+                }))
+            }
+        };
+        topology::check_route(connection, spec).await
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Where a rejected delivery goes, as verified when the consumer started, or why that is
+    /// not known (then the pipeline refuses `DeadLetter::BrokerReject`).
+    ///
+    /// ```no_run
+    /// # async fn run(consumer: reliable_amqp::AmqpConsumer) {
+    /// match consumer.dead_letter_route() {
+    ///     Ok(route) => println!("rejects go to {}", route.dead_letter_queue()),
+    ///     Err(why) => println!("use DeadLetter::publish: {why}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn dead_letter_route(&self) -> Result<&DeadLetterRoute, &NoDeadLetterRoute> {
+        self.dead_letter.as_ref()
+    }
+
+    async fn open_link(&self) -> Result<Link, lapin::Error> {
+        let prefetch = self.settings.prefetch();
+        self.source
+            .open(self.settings.reconnect(), |channel| async move {
+                channel
+                    .basic_qos(prefetch, BasicQosOptions { global: false })
+                    .await
+            })
+            .await
+    }
+
+    async fn consume_on(&mut self, link: Link) -> Result<(), lapin::Error> {
+        let options = BasicConsumeOptions {
+            no_ack: !self.settings.manual_ack(),
+            ..BasicConsumeOptions::default()
+        };
+        let consumer = link
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                options,
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %self.queue, prefetch = self.settings.prefetch(), channel = link.channel.id(), "AMQP consumer started");
+        self.current = Some((link, consumer));
+        Ok(())
+    }
+
+    async fn subscribe(&mut self) -> Result<(), lapin::Error> {
+        let link = self.open_link().await?;
+        self.consume_on(link).await
+    }
+}
+
+/// Closes a channel and the connection the adapter owns, each step bounded: after a broker
+/// loss the answers may never come, and the broker requeues unacked deliveries when the
+/// channel goes anyway.
+async fn close_link(link: Link, why: &str) {
+    let _ = tokio::time::timeout(SETTLE_TIMEOUT, link.channel.close(200, why.into())).await;
+    if let Some(connection) = link.connection {
+        let _ = tokio::time::timeout(SETTLE_TIMEOUT, connection.close(200, why.into())).await;
+    }
+}
+
+fn consume_error(error: &lapin::Error) -> ConsumeError {
+    if let Some((code, text)) = soft_error(error) {
+        if !matches!(code, lapin::protocol::AMQPSoftError::RESOURCELOCKED) {
+            return ConsumeError::Fatal { reason: text };
+        }
+    }
+    if retryable(error) {
+        ConsumeError::ConnectionLost {
+            reason: error.to_string(),
+        }
+    } else {
+        ConsumeError::Fatal {
+            reason: error.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl DeliverySource for AmqpConsumer {
+    async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError> {
+        if self.closed {
+            return Ok(None);
+        }
+        if self.current.is_none() {
+            self.subscribe().await.map_err(|e| consume_error(&e))?;
+        }
+        let Some((_, consumer)) = self.current.as_mut() else {
+            return Err(ConsumeError::ConnectionLost {
+                reason: "no consumer channel".to_owned(),
+            });
+        };
+        match consumer.next().await {
+            Some(Ok(delivery)) => {
+                let quorum = self.settings.queue_type() == QueueType::Quorum;
+                Ok(Some(convert::to_delivery(delivery, &self.queue, quorum)))
+            }
+            Some(Err(error)) => {
+                self.current = None;
+                tracing::warn!(queue = %self.queue, %error, "AMQP consumer lost; will consume again");
+                Err(ConsumeError::ConnectionLost {
+                    reason: error.to_string(),
+                })
+            }
+            None => {
+                self.current = None;
+                tracing::warn!(queue = %self.queue, "AMQP consumer stream ended (cancelled or channel closed); will consume again");
+                Err(ConsumeError::ConnectionLost {
+                    reason: "the broker ended the consumer (cancelled, or its channel closed)"
+                        .to_owned(),
+                })
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), ConsumeError> {
+        self.closed = true;
+        if let Some((link, consumer)) = self.current.take() {
+            let _ = tokio::time::timeout(
+                SETTLE_TIMEOUT,
+                link.channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+            )
+            .await;
+            close_link(link, "consumer closed").await;
+        }
+        Ok(())
+    }
+
+    /// `true` only when [`dead_letter_route`](AmqpConsumer::dead_letter_route) is `Ok`; when
+    /// `false`, logs why (the pipeline asks once, before it refuses `BrokerReject`).
+    fn rejects_to_dead_letter(&self) -> bool {
+        match &self.dead_letter {
+            Ok(_) => true,
+            Err(reason) => {
+                tracing::warn!(queue = %self.queue, %reason, "rejects from this consumer are not known to reach a durable dead-letter queue");
+                false
+            }
+        }
+    }
+}
