@@ -42,6 +42,15 @@
 //!   [`complete`](IdempotencyStore::complete) frees the key when its lease ends, and the
 //!   redelivered copy applies the effect again.
 //!
+//! # Attempt counts (loss-matrix row L10)
+//!
+//! Each store is also an [`AttemptCounter`]: the pipeline records a delivery before the handler
+//! runs and clears the count once the message is settled, so a consumer that aborts on a
+//! poison message finds the count after its restart and can dead-letter the message after N
+//! deliveries. Redis and PostgreSQL counts are shared by every consumer of the same server and
+//! prefix or table. A count lives the store's TTL after its last delivery, then starts over and
+//! is purged with the expired keys, so messages that are never settled leave nothing behind.
+//!
 //! # Features
 //!
 //! `redb`, `redis` and `postgres`, one per store, **all on by default**: like the facade crate's
@@ -87,7 +96,9 @@ pub use postgres_store::{
 #[cfg(feature = "redb")]
 pub use redb_store::{RedbStore, RedbStoreConfig};
 #[cfg(feature = "redis")]
-pub use redis_store::{RedisStore, RedisStoreConfig, DEFAULT_KEY_PREFIX};
+pub use redis_store::{
+    RedisStore, RedisStoreConfig, DEFAULT_ATTEMPTS_KEY_PREFIX, DEFAULT_KEY_PREFIX,
+};
 
 /// The `deadpool-postgres` version [`PostgresStore`] is built against (its pool type is part of
 /// the API). Its own re-export `deadpool_postgres::tokio_postgres` is the matching
@@ -99,6 +110,7 @@ pub use deadpool_postgres;
 #[cfg(feature = "postgres")]
 pub use tokio_postgres;
 
+pub use reliable_core::attempts::AttemptCounter;
 pub use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
 };

@@ -11,7 +11,6 @@ use redb::{
     Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
     TableHandle, WriteTransaction,
 };
-use reliable_core::attempts::AttemptCounter;
 use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -21,8 +20,7 @@ use reliable_core::message::IdempotencyKey;
 use crate::error::StoresError;
 use crate::util::{millis, now_ms, positive};
 
-/// key → deliveries recorded since the key was last settled ([`AttemptCounter`]).
-const ATTEMPTS: TableDefinition<&str, u32> = TableDefinition::new("reliable_attempts_v1");
+mod attempts;
 
 /// key → (state, expires at in ms since the epoch, token of the reservation that reserved or
 /// completed it; 0 for keys carried over from [`KEYS_V1`]).
@@ -40,7 +38,8 @@ const DONE: u8 = 1;
 
 /// A row of [`KEYS`].
 type Row = (u8, u64, u128);
-/// Expired keys are purged on every this many completions, at most [`PURGE_LIMIT`] at a time.
+/// Expired keys and attempt counts are purged on every this many writes (completions and
+/// recorded attempts), at most [`PURGE_LIMIT`] of each at a time.
 const PURGE_EVERY: u64 = 256;
 const PURGE_LIMIT: usize = 4096;
 
@@ -109,7 +108,8 @@ struct Inner {
     db: Database,
     path: PathBuf,
     config: RedbStoreConfig,
-    completions: AtomicU64,
+    /// Completions and recorded attempts so far: every [`PURGE_EVERY`]th purges a little.
+    writes: AtomicU64,
 }
 
 impl RedbStore {
@@ -135,6 +135,7 @@ impl RedbStore {
             Err(e) => return Err(storage(&e)),
         };
         let dropped = prepare(&db).map_err(|e| storage(&e))?;
+        attempts::prepare(&db, millis(config.ttl)).map_err(|e| storage(&e))?;
         if dropped > 0 {
             tracing::info!(
                 path = %path.display(),
@@ -147,7 +148,7 @@ impl RedbStore {
                 db,
                 path,
                 config,
-                completions: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
             }),
         })
     }
@@ -157,12 +158,14 @@ impl RedbStore {
         &self.inner.path
     }
 
-    /// Removes every completed key whose TTL has passed (and expired reservations); returns how
-    /// many keys went. The store also does this by itself, a little at a time, as keys complete.
+    /// Removes every completed key whose TTL has passed, and every attempt count whose TTL has
+    /// passed since its last delivery; returns how many went. The store also does this by
+    /// itself, a little at a time, as keys complete and deliveries are recorded.
     pub async fn purge_expired(&self) -> Result<usize, StoreError> {
         self.blocking("purge", |inner| {
+            let now = now_ms();
             let txn = inner.write(Durability::Immediate)?;
-            let removed = purge(&txn, now_ms(), usize::MAX)?;
+            let removed = purge(&txn, now, usize::MAX)? + attempts::purge(&txn, now, usize::MAX)?;
             txn.commit().map_err(unavailable)?;
             Ok(removed)
         })
@@ -379,8 +382,9 @@ impl IdempotencyStore for RedbStore {
                     .map_err(unavailable)?;
                 answer
             };
-            if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+            if inner.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
                 purge(&txn, now, PURGE_LIMIT)?;
+                attempts::purge(&txn, now, PURGE_LIMIT)?;
             }
             txn.commit().map_err(unavailable)?;
             Ok(answer)
@@ -402,49 +406,6 @@ impl IdempotencyStore for RedbStore {
                 }
             }
             txn.commit().map_err(unavailable)
-        })
-        .await
-    }
-}
-
-/// Counts deliveries in the same file, so a consumer that aborts under a poison message finds
-/// its count again after the restart. Each record is an fsync'd commit (the abort may come
-/// right after it).
-#[async_trait]
-impl AttemptCounter for RedbStore {
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn record_attempt(&self, key: &IdempotencyKey) -> Result<u32, StoreError> {
-        let key = key.clone();
-        self.blocking("record_attempt", move |inner| {
-            let txn = inner.write(Durability::Immediate)?;
-            let n = {
-                let mut table = txn.open_table(ATTEMPTS).map_err(unavailable)?;
-                let n = table
-                    .get(key.as_str())
-                    .map_err(unavailable)?
-                    .map_or(0, |v| v.value())
-                    .saturating_add(1);
-                table.insert(key.as_str(), n).map_err(unavailable)?;
-                n
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(n)
-        })
-        .await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
-    async fn clear(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let key = key.clone();
-        self.blocking("clear_attempts", move |inner| {
-            // A count lost to a crash only lets the message run once more: no fsync needed.
-            let txn = inner.write(Durability::None)?;
-            txn.open_table(ATTEMPTS)
-                .map_err(unavailable)?
-                .remove(key.as_str())
-                .map_err(unavailable)?;
-            txn.commit().map_err(unavailable)?;
-            Ok(())
         })
         .await
     }
@@ -487,21 +448,5 @@ mod tests {
             .map(|t| t.name().to_owned())
             .collect();
         assert!(!tables.contains(&KEYS_V1.name().to_owned()), "{tables:?}");
-    }
-
-    #[tokio::test]
-    async fn attempt_counts_survive_reopening_the_file_until_cleared() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.redb");
-        let key = IdempotencyKey::new("poison").unwrap();
-        {
-            let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
-            assert_eq!(store.record_attempt(&key).await.unwrap(), 1);
-            assert_eq!(store.record_attempt(&key).await.unwrap(), 2);
-        }
-        let store = RedbStore::open(&path, RedbStoreConfig::default()).unwrap();
-        assert_eq!(store.record_attempt(&key).await.unwrap(), 3);
-        store.clear(&key).await.unwrap();
-        assert_eq!(store.record_attempt(&key).await.unwrap(), 1);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use reliable_core::attempts::AttemptCounter;
 use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -16,8 +17,12 @@ use reliable_core::redact::{redact_url, Scrubber};
 use crate::error::StoresError;
 use crate::util::{bounded, millis, positive, ScrubbedError};
 
-/// The prefix of every key the store writes, unless configured otherwise.
+/// The prefix of every idempotency key the store writes, unless configured otherwise.
 pub const DEFAULT_KEY_PREFIX: &str = "reliable:idem:";
+
+/// The prefix of every attempt count the store writes ([`AttemptCounter`]), unless configured
+/// otherwise.
+pub const DEFAULT_ATTEMPTS_KEY_PREFIX: &str = "reliable:attempts:";
 
 // A key's value names its state and the reservation that set it: `lease:<token>` while
 // reserved, `done:<token>` once completed (a bare `done` is a completion whose reservation is
@@ -73,6 +78,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Counts one more delivery and (re)arms the count's expiry, in one atomic step, so a count
+/// never exists without a TTL. ARGV: TTL ms. Returns the count.
+const RECORD_ATTEMPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+";
+
 /// Settings of a [`RedisStore`].
 ///
 /// ```
@@ -84,7 +97,9 @@ return 0
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisStoreConfig {
-    /// How long a completed key is remembered: the deduplication window. Default 24 h.
+    /// How long a completed key is remembered: the deduplication window. Default 24 h. Also
+    /// how long an attempt count lives after its last delivery ([`AttemptCounter`]), so the
+    /// counts of messages that are never settled do not stay in Redis for ever.
     pub ttl: Duration,
     /// How long a reservation lasts unless renewed, completed or released: the longest a
     /// crashed consumer blocks a message. The pipeline's `DedupeLayer` renews it every third of
@@ -94,6 +109,11 @@ pub struct RedisStoreConfig {
     /// Prepended to every key, so several applications can share one Redis. Default
     /// [`DEFAULT_KEY_PREFIX`].
     pub key_prefix: String,
+    /// Prepended to every attempt count's key ([`AttemptCounter`]). Neither it nor
+    /// [`key_prefix`](Self::key_prefix) may start with the other, so a count never lands on an
+    /// idempotency key. Default [`DEFAULT_ATTEMPTS_KEY_PREFIX`]; give each application its own
+    /// when several share one Redis.
+    pub attempts_key_prefix: String,
     /// The longest any one call waits for Redis (connecting included) before it answers
     /// [`StoreError::Unavailable`]. Default 2 s.
     pub timeout: Duration,
@@ -105,6 +125,7 @@ impl Default for RedisStoreConfig {
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            attempts_key_prefix: DEFAULT_ATTEMPTS_KEY_PREFIX.to_owned(),
             timeout: Duration::from_secs(2),
         }
     }
@@ -143,6 +164,7 @@ pub struct RedisStore {
     renew: Script,
     complete: Script,
     release: Script,
+    record_attempt: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -157,8 +179,8 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`).
     ///
-    /// Fails with [`StoresError::InvalidConfig`] for a zero TTL, lease or timeout or an empty
-    /// prefix, [`StoresError::InvalidUrl`] for a URL Redis cannot use, and
+    /// Fails with [`StoresError::InvalidConfig`] for a zero TTL, lease or timeout, an empty
+    /// prefix, or prefixes that overlap, [`StoresError::InvalidUrl`] for a URL Redis cannot use, and
     /// [`StoresError::Unreachable`] when Redis does not answer (or refuses the login) within
     /// the timeout.
     pub async fn connect(url: &str, config: RedisStoreConfig) -> Result<Self, StoresError> {
@@ -172,6 +194,7 @@ impl RedisStore {
                     .into(),
             });
         }
+        check_attempts_prefix(&config)?;
         let shown = redact_url(url);
         let mut scrubber = Scrubber::default();
         scrubber.add_secrets_of(url);
@@ -214,6 +237,7 @@ impl RedisStore {
             renew: Script::new(RENEW),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
+            record_attempt: Script::new(RECORD_ATTEMPT),
             config,
         };
         // Check the login and the server now, not on the first message.
@@ -233,6 +257,10 @@ impl RedisStore {
 
     fn key(&self, key: &IdempotencyKey) -> String {
         format!("{}{}", self.config.key_prefix, key.as_str())
+    }
+
+    fn attempts_key(&self, key: &IdempotencyKey) -> String {
+        format!("{}{}", self.config.attempts_key_prefix, key.as_str())
     }
 
     /// Runs `script` (built by `args`) within the timeout; a failure or timeout becomes a
@@ -324,6 +352,54 @@ impl IdempotencyStore for RedisStore {
         })
         .await
         .map(|_| ())
+    }
+}
+
+/// Refuses an attempts prefix that could make a count share a Redis key with an idempotency key.
+fn check_attempts_prefix(config: &RedisStoreConfig) -> Result<(), StoresError> {
+    let (keys, counts) = (&config.key_prefix, &config.attempts_key_prefix);
+    if counts.is_empty() || keys.starts_with(counts.as_str()) || counts.starts_with(keys.as_str()) {
+        return Err(StoresError::InvalidConfig {
+            setting: "attempts_key_prefix",
+            reason: format!(
+                "{counts:?} must be non-empty and neither start nor be the start of key_prefix \
+                 {keys:?}, or an attempt count could overwrite an idempotency key; keep the \
+                 default {DEFAULT_ATTEMPTS_KEY_PREFIX:?} or pick e.g. \"<app>:attempts:\""
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Counts deliveries in Redis, shared by every consumer on the same server and
+/// [`attempts_key_prefix`](RedisStoreConfig::attempts_key_prefix): `INCR` and `PEXPIRE` in one
+/// script, so each count expires [`ttl`](RedisStoreConfig::ttl) after its last delivery when the
+/// message is never settled. Durable as far as Redis persists (`appendonly yes`).
+#[async_trait]
+impl AttemptCounter for RedisStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn record_attempt(&self, key: &IdempotencyKey) -> Result<u32, StoreError> {
+        let n = self
+            .run("Redis record_attempt", &self.record_attempt, |i| {
+                i.key(self.attempts_key(key)).arg(millis(self.config.ttl));
+            })
+            .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
+    async fn clear(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        let what = "Redis clear_attempts";
+        let mut c = self.connection.clone();
+        let _: i64 = bounded(self.config.timeout, what, async {
+            redis::cmd("DEL")
+                .arg(self.attempts_key(key))
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.scrubber.unavailable(what, e))
+        })
+        .await?;
+        Ok(())
     }
 }
 

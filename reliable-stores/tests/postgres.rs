@@ -373,3 +373,32 @@ async fn complete_in_under_a_dedupe_layer_is_not_taken_for_a_lost_lease() {
         1
     );
 }
+
+#[tokio::test]
+async fn postgres_attempt_counts_survive_a_restart_are_shared_and_reset_by_clear() {
+    let url = require!(postgres_url());
+    let config = config();
+    let k = {
+        let before = store(&url, config.clone()).await;
+        common::attempts::before_restart(&before).await
+    };
+    let a = store(&url, config.clone()).await;
+    let b = store(&url, config).await;
+    common::attempts::after_restart(Arc::new(a), Arc::new(b), &k).await;
+}
+
+#[tokio::test]
+async fn postgres_attempt_counts_of_unsettled_messages_expire_with_the_ttl_and_are_purged() {
+    let url = require!(postgres_url());
+    let ttl = Duration::from_millis(500);
+    let s = store(&url, PostgresStoreConfig { ttl, ..config() }).await;
+    common::attempts::expires(&s, ttl, || async {}).await;
+    reliable_core::attempts::AttemptCounter::record_attempt(&s, &common::key("left"))
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    assert!(
+        s.purge_expired().await.unwrap() >= 1,
+        "the expired count was purged"
+    );
+}

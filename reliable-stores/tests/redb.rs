@@ -201,3 +201,18 @@ async fn completed_keys_survive_a_kill_9_of_the_process() {
     let held = reliable_core::message::IdempotencyKey::new("held").unwrap();
     assert!(store.reserve(&held).await.unwrap().is_new());
 }
+
+#[tokio::test]
+async fn redb_attempt_counts_of_unsettled_messages_are_purged_after_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("keys.redb"), short()).unwrap();
+    let ttl = short().ttl;
+    let purging = store.clone();
+    common::attempts::expires(&store, ttl, || async move {
+        assert!(
+            purging.purge_expired().await.unwrap() >= 1,
+            "the count was purged"
+        );
+    })
+    .await;
+}

@@ -226,3 +226,51 @@ async fn a_consumer_whose_redis_is_down_neither_acks_nor_loses_the_message() {
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
 }
+
+#[tokio::test]
+async fn redis_attempt_counts_survive_a_restart_are_shared_and_reset_by_clear() {
+    let url = require!(redis_url());
+    let k = {
+        let before = store(&url, RedisStoreConfig::default()).await;
+        common::attempts::before_restart(&before).await
+    };
+    let a = store(&url, RedisStoreConfig::default()).await;
+    let b = store(&url, RedisStoreConfig::default()).await;
+    common::attempts::after_restart(Arc::new(a), Arc::new(b), &k).await;
+}
+
+#[tokio::test]
+async fn redis_attempt_counts_of_unsettled_messages_expire_with_the_ttl() {
+    let url = require!(redis_url());
+    let ttl = Duration::from_millis(500);
+    let config = RedisStoreConfig {
+        ttl,
+        ..RedisStoreConfig::default()
+    };
+    let s = store(&url, config).await;
+    common::attempts::expires(&s, ttl, || async {}).await;
+}
+
+#[tokio::test]
+async fn redis_attempt_counts_never_share_a_key_with_idempotency_keys() {
+    let url = require!(redis_url());
+    let err = RedisStore::connect(
+        &url,
+        RedisStoreConfig {
+            attempts_key_prefix: RedisStoreConfig::default().key_prefix,
+            ..RedisStoreConfig::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoresError::InvalidConfig {
+                setting: "attempts_key_prefix",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

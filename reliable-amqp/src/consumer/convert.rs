@@ -1,9 +1,10 @@
 //! Turning a lapin delivery into the core's [`Delivery`].
 
 use lapin::types::{AMQPValue, FieldTable};
-use reliable_core::{Delivery, Message, MessageId};
+use reliable_core::{Delivery, Message};
 
 use super::acker::AmqpAcker;
+use super::key::KeyExtractor;
 
 /// The header a quorum queue sets on a redelivery: how many times the message went back to the
 /// queue before this delivery (absent on the first delivery).
@@ -11,11 +12,13 @@ const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// The core's delivery for a lapin delivery from `queue`, settled through its own acker.
 /// `quorum`: the queue is a quorum queue, whose redeliveries carry `x-delivery-count`, so a
-/// first delivery (no header, not redelivered) counts 1.
+/// first delivery (no header, not redelivered) counts 1. `keys` keys a delivery without the
+/// SDK's identity headers.
 pub(super) fn to_delivery(
     delivery: lapin::message::Delivery,
     queue: &str,
     quorum: bool,
+    keys: &KeyExtractor,
 ) -> Delivery {
     let count = delivery_count(
         delivery.properties.headers().as_ref(),
@@ -27,17 +30,13 @@ pub(super) fn to_delivery(
     let message = match Message::from_wire(delivery.data.clone(), wire) {
         Ok(message) => message,
         Err(error) => {
-            // Not produced through reliable: keep it deliverable, keyed by its AMQP
-            // message-id when it has one (so deduplication still works for it).
-            tracing::warn!(%error, "delivery without reliable's identity headers");
+            // Not produced through reliable: keep it deliverable, with a key that is the same
+            // on every redelivery (so deduplication and attempt counting work for it).
             let mut message = Message::new(delivery.data.clone());
-            if let Some(id) = delivery.properties.message_id().as_ref() {
-                if let Ok(parsed) = id.as_str().parse::<MessageId>() {
-                    message = message.with_id(parsed);
-                } else if let Ok(with_key) = message.clone().with_idempotency_key(id.as_str()) {
-                    message = with_key;
-                }
+            if let Some((key, id)) = keys.identity(&delivery, &headers) {
+                message = message.with_id(id).with_key(key);
             }
+            tracing::debug!(%error, key = %message.idempotency_key(), extractor = ?keys, "delivery without reliable's identity headers; keyed by the consumer's KeyExtractor");
             for (name, value) in &headers {
                 message.set_header(name.as_str(), value.as_str());
             }

@@ -42,6 +42,7 @@
 
 mod acker;
 mod convert;
+mod key;
 
 use std::fmt;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ use crate::error::{soft_error, AmqpError};
 use crate::settings::{AmqpSettings, QueueType};
 use crate::topology::{self, DeadLetterRoute, NoDeadLetterRoute, QueueSpec};
 use acker::SETTLE_TIMEOUT;
+pub use key::{KeyExtractor, KeyFn};
 
 /// A manual-ack RabbitMQ consumer of one queue.
 pub struct AmqpConsumer {
@@ -69,6 +71,8 @@ pub struct AmqpConsumer {
     closed: bool,
     /// Where a reject goes, as verified at start (or why it is not known).
     dead_letter: Result<DeadLetterRoute, NoDeadLetterRoute>,
+    /// Keys deliveries without the SDK's identity headers.
+    keys: KeyExtractor,
 }
 
 impl fmt::Debug for AmqpConsumer {
@@ -78,6 +82,7 @@ impl fmt::Debug for AmqpConsumer {
             .field("queue", &self.queue)
             .field("consuming", &self.current.is_some())
             .field("dead_letter", &self.dead_letter)
+            .field("keys", &self.keys)
             .field("settings", &self.settings)
             .finish()
     }
@@ -165,6 +170,7 @@ impl AmqpConsumer {
                 dead_letter: Err(NoDeadLetterRoute::Unchecked {
                     queue: queue.to_owned(),
                 }),
+                keys: KeyExtractor::default(),
             };
             let classify = |e| AmqpError::classify("basic.consume", "queue", queue, e);
             let link = consumer.open_link().await.map_err(classify)?;
@@ -204,6 +210,16 @@ impl AmqpConsumer {
             }
         };
         topology::check_route(connection, spec).await
+    }
+
+    /// Keys deliveries that lack the SDK's identity headers (from other clients) with
+    /// `extractor` instead of the default [`KeyExtractor::MessageIdOrContentHash`]: the AMQP
+    /// `message-id` when set, otherwise a hash of exchange, routing key and body, under which
+    /// two distinct messages with the same body on the same route count as one (see
+    /// [`KeyExtractor`]). Applies from the next delivery on.
+    pub fn with_key_extractor(mut self, extractor: KeyExtractor) -> Self {
+        self.keys = extractor;
+        self
     }
 
     /// The queue consumed.
@@ -306,7 +322,12 @@ impl DeliverySource for AmqpConsumer {
         match consumer.next().await {
             Some(Ok(delivery)) => {
                 let quorum = self.settings.queue_type() == QueueType::Quorum;
-                Ok(Some(convert::to_delivery(delivery, &self.queue, quorum)))
+                Ok(Some(convert::to_delivery(
+                    delivery,
+                    &self.queue,
+                    quorum,
+                    &self.keys,
+                )))
             }
             Some(Err(error)) => {
                 self.current = None;

@@ -20,6 +20,7 @@ use tokio_postgres::NoTls;
 use crate::error::StoresError;
 use crate::util::{bounded, millis_i64, positive, ScrubbedError};
 
+mod attempts;
 mod inbox;
 mod sql;
 
@@ -42,7 +43,10 @@ const PURGE_EVERY: u64 = 256;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PostgresStoreConfig {
-    /// How long a completed key is remembered: the deduplication window. Default 24 h.
+    /// How long a completed key is remembered: the deduplication window. Default 24 h. Also
+    /// how long an attempt count lives after its last delivery
+    /// ([`AttemptCounter`](reliable_core::attempts::AttemptCounter)), so the counts of messages
+    /// that are never settled are purged like expired keys.
     pub ttl: Duration,
     /// How long a reservation lasts unless renewed, completed or released: the longest a
     /// crashed consumer blocks a message. The pipeline's `DedupeLayer` renews it every third of
@@ -50,7 +54,8 @@ pub struct PostgresStoreConfig {
     /// [`timeout`](Self::timeout)), not the handler's run. Default 5 min.
     pub lease: Duration,
     /// The table, a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), created
-    /// if missing. Default [`DEFAULT_TABLE`].
+    /// if missing, with the attempt counts in `<table>_attempts` beside it. Default
+    /// [`DEFAULT_TABLE`].
     pub table: String,
     /// The longest any one call waits (for a pooled connection and for the server) before it
     /// answers [`StoreError::Unavailable`]. Default 5 s.
@@ -233,13 +238,18 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// The SQL that creates the store's table and index (what [`connect`](Self::connect) runs),
-    /// for a migration tool when the application's user may not create tables.
+    /// The SQL that creates the store's tables and indexes (what [`connect`](Self::connect)
+    /// runs): the idempotency table and its attempt counts (`<table>_attempts`), for a migration
+    /// tool when the application's user may not create tables.
     pub fn schema_sql(table: &str) -> String {
+        let attempts = sql::attempts_table(table);
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (\n  key text PRIMARY KEY,\n  done boolean NOT NULL,\n  \
              owner text,\n  expires_at timestamptz NOT NULL\n);\n\
-             CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);"
+             CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);\n\
+             CREATE TABLE IF NOT EXISTS {attempts} (\n  key text PRIMARY KEY,\n  \
+             attempts integer NOT NULL,\n  expires_at timestamptz NOT NULL\n);\n\
+             CREATE INDEX IF NOT EXISTS {attempts}_expires_at ON {attempts} (expires_at);"
         )
     }
 
@@ -273,19 +283,24 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Removes every key whose TTL (or lease) has passed; returns how many. The store also does
-    /// this by itself, a thousand at a time, as keys complete.
+    /// Removes every key whose TTL (or lease) has passed, and every attempt count that many
+    /// since its last delivery; returns how many rows went. The store also does this by itself,
+    /// a thousand at a time, as keys complete.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let mut total = 0;
-        loop {
-            let n = self
-                .execute("PostgreSQL purge", &self.inner.sql.purge, &[])
-                .await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
+        for (what, sql) in [
+            ("PostgreSQL purge", &self.inner.sql.purge),
+            ("PostgreSQL purge attempts", &self.inner.sql.purge_attempts),
+        ] {
+            loop {
+                let n = self.execute(what, sql, &[]).await?;
+                total += n;
+                if n == 0 {
+                    break;
+                }
             }
         }
+        Ok(total)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -399,11 +414,13 @@ impl IdempotencyStore for PostgresStore {
         .await?;
         drop(client);
         if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-            if let Err(e) = self
-                .execute("PostgreSQL purge", &inner.sql.purge, &[])
-                .await
-            {
-                tracing::warn!(error = %e, "purging expired idempotency keys failed; will retry");
+            for (what, sql) in [
+                ("PostgreSQL purge", &inner.sql.purge),
+                ("PostgreSQL purge attempts", &inner.sql.purge_attempts),
+            ] {
+                if let Err(e) = self.execute(what, sql, &[]).await {
+                    tracing::warn!(error = %e, "purging expired rows failed; will retry");
+                }
             }
         }
         Ok(if own {

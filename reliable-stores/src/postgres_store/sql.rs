@@ -22,6 +22,18 @@ pub(super) struct Sql {
     pub(super) claim_done: String,
     /// Deletes up to 1 000 expired rows.
     pub(super) purge: String,
+    /// Counts one more delivery of a key and answers the count; a count past its expiry starts
+    /// over at 1 ($1 key, $2 TTL ms).
+    pub(super) record_attempt: String,
+    /// Forgets a key's count ($1 key).
+    pub(super) clear_attempts: String,
+    /// Deletes up to 1 000 expired counts.
+    pub(super) purge_attempts: String,
+}
+
+/// The table of the attempt counts kept beside the idempotency table `t`.
+pub(super) fn attempts_table(t: &str) -> String {
+    format!("{t}_attempts")
 }
 
 impl Sql {
@@ -34,6 +46,7 @@ impl Sql {
                  expires_at = EXCLUDED.expires_at {when}"
             )
         };
+        let a = attempts_table(t);
         // A live completed row: renewing must leave it as it is.
         let done_live = format!("{t}.done AND {t}.expires_at > now()");
         Self {
@@ -87,6 +100,22 @@ impl Sql {
             purge: format!(
                 "DELETE FROM {t} WHERE key IN \
                  (SELECT key FROM {t} WHERE expires_at <= now() LIMIT 1000)"
+            ),
+            // The row lock of the upsert serialises concurrent records of one key, so none is
+            // lost; the count saturates instead of overflowing `integer`.
+            record_attempt: format!(
+                "INSERT INTO {a} (key, attempts, expires_at) \
+                 VALUES ($1, 1, now() + $2::bigint * interval '1 millisecond') \
+                 ON CONFLICT (key) DO UPDATE SET \
+                 attempts = CASE WHEN {a}.expires_at > now() \
+                 THEN LEAST({a}.attempts, 2147483646) + 1 ELSE 1 END, \
+                 expires_at = EXCLUDED.expires_at \
+                 RETURNING attempts"
+            ),
+            clear_attempts: format!("DELETE FROM {a} WHERE key = $1"),
+            purge_attempts: format!(
+                "DELETE FROM {a} WHERE key IN \
+                 (SELECT key FROM {a} WHERE expires_at <= now() LIMIT 1000)"
             ),
         }
     }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod attempts;
 pub mod leases;
 
 use std::sync::Arc;
