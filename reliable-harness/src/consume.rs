@@ -7,6 +7,10 @@
 //! * Control: the classic pattern — auto-ack (RabbitMQ) or auto-commit with the automatic
 //!   offset store (Kafka), a reader filling an in-memory buffer and a worker applying effects
 //!   from it, no dedupe.
+//! * Poison scenarios run the safe consumer in both variants: its handler aborts the process
+//!   on the messages planned to crash and fails permanently on those planned to fail
+//!   ([`Fate`]); the safe run counts deliveries in a redb attempt counter beside the journal,
+//!   the control counts nowhere that survives a crash.
 //!
 //! Both apply effects at the same bounded rate (below the producer's), so a backlog exists
 //! whenever a fault strikes.
@@ -19,6 +23,7 @@ use dashmap::DashSet;
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::topology::QueueSpec;
 use reliable_amqp::{AmqpConsumer, AmqpPublisher};
+use reliable_core::attempts::AttemptCounter;
 use reliable_core::idempotency::{
     Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
 };
@@ -33,12 +38,14 @@ use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use reliable_kafka::rdkafka::message::Message as _;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
+use reliable_stores::{RedbStore, RedbStoreConfig};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::child::{parse_payload, ChildArgs, KAFKA_PARTITIONS, KAFKA_SESSION_TIMEOUT};
 use crate::journal::{ConsumerView, Journal, Tail};
 use crate::plan::{amqp_dead_letter, amqp_queue, roles, Broker};
+use crate::poison::{Fate, POISON_MAX_DELIVERIES};
 use crate::HarnessError;
 
 /// Consumer child options.
@@ -214,16 +221,47 @@ async fn run_safe(
             .layer(DedupeLayer::new(inbox))
             .build(),
     );
+    let scenario = child.scenario;
     let handler = handler_fn(move |msg: Message| {
         let (journal, deduped) = (journal.clone(), deduped.clone());
         async move {
-            seen(&journal, msg.payload());
+            let seq = seen(&journal, msg.payload());
+            // Poison scenarios: the delivery is journaled first, so the checker counts the
+            // crashes each message caused.
+            match seq.map(|s| Fate::of(scenario, s)) {
+                Some(Fate::Crash) => std::process::abort(),
+                Some(Fate::Fail) => {
+                    return Err(HandlerError::permanent("the message is invalid (planned)"))
+                }
+                Some(Fate::Apply) | None => {}
+            }
             deduped.handle(&msg).await
         }
     });
-    let config = PipelineConfig {
-        concurrency: 32,
-        ..PipelineConfig::default()
+    let poison = child.scenario.poison();
+    let config = if poison {
+        // One handler at a time: a crash then leaves no innocent message counted without an
+        // outcome (with 32, the same neighbours could be caught by every crash of a poison
+        // message and be dead-lettered with it).
+        PipelineConfig {
+            concurrency: 1,
+            max_deliveries: POISON_MAX_DELIVERIES,
+            ..PipelineConfig::default()
+        }
+    } else {
+        PipelineConfig {
+            concurrency: 32,
+            ..PipelineConfig::default()
+        }
+    };
+    let counter = if roles(child.scenario, child.variant).attempt_counter {
+        // Next to the journal, so every restarted consumer of the run finds the counts.
+        let path = child.journal.with_file_name("attempts.redb");
+        let store = RedbStore::open(&path, RedbStoreConfig::default())
+            .map_err(|e| HarnessError::Setup(format!("attempt counter {}: {e}", path.display())))?;
+        Some(Arc::new(store) as Arc<dyn AttemptCounter>)
+    } else {
+        None
     };
     match child.broker() {
         Broker::Amqp => {
@@ -235,13 +273,14 @@ async fn run_safe(
             } else {
                 AmqpSettings::safe()
             };
-            // The effect handler never fails (a journal failure ends the process instead), so
-            // nothing is dead-lettered in these runs; the route must still be loss-free for the
-            // pipeline to start.
+            // Outside the poison scenarios the effect handler never fails (a journal failure
+            // ends the process instead), so nothing is dead-lettered; the route must still be
+            // loss-free for the pipeline to start.
             let classic = roles(child.scenario, child.variant).classic_queue;
             let source =
                 connect_amqp(child, &amqp_queue(&child.dest, classic), settings.clone()).await;
-            let dead_letter = if classic {
+            let dead_letter = if classic || poison {
+                // A published copy carries the origin headers the poison checker reads.
                 let publisher = AmqpPublisher::connect(&child.brokers.amqp_url, settings).await?;
                 let exchange = amqp_dead_letter(&child.dest).exchange().to_owned();
                 DeadLetter::publish(
@@ -251,10 +290,11 @@ async fn run_safe(
             } else {
                 DeadLetter::BrokerReject
             };
-            let stats = Pipeline::new(source, handler, dead_letter)
-                .with_config(config)
-                .run()
-                .await?;
+            let mut pipeline = Pipeline::new(source, handler, dead_letter).with_config(config);
+            if let Some(counter) = counter {
+                pipeline = pipeline.with_attempt_counter(counter);
+            }
+            let stats = pipeline.run().await?;
             tracing::info!(?stats, "pipeline ended");
         }
         Broker::Kafka => {
@@ -263,22 +303,29 @@ async fn run_safe(
                 "session.timeout.ms",
                 KAFKA_SESSION_TIMEOUT.as_millis().to_string(),
             );
+            if poison {
+                // Static membership: a consumer restarted after a crash takes its
+                // predecessor's place at once instead of waiting out its session.
+                client.set("group.instance.id", format!("{}-member", child.group()));
+            }
             let source = KafkaConsumer::builder_from_config(client)
                 .subscribe(TopicSpec::new(&child.dest).partitions(KAFKA_PARTITIONS))
                 .build()
                 .await?;
-            // Kafka has no broker-side dead letter, so poison records would go to a topic
-            // through a confirmed publish. The effect handler never fails (a journal failure
-            // ends the process instead), so nothing reaches it in these runs.
+            // Kafka has no broker-side dead letter, so poison records go to a topic through a
+            // confirmed publish (only in the poison scenarios: elsewhere the effect handler
+            // never fails).
             let dlq = format!("{}.dlq", child.dest);
             let dlq_transport = KafkaTransport::builder(&child.brokers.kafka_bootstrap)
                 .topic(TopicSpec::new(&dlq))
                 .build()
                 .await?;
-            let stats = Pipeline::new(source, handler, dlq_transport.dead_letter(dlq))
-                .with_config(config)
-                .run()
-                .await?;
+            let mut pipeline =
+                Pipeline::new(source, handler, dlq_transport.dead_letter(dlq)).with_config(config);
+            if let Some(counter) = counter {
+                pipeline = pipeline.with_attempt_counter(counter);
+            }
+            let stats = pipeline.run().await?;
             tracing::info!(?stats, "pipeline ended");
         }
     }

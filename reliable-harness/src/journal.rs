@@ -271,6 +271,17 @@ pub fn check(
     consumer: &ConsumerView,
     must_refuse: Option<&dyn Fn(u64) -> bool>,
 ) -> Counts {
+    check_with(producer, consumer, must_refuse, &|_| false)
+}
+
+/// [`check`], where a message `accounted(seq)` says is accounted for elsewhere (in the dead
+/// letter with its origin, in the poison scenarios) is not lost although never applied.
+pub fn check_with(
+    producer: &ProducerView,
+    consumer: &ConsumerView,
+    must_refuse: Option<&dyn Fn(u64) -> bool>,
+    accounted: &dyn Fn(u64) -> bool,
+) -> Counts {
     let refusing = must_refuse.is_some();
     let must_refuse = |s: u64| must_refuse.is_some_and(|f| f(s));
     let attempted = producer.done.map_or_else(
@@ -306,7 +317,7 @@ pub fn check(
                 bad_confirmed += u64::from(confirmed);
                 return confirmed;
             }
-            if consumer.effects.contains_key(s) {
+            if consumer.effects.contains_key(s) || accounted(*s) {
                 return false;
             }
             let refused = refusing && failed && !confirmed;

@@ -15,6 +15,7 @@ mod child;
 mod consume;
 mod journal;
 mod plan;
+mod poison;
 mod produce;
 mod report;
 mod run;

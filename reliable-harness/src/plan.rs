@@ -34,6 +34,12 @@ pub enum Scenario {
     /// no RST) for longer than the confirm timeout and the heartbeat timeouts of both sides,
     /// then carries them again (L12).
     AmqpSilentNetwork,
+    /// Poison messages on RabbitMQ: some messages abort the consumer process (the harness
+    /// restarts it), some fail their handler permanently (L10). Each must end in the dead
+    /// letter with its origin after at most `max_deliveries` crashes; the rest applied once.
+    AmqpPoison,
+    /// The same on Kafka, where only the pipeline's durable attempt counter counts crashes.
+    KafkaPoison,
 }
 
 /// What a scenario's fault hits.
@@ -49,18 +55,22 @@ pub enum Target {
     Publishes,
     /// The network between the producer and the broker.
     Link,
+    /// The consumer's handler (poison messages crash it or fail it).
+    Handler,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::AmqpBadPublish,
         Scenario::AmqpSilentNetwork,
+        Scenario::AmqpPoison,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaConsumerKill,
         Scenario::KafkaProducerKill,
+        Scenario::KafkaPoison,
     ];
 
     /// The broker the scenario's messages travel through.
@@ -69,10 +79,12 @@ impl Scenario {
             Scenario::AmqpBrokerKill
             | Scenario::AmqpConsumerKill
             | Scenario::AmqpBadPublish
-            | Scenario::AmqpSilentNetwork => Broker::Amqp,
+            | Scenario::AmqpSilentNetwork
+            | Scenario::AmqpPoison => Broker::Amqp,
             Scenario::KafkaLeaderKill
             | Scenario::KafkaConsumerKill
-            | Scenario::KafkaProducerKill => Broker::Kafka,
+            | Scenario::KafkaProducerKill
+            | Scenario::KafkaPoison => Broker::Kafka,
         }
     }
 
@@ -84,13 +96,20 @@ impl Scenario {
             Scenario::KafkaProducerKill => Target::Producer,
             Scenario::AmqpBadPublish => Target::Publishes,
             Scenario::AmqpSilentNetwork => Target::Link,
+            Scenario::AmqpPoison | Scenario::KafkaPoison => Target::Handler,
         }
+    }
+
+    /// Whether the scenario mixes poison messages into its stream (see
+    /// [`Fate`](crate::poison::Fate)).
+    pub fn poison(self) -> bool {
+        self.target() == Target::Handler
     }
 
     /// Whether the fault runs through the whole stream instead of striking at planned
     /// moments: such a run has one fault, whatever the mode.
     pub fn continuous(self) -> bool {
-        self == Scenario::AmqpBadPublish
+        self == Scenario::AmqpBadPublish || self.poison()
     }
 
     /// Faults planned for one run of this scenario.
@@ -112,6 +131,8 @@ impl Scenario {
             Scenario::KafkaProducerKill => "kafka-producer-kill",
             Scenario::AmqpBadPublish => "amqp-bad-publish",
             Scenario::AmqpSilentNetwork => "amqp-silent-network",
+            Scenario::AmqpPoison => "amqp-poison",
+            Scenario::KafkaPoison => "kafka-poison",
         }
     }
 }
@@ -206,8 +227,12 @@ pub struct Roles {
     /// The producer spools every message to a durable outbox before sending it.
     pub outbox: bool,
     /// The RabbitMQ queue is a classic durable one instead of a quorum queue (a quorum queue
-    /// would persist the transient messages of the broker-kill control).
+    /// would persist the transient messages of the broker-kill control, and counts
+    /// deliveries in `x-delivery-count`, which the poison control must not have).
     pub classic_queue: bool,
+    /// The consumer's pipeline counts deliveries in a durable attempt counter (redb in the
+    /// run's directory) that survives the consumer's crashes; the poison control has none.
+    pub attempt_counter: bool,
 }
 
 /// Which component runs unsafe in `scenario` under `variant`: the control flips the settings of
@@ -220,7 +245,9 @@ pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
             && matches!(target, Target::Broker | Target::Publishes | Target::Link),
         unsafe_consumer: control && target == Target::Consumer,
         outbox: !control && target == Target::Producer,
-        classic_queue: control && scenario == Scenario::AmqpBrokerKill,
+        classic_queue: control
+            && matches!(scenario, Scenario::AmqpBrokerKill | Scenario::AmqpPoison),
+        attempt_counter: !control && scenario.poison(),
     }
 }
 
@@ -266,6 +293,18 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::AmqpSilentNetwork, Variant::Control) => {
             "no confirms: a publish counts once written to the socket"
+        }
+        (Scenario::AmqpPoison, Variant::Safe) => {
+            "attempts counted in redb before the handler, max 3 deliveries, dead letter with origin"
+        }
+        (Scenario::AmqpPoison, Variant::Control) => {
+            "classic queue (no x-delivery-count), no attempt counter: crashes counted nowhere"
+        }
+        (Scenario::KafkaPoison, Variant::Safe) => {
+            "attempts counted in redb before the handler, max 3 deliveries, DLQ topic with origin"
+        }
+        (Scenario::KafkaPoison, Variant::Control) => {
+            "no attempt counter: a retry count in memory dies with each crash"
         }
     }
 }
@@ -394,7 +433,13 @@ mod tests {
                 "{s}"
             );
             assert!(!c.outbox, "{s}");
-            assert_eq!(c.classic_queue, s == Scenario::AmqpBrokerKill, "{s}");
+            assert_eq!(
+                c.classic_queue,
+                matches!(s, Scenario::AmqpBrokerKill | Scenario::AmqpPoison),
+                "{s}"
+            );
+            assert_eq!(safe.attempt_counter, s.poison(), "{s}");
+            assert!(!c.attempt_counter, "{s}");
         }
     }
 

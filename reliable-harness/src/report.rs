@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::journal::{Counts, ProducerView};
 use crate::plan::{Mode, Scenario, Sizes, Variant};
+use crate::poison::{PoisonCounts, POISON_MAX_DELIVERIES};
 use crate::run::FaultRecord;
 use crate::HarnessError;
 
@@ -23,6 +24,10 @@ pub enum Status {
     LossSeen,
     /// Negative control: no loss observed (a failure: the run could not see loss).
     NoLossSeen,
+    /// Negative control of a poison scenario: a message crashed its consumer again and again.
+    LoopSeen,
+    /// Negative control of a poison scenario: no loop observed (a failure).
+    NoLoopSeen,
 }
 
 /// A run's verdict with the reasons behind it.
@@ -105,6 +110,62 @@ impl Verdict {
         }
     }
 
+    /// Judges a finished poison run: the safe run must also account for every crashing and
+    /// failing message (dead-lettered once, with its origin) without a loop; the control must
+    /// show the loop.
+    pub fn judge_poison(
+        variant: Variant,
+        sizes: &Sizes,
+        counts: &Counts,
+        faults: u32,
+        producer: &ProducerView,
+        producer_finished: bool,
+        poison: &PoisonCounts,
+    ) -> Self {
+        match variant {
+            Variant::Safe => {
+                let mut v =
+                    Self::judge(variant, sizes, counts, faults, producer, producer_finished);
+                let notes = poison.safe_notes();
+                if !notes.is_empty() {
+                    v.notes.extend(notes);
+                    v.status = Status::Fail;
+                    v.ok = false;
+                }
+                v.with_figures(vec![poison.figure()])
+            }
+            Variant::Control => {
+                let mut notes = Vec::new();
+                if faults < sizes.faults {
+                    notes.push(format!("only {faults} of {} faults injected", sizes.faults));
+                }
+                if !producer_finished || producer.done.is_none() {
+                    notes.push("the producer did not finish".to_owned());
+                }
+                let harness_ok = notes.is_empty();
+                let (status, ok) = if poison.loop_seen {
+                    notes.push(format!(
+                        "a message crashed its consumer {} times (limit {}), {} crashes in all",
+                        poison.max_crashes_per_message, POISON_MAX_DELIVERIES, poison.crashes
+                    ));
+                    (Status::LoopSeen, harness_ok)
+                } else {
+                    notes.push(
+                        "no message crashed its consumer repeatedly: this run cannot see the loop"
+                            .to_owned(),
+                    );
+                    (Status::NoLoopSeen, false)
+                };
+                Self {
+                    status,
+                    ok,
+                    notes,
+                    figures: Vec::new(),
+                }
+            }
+        }
+    }
+
     /// Adds figures that decide nothing.
     pub fn with_figures(mut self, figures: Vec<String>) -> Self {
         self.figures.extend(figures);
@@ -137,6 +198,8 @@ impl fmt::Display for Verdict {
             Status::Fail => "FAIL",
             Status::LossSeen => "loss seen (control)",
             Status::NoLossSeen => "no loss seen (control)",
+            Status::LoopSeen => "loop seen (control)",
+            Status::NoLoopSeen => "no loop seen (control)",
         };
         f.write_str(s)?;
         if !self.ok && self.status != Status::Fail {
@@ -177,6 +240,9 @@ pub struct RunResult {
     pub consumer_kills: u32,
     /// Consumer processes that exited on their own.
     pub consumer_crashes: u32,
+    /// The poison checker's figures (poison scenarios only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poison: Option<PoisonCounts>,
     /// Seconds the run took, drain included.
     pub duration_s: f64,
     /// The verdict.

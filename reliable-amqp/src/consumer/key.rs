@@ -129,7 +129,7 @@ fn content_hash(delivery: &lapin::message::Delivery) -> String {
         delivery.routing_key.as_str().as_bytes(),
         &delivery.data,
     ] {
-        h.update(&(part.len() as u64).to_be_bytes());
+        h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
     let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::children::Children;
 use super::{round1, FaultRecord, Planned, RunArgs, Views};
 use crate::plan::{Scenario, Sizes};
+use crate::poison::{CRASH_EVERY, FAIL_EVERY};
 use crate::HarnessError;
 
 /// Runs `scripts/brokers ARGS` and returns its standard output.
@@ -156,6 +157,10 @@ pub(super) async fn inject(
                                      unroutable, 1 in 50 to a missing exchange (404), 15 in 100 \
                                      first attempts cut short after 0-400 µs"
             .to_owned(),
+        Scenario::AmqpPoison | Scenario::KafkaPoison => format!(
+            "poison messages through the whole stream: 1 in {CRASH_EVERY} aborts the consumer \
+             process (restarted at once), 1 in {FAIL_EVERY} fails its handler permanently"
+        ),
         Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => {
             children.kill_consumer();
             children.consumer_kills += 1;

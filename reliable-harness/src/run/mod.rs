@@ -3,6 +3,7 @@
 
 mod children;
 mod inject;
+mod judge;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,12 +17,13 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::child::{BrokerArgs, KAFKA_PARTITIONS};
-use crate::journal::{check, ConsumerView, ProducerView, Tail};
+use crate::journal::{ConsumerView, ProducerView, Tail};
 use crate::plan::{
-    amqp_dead_letter, amqp_queue, describe, fault_threshold, roles, Broker, Mode, Publish,
-    Scenario, Sizes, Variant,
+    amqp_dead_letter, amqp_queue, describe, fault_threshold, roles, Broker, Mode, Scenario, Sizes,
+    Variant,
 };
-use crate::report::{self, Report, RunResult, Verdict};
+use crate::poison::{self, Fate};
+use crate::report::{self, Report, RunResult};
 use crate::HarnessError;
 use children::{child_args, Children};
 use inject::{brokers, inject, Targets};
@@ -172,7 +174,7 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             .map_err(|e| HarnessError::Setup(format!("channel: {e}")))?;
         for p in &amqp {
             let classic = roles(p.scenario, p.variant).classic_queue;
-            if classic {
+            if classic || p.scenario.poison() {
                 topology::declare_dead_letter_target(&channel, &amqp_dead_letter(&p.dest)).await?;
             }
             topology::declare_queue(&channel, &amqp_queue(&p.dest, classic)).await?;
@@ -190,13 +192,18 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
     {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &args.brokers.kafka_bootstrap);
-        let spec = TopicSpec::new(&p.dest).partitions(KAFKA_PARTITIONS);
-        ensure_topic(&client, &spec)
-            .await
-            .map_err(|e| HarnessError::BrokerUnavailable {
-                broker: "Kafka",
-                detail: e.to_string(),
-            })?;
+        let mut specs = vec![TopicSpec::new(&p.dest).partitions(KAFKA_PARTITIONS)];
+        if p.scenario.poison() {
+            specs.push(TopicSpec::new(format!("{}.dlq", p.dest)));
+        }
+        for spec in &specs {
+            ensure_topic(&client, spec)
+                .await
+                .map_err(|e| HarnessError::BrokerUnavailable {
+                    broker: "Kafka",
+                    detail: e.to_string(),
+                })?;
+        }
     }
     Ok(())
 }
@@ -225,11 +232,12 @@ impl Views {
         Ok(())
     }
 
-    /// Whether every confirmed message has its effect.
-    fn all_confirmed_applied(&self) -> bool {
+    /// Whether every confirmed message meant to be applied has its effect.
+    fn all_confirmed_applied(&self, scenario: Scenario) -> bool {
         self.producer
             .confirmed
             .iter()
+            .filter(|&&s| Fate::of(scenario, s) == Fate::Apply)
             .all(|s| self.consumer.effects.contains_key(s))
     }
 }
@@ -348,7 +356,12 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         if progress(&views) != last_progress.1 {
             last_progress = (Instant::now(), progress(&views));
         }
-        if views.all_confirmed_applied() {
+        if p.scenario.poison() && poison::loop_seen(p.scenario, &views.consumer) {
+            // Nothing stops the loop: the run ends here, its bound.
+            eprintln!("harness: {label}: a message keeps crashing its consumer; ending the run");
+            break;
+        }
+        if views.all_confirmed_applied(p.scenario) {
             let since = *complete_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_secs(2) {
                 break;
@@ -368,22 +381,16 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
     }
     children.kill_consumer();
     views.refresh()?;
-    let scenario = p.scenario;
-    let must_refuse = move |seq: u64| Publish::of(scenario, seq).refused();
-    let counts = check(
-        &views.producer,
-        &views.consumer,
-        (scenario == Scenario::AmqpBadPublish).then_some(&must_refuse as &dyn Fn(u64) -> bool),
-    );
-    let verdict = Verdict::judge(
-        p.variant,
+    let producer_finished = producer_status.is_some_and(|s| s.success());
+    let (counts, verdict, poison_counts) = judge::judge(
+        args,
         sizes,
-        &counts,
-        faults.len() as u32,
-        &views.producer,
-        producer_status.is_some_and(|s| s.success()),
+        p,
+        (&views.producer, &views.consumer),
+        &faults,
+        producer_finished,
     )
-    .with_figures(figures(scenario, &counts, &faults, &views.producer));
+    .await?;
     Ok(RunResult {
         scenario: p.scenario,
         variant: p.variant,
@@ -396,47 +403,10 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         consumer_starts: views.consumer.starts,
         consumer_kills: children.consumer_kills,
         consumer_crashes: children.consumer_crashes,
+        poison: poison_counts,
         duration_s: round1(started.elapsed().as_secs_f64()),
         verdict,
     })
-}
-
-/// The figures of a run that decide nothing but are worth reading: the extra copies a silent
-/// network cost, and how the bad publishes were answered.
-fn figures(
-    scenario: Scenario,
-    counts: &crate::journal::Counts,
-    faults: &[FaultRecord],
-    producer: &ProducerView,
-) -> Vec<String> {
-    match scenario {
-        Scenario::AmqpSilentNetwork => {
-            let in_flight: u64 = faults.iter().filter_map(|f| f.in_flight).sum();
-            let extra = counts.duplicated_deliveries;
-            vec![format!(
-                "{extra} extra copies = {:.1} % of the {in_flight} messages in flight during \
-                 the silence",
-                100.0 * extra as f64 / in_flight.max(1) as f64
-            )]
-        }
-        Scenario::AmqpBadPublish => {
-            let refused = |kind: Publish| {
-                producer
-                    .failed
-                    .keys()
-                    .filter(|&&s| {
-                        !producer.confirmed.contains(&s) && Publish::of(scenario, s) == kind
-                    })
-                    .count()
-            };
-            vec![format!(
-                "refused: {} unroutable, {} to a missing exchange",
-                refused(Publish::Unroutable),
-                refused(Publish::MissingExchange)
-            )]
-        }
-        _ => Vec::new(),
-    }
 }
 
 fn round1(x: f64) -> f64 {
