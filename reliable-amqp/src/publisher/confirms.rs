@@ -35,23 +35,20 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
-use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::BasicReturnMessage;
-use lapin::protocol::AMQPSoftError;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use reliable_core::message::headers;
 use reliable_core::PublishError;
 use tokio::sync::{mpsc, watch};
 
-use crate::connect::retryable;
-use crate::error::soft_error;
+use super::classify::{classify_for, lost, unroutable};
+use super::inflight::Inflight;
 
 /// What a publish was sent to, to tell whether a channel error names it.
 #[derive(Clone, Debug)]
@@ -69,101 +66,15 @@ pub(super) struct Target {
 impl Target {
     /// What makes two publishes attempts of one message: the id and the destination (a
     /// dead-letter copy keeps its message's id but goes elsewhere).
-    fn attempt_key(&self) -> String {
+    pub(super) fn attempt_key(&self) -> String {
         format!("{}\0{}\0{}", self.exchange, self.routing_key, self.id)
     }
 }
 
-type Outcome = Result<(), PublishError>;
+pub(super) type Outcome = Result<(), PublishError>;
 /// Where an attempt's outcome is published once decided (`None` until then).
-type Decision = watch::Receiver<Option<Outcome>>;
+pub(super) type Decision = watch::Receiver<Option<Outcome>>;
 type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
-
-/// How long the outcome of an abandoned attempt (its caller gave up waiting) is kept for the
-/// resend that will ask for it; longer than any backoff between two attempts.
-const ABANDONED_RETENTION: Duration = Duration::from_secs(300);
-
-/// The undecided publish attempts of one publisher, by message id, across its channels, and
-/// the outcomes of abandoned attempts until a resend collects them.
-#[derive(Default)]
-pub(super) struct Inflight {
-    attempts: Mutex<HashMap<String, Attempt>>,
-    next_token: AtomicU64,
-}
-
-struct Attempt {
-    token: u64,
-    decision: Decision,
-    /// Set when it was decided with nobody waiting: kept for the resend.
-    abandoned_at: Option<Instant>,
-}
-
-impl Inflight {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Attempt>> {
-        // Single inserts and removals: a poisoned map is still consistent.
-        self.attempts.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The outcome of the earlier attempt of `target` (same message id, same exchange and
-    /// routing key), waiting for it if it is undecided: `Ok` (the broker confirmed this
-    /// message) or a refusal that a resend cannot fix. `None` when there is none, or when it
-    /// failed retryably: then publish again.
-    pub(super) async fn earlier(&self, target: &Target) -> Option<Outcome> {
-        let key = target.attempt_key();
-        let mut decision = {
-            let mut attempts = self.lock();
-            let attempt = attempts.get(&key)?;
-            if attempt.abandoned_at.is_some() {
-                let collected = attempts.remove(&key)?;
-                let outcome = collected.decision.borrow().clone();
-                return outcome;
-            }
-            attempt.decision.clone()
-        };
-        tracing::debug!(message_id = %target.id, "an earlier attempt is undecided; waiting for it instead of sending a second copy");
-        let outcome = decision
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|o| o.clone())?;
-        match outcome {
-            Err(e) if e.is_retryable() => None,
-            outcome => Some(outcome),
-        }
-    }
-
-    fn insert(&self, key: String, decision: Decision) -> u64 {
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let attempt = Attempt {
-            token,
-            decision,
-            abandoned_at: None,
-        };
-        self.lock().insert(key, attempt);
-        token
-    }
-
-    /// Attempt `token` of `key` was decided with `outcome`, seen by `watchers` receivers (one is
-    /// this table's own). With nobody else waiting, an outcome a resend must not repeat (`Ok`,
-    /// or a final refusal) is kept for it; anything else leaves the table.
-    fn decided(&self, key: &str, token: u64, outcome: &Outcome, watchers: usize) {
-        let mut attempts = self.lock();
-        let Some(attempt) = attempts.get_mut(key).filter(|a| a.token == token) else {
-            return;
-        };
-        let keep = watchers <= 1 && !matches!(outcome, Err(e) if e.is_retryable());
-        if !keep {
-            attempts.remove(key);
-            return;
-        }
-        let now = Instant::now();
-        attempt.abandoned_at = Some(now);
-        attempts.retain(|_, a| {
-            a.abandoned_at
-                .is_none_or(|at| now.duration_since(at) < ABANDONED_RETENTION)
-        });
-    }
-}
 
 /// A publish handed to the driver, in registration order.
 struct Registered {
@@ -473,100 +384,10 @@ fn header(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-pub(super) fn unroutable(r: &BasicReturnMessage) -> PublishError {
-    PublishError::Unroutable {
-        reason: format!(
-            "{} {} (exchange `{}`, routing key `{}`)",
-            r.reply_code, r.reply_text, r.delivery.exchange, r.delivery.routing_key
-        ),
-    }
-}
-
-pub(super) fn lost(reason: &str) -> PublishError {
-    PublishError::ConnectionLost {
-        reason: reason.to_owned(),
-    }
-}
-
-/// Classifies a lapin error of a publish: lost connection/channel is retryable; a channel
-/// closed by the broker for a configuration reason is fatal.
-pub(crate) fn classify(error: &lapin::Error) -> PublishError {
-    match soft_error(error) {
-        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Fatal {
-            reason: format!("{text}: declare the exchange first"),
-        },
-        Some((AMQPSoftError::ACCESSREFUSED, text)) => PublishError::Fatal {
-            reason: format!("{text}: grant the user write access"),
-        },
-        Some((AMQPSoftError::PRECONDITIONFAILED, text)) => PublishError::Fatal { reason: text },
-        _ if retryable(error) => lost(&error.to_string()),
-        _ => PublishError::Fatal {
-            reason: error.to_string(),
-        },
-    }
-}
-
-/// Classifies the error a publish's confirm failed with, for that publish.
-///
-/// A broker closing the channel fails every pending confirm with one error. It is final only
-/// for the publish it names: a missing or forbidden exchange (`404`/`403` naming the
-/// publish's exchange) or a body over the broker's size limit (`406` naming the publish's
-/// size, [`PublishError::TooLarge`]). For every other publish on the channel it is the
-/// retryable [`PublishError::ConnectionLost`]: the channel went away under it, and it is
-/// resent on a fresh one. An error that names no publish is retryable for all of them
-/// (bounded by the producer's attempts and deadline).
-pub(super) fn classify_for(error: &lapin::Error, target: &Target) -> PublishError {
-    let Some((code, text)) = soft_error(error) else {
-        return classify(error);
-    };
-    let names_exchange = || quoted_after(&text, "exchange '") == Some(target.exchange.as_str());
-    let final_for_this = match code {
-        AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED => names_exchange(),
-        AMQPSoftError::PRECONDITIONFAILED => {
-            if let Some((size, limit)) = size_limit(&text) {
-                if size == target.size {
-                    return PublishError::TooLarge { size, limit };
-                }
-            }
-            false
-        }
-        _ => false,
-    };
-    if final_for_this {
-        classify(error)
-    } else {
-        lost(&format!(
-            "the broker closed the channel because of another publish ({text}); resent on a \
-             fresh channel"
-        ))
-    }
-}
-
-/// The text between `prefix` and the next `'` in `text`.
-fn quoted_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    let start = text.find(prefix)? + prefix.len();
-    let len = text[start..].find('\'')?;
-    Some(&text[start..start + len])
-}
-
-/// `(size, limit)` of RabbitMQ's "message size N is larger than configured max size M".
-fn size_limit(text: &str) -> Option<(usize, usize)> {
-    let number_after = |prefix: &str| -> Option<usize> {
-        let start = text.find(prefix)? + prefix.len();
-        let digits: String = text[start..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
-    };
-    Some((number_after("message size ")?, number_after("max size ")?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use lapin::message::Delivery;
-    use lapin::protocol::{AMQPError, AMQPErrorKind};
 
     fn returned(id: &str) -> BasicReturnMessage {
         let mut delivery = Delivery::mock(0, "".into(), "nowhere".into(), false, b"x".to_vec());
@@ -587,11 +408,6 @@ mod tests {
         }
     }
 
-    fn closed(code: AMQPSoftError, text: &str) -> lapin::Error {
-        lapin::ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(code), text.into()))
-            .into()
-    }
-
     #[test]
     fn a_return_attached_to_another_publish_goes_to_its_own() {
         let mut returns = Returns::default();
@@ -605,68 +421,6 @@ mod tests {
             Err(PublishError::Unroutable { .. })
         ));
         assert!(returns.0.is_empty());
-    }
-
-    #[test]
-    fn a_channel_close_is_final_only_for_the_publish_it_names() {
-        let missing = closed(
-            AMQPSoftError::NOTFOUND,
-            "NOT_FOUND - no exchange 'gone' in vhost '/'",
-        );
-        assert!(matches!(
-            classify_for(&missing, &target("a", "gone", 1)),
-            PublishError::Fatal { .. }
-        ));
-        let neighbour = classify_for(&missing, &target("b", "", 1));
-        assert!(neighbour.is_retryable(), "{neighbour:?}");
-
-        let large = closed(
-            AMQPSoftError::PRECONDITIONFAILED,
-            "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000",
-        );
-        assert_eq!(
-            classify_for(&large, &target("a", "", 2000)),
-            PublishError::TooLarge {
-                size: 2000,
-                limit: 1000
-            }
-        );
-        assert!(classify_for(&large, &target("b", "", 10)).is_retryable());
-        let unnamed = closed(AMQPSoftError::PRECONDITIONFAILED, "PRECONDITION_FAILED - x");
-        assert!(classify_for(&unnamed, &target("b", "", 10)).is_retryable());
-    }
-
-    #[tokio::test]
-    async fn an_abandoned_attempt_answers_its_resend_and_nothing_else() {
-        let inflight = Inflight::default();
-        let original = target("m", "orders", 1);
-        let (reply, decision) = watch::channel(None);
-        let token = inflight.insert(original.attempt_key(), decision);
-        // Decided with nobody but the table watching: the caller gave up.
-        inflight.decided(
-            &original.attempt_key(),
-            token,
-            &Ok(()),
-            reply.receiver_count(),
-        );
-        reply.send_replace(Some(Ok(())));
-        // A dead-letter copy keeps the id but goes elsewhere: it must be published.
-        assert_eq!(inflight.earlier(&target("m", "orders.dlx", 1)).await, None);
-        // The resend of the same message collects the confirm instead of a second copy.
-        assert_eq!(inflight.earlier(&original).await, Some(Ok(())));
-        assert_eq!(inflight.earlier(&original).await, None, "collected once");
-
-        // A retryable failure is not kept: the resend goes out.
-        let (reply, decision) = watch::channel(None);
-        let token = inflight.insert(original.attempt_key(), decision);
-        let lost = Err(lost("gone"));
-        inflight.decided(
-            &original.attempt_key(),
-            token,
-            &lost,
-            reply.receiver_count(),
-        );
-        assert_eq!(inflight.earlier(&original).await, None);
     }
 
     #[test]

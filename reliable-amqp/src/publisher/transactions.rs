@@ -3,7 +3,8 @@
 
 use reliable_core::{Message, PublishError};
 
-use super::confirms::{classify, unroutable, Returns};
+use super::classify::{classify, unroutable};
+use super::confirms::Returns;
 use super::{AmqpPublisher, LiveChannel};
 use crate::connect::Source;
 use crate::settings::PublishMode;

@@ -68,8 +68,12 @@ use reliable_core::{Message, PublishError, Transport};
 use tracing::Instrument;
 
 use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
-use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
+
+mod builder;
+
+use builder::create_producer;
+pub use builder::KafkaTransportBuilder;
 
 /// Kafka's default `message.max.bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
@@ -103,95 +107,6 @@ impl fmt::Debug for KafkaTransport {
     }
 }
 
-/// Builds a [`KafkaTransport`] from the safe preset or a user's [`ClientConfig`], checking the
-/// topics it will write to at start-up.
-#[must_use]
-pub struct KafkaTransportBuilder {
-    config: ClientConfig,
-    confirm_timeout: Duration,
-    safety: Safety,
-    default_topic: Option<String>,
-    topics: Vec<TopicSpec>,
-    check_topics: bool,
-}
-
-impl fmt::Debug for KafkaTransportBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaTransportBuilder")
-            .field("config", &RedactedConfig(&self.config))
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("safety", &self.safety)
-            .field("topics", &self.topics)
-            .field("check_topics", &self.check_topics)
-            .finish_non_exhaustive()
-    }
-}
-
-impl KafkaTransportBuilder {
-    /// The core producer's confirm timeout (default 5 s, as
-    /// [`ProducerConfig::default`]); librdkafka's `message.timeout.ms` is kept at or below it.
-    /// Use the same value in the core producer
-    /// ([`KafkaTransport::recommended_producer_config`] does).
-    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout = timeout;
-        self
-    }
-
-    /// Unsafe settings knowingly accepted (default: none).
-    pub fn safety(mut self, safety: Safety) -> Self {
-        self.safety = safety;
-        self
-    }
-
-    /// The topic for messages without a [`destination`](Message::destination); it is
-    /// checked (or created) at build time like [`topic`](Self::topic).
-    pub fn default_topic(mut self, spec: TopicSpec) -> Self {
-        self.default_topic = Some(spec.name.clone());
-        self.topics.push(spec);
-        self
-    }
-
-    /// A topic this transport writes to: created with safe settings when missing, verified when
-    /// present (see [`ensure_topic`]).
-    pub fn topic(mut self, spec: TopicSpec) -> Self {
-        self.topics.push(spec);
-        self
-    }
-
-    /// Skips the start-up topic check. The topics' replication settings then go unverified:
-    /// only for clusters checked by other means.
-    pub fn skip_topic_check(mut self) -> Self {
-        tracing::warn!("Kafka topic safety check disabled; unsafe topics will not be detected");
-        self.check_topics = false;
-        self
-    }
-
-    /// Validates the config, checks the topics and creates the producer.
-    pub async fn build(self) -> Result<KafkaTransport, Error> {
-        let mut config = self.config;
-        harden_producer_config(&mut config, self.confirm_timeout, &self.safety)?;
-        if self.check_topics {
-            for spec in &self.topics {
-                ensure_topic(&config, spec).await?;
-            }
-        }
-        let producer = create_producer(&config)?;
-        Ok(KafkaTransport::assemble(
-            producer,
-            config,
-            self.default_topic,
-            self.confirm_timeout,
-        ))
-    }
-}
-
-fn create_producer(config: &ClientConfig) -> Result<FutureProducer, Error> {
-    config.create().map_err(|e| Error::Client {
-        client: "producer",
-        reason: redact(config, e.to_string()),
-    })
-}
-
 impl KafkaTransport {
     /// A builder from the safe preset ([`producer_preset`](crate::config::producer_preset)).
     pub fn builder(bootstrap_servers: &str) -> KafkaTransportBuilder {
@@ -218,7 +133,7 @@ impl KafkaTransport {
     /// Wraps an existing `producer`. `config` must be the configuration it was created from: it
     /// is validated like a builder's (an unsafe setting is refused) and used to rebuild the
     /// producer after a fatal error. No topic check runs; call
-    /// [`ensure_topic`] yourself.
+    /// [`ensure_topic`](crate::topic::ensure_topic) yourself.
     pub fn from_producer(
         producer: FutureProducer,
         config: &ClientConfig,
