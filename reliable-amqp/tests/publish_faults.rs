@@ -185,7 +185,7 @@ async fn a_publish_to_a_missing_exchange_fails_alone() {
 
 /// `close()` is the one way to shut a publisher down: bounded, after which publishing is a
 /// typed, non-retryable error; under the core producer, `Producer::close` settles every
-/// pending message and then closes the publisher.
+/// pending message, and leaves a publisher other handles still use open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_settles_then_closes_and_later_publishes_are_refused() {
     let url = require!(reliable_test_support::amqp_url());
@@ -208,14 +208,18 @@ async fn close_settles_then_closes_and_later_publishes_are_refused() {
         .await
         .expect("close is bounded");
     eprintln!("producer close took {:?}", started.elapsed());
-    assert!(
-        publisher.is_closed(),
-        "Producer::close closes its transport"
-    );
     for result in join_all(handles).await {
         assert!(result.is_ok(), "{result:?}");
     }
     assert_eq!(common::wait_for_count(&conn, &queue, 100).await, 100);
+    // The application still holds a clone: the producer's close left it open for it.
+    assert!(!publisher.is_closed(), "a shared publisher stays open");
+    let still = Message::new(&b"still open"[..]).with_routing_key(&queue);
+    publisher.publish(&still).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), publisher.close())
+        .await
+        .expect("close is bounded");
+    assert!(publisher.is_closed());
     let late = Message::new(&b"late"[..]).with_routing_key(&queue);
     let error = publisher.publish(&late).await.unwrap_err();
     assert!(

@@ -15,9 +15,11 @@ impl AmqpPublisher {
     /// confirm. A wrapped connection or channel is left open for its owner (only the
     /// adapter's own channel is closed).
     ///
-    /// Under the core's `Producer`, call `Producer::close`: it settles every pending message
-    /// first, then calls this. Dropping the last clone without `close` closes the owned
-    /// connection in the background, without waiting for confirms.
+    /// Closing affects every clone (they share the channel). Under the core's `Producer`, call
+    /// `Producer::close`: it settles every pending message first, then closes the publisher if
+    /// the producer holds its only handle (a publisher shared with other producers or with the
+    /// application stays open for them). Dropping the last clone without `close` closes the
+    /// owned connection in the background once its confirms are in (bounded).
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {

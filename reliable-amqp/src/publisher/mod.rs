@@ -504,7 +504,14 @@ impl Transport for AmqpPublisher {
         .await
     }
 
+    /// Called by `Producer::close` once its messages are settled: closes the publisher when
+    /// the producer holds its only handle, and leaves it open while other clones of it (another
+    /// producer, the application) are still in use; the last one to go closes it.
     async fn close(&self) {
+        if Arc::strong_count(&self.inner) > 1 {
+            tracing::debug!("publisher shared with other handles: left open");
+            return;
+        }
         AmqpPublisher::close(self).await
     }
 }
