@@ -103,15 +103,6 @@ mod tests {
     use super::*;
     use lapin::protocol::{AMQPError, AMQPErrorKind};
 
-    fn target(id: &str, exchange: &str, size: usize) -> Target {
-        Target {
-            id: id.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: String::new(),
-            size,
-        }
-    }
-
     fn closed(code: AMQPSoftError, text: &str) -> lapin::Error {
         lapin::ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(code), text.into()))
             .into()
@@ -124,10 +115,10 @@ mod tests {
             "NOT_FOUND - no exchange 'gone' in vhost '/'",
         );
         assert!(matches!(
-            classify_for(&missing, &target("a", "gone", 1)),
+            classify_for(&missing, &Target::for_test("a", "gone", 1)),
             PublishError::Fatal { .. }
         ));
-        let neighbour = classify_for(&missing, &target("b", "", 1));
+        let neighbour = classify_for(&missing, &Target::for_test("b", "", 1));
         assert!(neighbour.is_retryable(), "{neighbour:?}");
 
         let large = closed(
@@ -135,14 +126,14 @@ mod tests {
             "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000",
         );
         assert_eq!(
-            classify_for(&large, &target("a", "", 2000)),
+            classify_for(&large, &Target::for_test("a", "", 2000)),
             PublishError::TooLarge {
                 size: 2000,
                 limit: 1000
             }
         );
-        assert!(classify_for(&large, &target("b", "", 10)).is_retryable());
+        assert!(classify_for(&large, &Target::for_test("b", "", 10)).is_retryable());
         let unnamed = closed(AMQPSoftError::PRECONDITIONFAILED, "PRECONDITION_FAILED - x");
-        assert!(classify_for(&unnamed, &target("b", "", 10)).is_retryable());
+        assert!(classify_for(&unnamed, &Target::for_test("b", "", 10)).is_retryable());
     }
 }

@@ -64,6 +64,17 @@ pub(super) struct Target {
 }
 
 impl Target {
+    /// A target to `exchange` with an empty routing key, for tests.
+    #[cfg(test)]
+    pub(super) fn for_test(id: &str, exchange: &str, size: usize) -> Self {
+        Self {
+            id: id.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: String::new(),
+            size,
+        }
+    }
+
     /// What makes two publishes attempts of one message: the id and the destination (a
     /// dead-letter copy keeps its message's id but goes elsewhere).
     pub(super) fn attempt_key(&self) -> String {
@@ -399,25 +410,16 @@ mod tests {
         }
     }
 
-    fn target(id: &str, exchange: &str, size: usize) -> Target {
-        Target {
-            id: id.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: String::new(),
-            size,
-        }
-    }
-
     #[test]
     fn a_return_attached_to_another_publish_goes_to_its_own() {
         let mut returns = Returns::default();
         returns.add(returned("x"));
         assert_eq!(
-            decide(&target("w", "", 1), Some(Ok(true)), &mut returns),
+            decide(&Target::for_test("w", "", 1), Some(Ok(true)), &mut returns),
             Ok(())
         );
         assert!(matches!(
-            decide(&target("x", "", 1), Some(Ok(true)), &mut returns),
+            decide(&Target::for_test("x", "", 1), Some(Ok(true)), &mut returns),
             Err(PublishError::Unroutable { .. })
         ));
         assert!(returns.0.is_empty());
@@ -428,10 +430,10 @@ mod tests {
         let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         let mut returns = Returns::default();
         assert!(matches!(
-            decide(&target("n", "", 1), Some(Ok(false)), &mut returns),
+            decide(&Target::for_test("n", "", 1), Some(Ok(false)), &mut returns),
             Err(PublishError::Nacked { .. })
         ));
-        let lost = decide(&target("l", "", 1), Some(Err(io)), &mut returns);
+        let lost = decide(&Target::for_test("l", "", 1), Some(Err(io)), &mut returns);
         assert!(matches!(lost, Err(PublishError::ConnectionLost { .. })));
         assert!(lost.unwrap_err().is_retryable());
     }

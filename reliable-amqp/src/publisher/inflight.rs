@@ -101,19 +101,10 @@ mod tests {
     use crate::publisher::classify::lost;
     use tokio::sync::watch;
 
-    fn target(id: &str, exchange: &str, size: usize) -> Target {
-        Target {
-            id: id.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: String::new(),
-            size,
-        }
-    }
-
     #[tokio::test]
     async fn an_abandoned_attempt_answers_its_resend_and_nothing_else() {
         let inflight = Inflight::default();
-        let original = target("m", "orders", 1);
+        let original = Target::for_test("m", "orders", 1);
         let (reply, decision) = watch::channel(None);
         let token = inflight.insert(original.attempt_key(), decision);
         // Decided with nobody but the table watching: the caller gave up.
@@ -125,7 +116,12 @@ mod tests {
         );
         reply.send_replace(Some(Ok(())));
         // A dead-letter copy keeps the id but goes elsewhere: it must be published.
-        assert_eq!(inflight.earlier(&target("m", "orders.dlx", 1)).await, None);
+        assert_eq!(
+            inflight
+                .earlier(&Target::for_test("m", "orders.dlx", 1))
+                .await,
+            None
+        );
         // The resend of the same message collects the confirm instead of a second copy.
         assert_eq!(inflight.earlier(&original).await, Some(Ok(())));
         assert_eq!(inflight.earlier(&original).await, None, "collected once");
