@@ -57,28 +57,33 @@ pub(super) struct Target {
     pub(super) id: String,
     /// The exchange it was published to.
     pub(super) exchange: String,
-    /// The routing key it was published with.
-    pub(super) routing_key: String,
     /// The body size in bytes.
     pub(super) size: usize,
+    /// What makes two publishes attempts of one message: the id and the destination (a
+    /// dead-letter copy keeps its message's id but goes elsewhere).
+    attempt_key: String,
 }
 
 impl Target {
-    /// A target to `exchange` with an empty routing key, for tests.
-    #[cfg(test)]
-    pub(super) fn for_test(id: &str, exchange: &str, size: usize) -> Self {
+    /// The target of a publish of message `id` to `exchange` with `routing_key`.
+    pub(super) fn new(id: &str, exchange: &str, routing_key: &str, size: usize) -> Self {
         Self {
             id: id.to_owned(),
             exchange: exchange.to_owned(),
-            routing_key: String::new(),
             size,
+            attempt_key: format!("{exchange}\0{routing_key}\0{id}"),
         }
     }
 
-    /// What makes two publishes attempts of one message: the id and the destination (a
-    /// dead-letter copy keeps its message's id but goes elsewhere).
-    pub(super) fn attempt_key(&self) -> String {
-        format!("{}\0{}\0{}", self.exchange, self.routing_key, self.id)
+    /// A target to `exchange` with an empty routing key, for tests.
+    #[cfg(test)]
+    pub(super) fn for_test(id: &str, exchange: &str, size: usize) -> Self {
+        Self::new(id, exchange, "", size)
+    }
+
+    /// The key of this message and destination in [`Inflight`].
+    pub(super) fn attempt_key(&self) -> &str {
+        &self.attempt_key
     }
 }
 
@@ -266,7 +271,7 @@ async fn drive(
             // Counted before the outcome is sent: a caller still waiting holds its receiver
             // until it has the outcome.
             let watchers = reply.receiver_count();
-            inflight.decided(&target.attempt_key(), token, &outcome, watchers);
+            inflight.decided(target.attempt_key(), token, &outcome, watchers);
             reply.send_replace(Some(outcome));
         }
         undecided.send_replace(entries.len());

@@ -42,9 +42,9 @@ impl Inflight {
         let key = target.attempt_key();
         let mut decision = {
             let mut attempts = self.lock();
-            let attempt = attempts.get(&key)?;
+            let attempt = attempts.get(key)?;
             if attempt.abandoned_at.is_some() {
-                let collected = attempts.remove(&key)?;
+                let collected = attempts.remove(key)?;
                 let outcome = collected.decision.borrow().clone();
                 return outcome;
             }
@@ -62,14 +62,14 @@ impl Inflight {
         }
     }
 
-    pub(super) fn insert(&self, key: String, decision: Decision) -> u64 {
+    pub(super) fn insert(&self, key: &str, decision: Decision) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let attempt = Attempt {
             token,
             decision,
             abandoned_at: None,
         };
-        self.lock().insert(key, attempt);
+        self.lock().insert(key.to_owned(), attempt);
         token
     }
 
@@ -109,7 +109,7 @@ mod tests {
         let token = inflight.insert(original.attempt_key(), decision);
         // Decided with nobody but the table watching: the caller gave up.
         inflight.decided(
-            &original.attempt_key(),
+            original.attempt_key(),
             token,
             &Ok(()),
             reply.receiver_count(),
@@ -130,12 +130,7 @@ mod tests {
         let (reply, decision) = watch::channel(None);
         let token = inflight.insert(original.attempt_key(), decision);
         let lost = Err(lost("gone"));
-        inflight.decided(
-            &original.attempt_key(),
-            token,
-            &lost,
-            reply.receiver_count(),
-        );
+        inflight.decided(original.attempt_key(), token, &lost, reply.receiver_count());
         assert_eq!(inflight.earlier(&original).await, None);
     }
 }

@@ -414,21 +414,18 @@ impl AmqpPublisher {
         }
     }
 
-    fn target(&self, msg: &Message) -> Target {
-        Target {
-            id: msg.id_text().to_owned(),
-            exchange: msg.destination().unwrap_or(&self.inner.exchange).to_owned(),
-            routing_key: msg.routing_key().unwrap_or_default().to_owned(),
-            size: msg.payload().len(),
-        }
-    }
-
     async fn publish_confirmed(&self, msg: &Message) -> Result<(), PublishError> {
-        if let Some(outcome) = self.inner.inflight.earlier(&self.target(msg)).await {
+        let target = Target::new(
+            msg.id_text(),
+            msg.destination().unwrap_or(&self.inner.exchange),
+            msg.routing_key().unwrap_or_default(),
+            msg.payload().len(),
+        );
+        if let Some(outcome) = self.inner.inflight.earlier(&target).await {
             return outcome;
         }
         let live = self.live().await.map_err(|e| classify(&e))?;
-        let result = self.publish_on(&live, msg).await;
+        let result = self.publish_on(&live, msg, target).await;
         if matches!(
             result,
             Err(PublishError::ConnectionLost { .. } | PublishError::Timeout)
@@ -441,7 +438,12 @@ impl AmqpPublisher {
     /// Publishes `msg` on `live` and waits for its confirm, at most the settings'
     /// [`confirm_timeout`](AmqpSettings::confirm_timeout); then [`PublishError::Timeout`], and
     /// the channel is suspect (as it is when the caller gives up after [`SUSPECT_AFTER`]).
-    async fn publish_on(&self, live: &LiveChannel, msg: &Message) -> Result<(), PublishError> {
+    async fn publish_on(
+        &self,
+        live: &LiveChannel,
+        msg: &Message,
+        target: Target,
+    ) -> Result<(), PublishError> {
         let timeout = self.inner.settings.confirm_timeout();
         let suspect = SuspectOnDrop {
             publisher: self,
@@ -449,7 +451,7 @@ impl AmqpPublisher {
             since: Instant::now(),
             armed: true,
         };
-        let result = tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg))
+        let result = tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg, target))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(message_id = %msg.id(), ?timeout, "no confirm within the confirm timeout");
@@ -463,6 +465,7 @@ impl AmqpPublisher {
         &self,
         live: &LiveChannel,
         msg: &Message,
+        target: Target,
     ) -> Result<(), PublishError> {
         let publish = self.basic_publish(&live.channel, msg);
         if !self.inner.settings.publisher_confirms() {
@@ -470,7 +473,7 @@ impl AmqpPublisher {
             // we know.
             return publish.await.map(drop).map_err(|e| classify(&e));
         }
-        live.confirms.publish(self.target(msg), publish).await
+        live.confirms.publish(target, publish).await
     }
 }
 
