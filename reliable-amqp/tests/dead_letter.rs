@@ -101,19 +101,13 @@ async fn redeclare(
     result
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_reject_over_a_queue_without_a_dead_letter_exchange_is_refused_before_any_delivery()
-{
-    let url = require!(reliable_test_support::amqp_url());
-    let (conn, ch) = common::open(&url).await;
-    let queue = unique_name("dl-none");
-    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
-        .await
-        .unwrap();
-    publish(&url, &queue, "poison").await;
-
+/// Publishes a poison message to `queue` and runs a `BrokerReject` pipeline over a plain
+/// consumer of it: the pipeline refuses with the typed error before taking any delivery, and
+/// the message stays in its queue (then deleted).
+async fn assert_broker_reject_refused(url: &str, conn: &Connection, queue: &str) {
+    publish(url, queue, "poison").await;
     let calls = Arc::new(AtomicU32::new(0));
-    let source = AmqpConsumer::connect(&url, &queue, AmqpSettings::safe())
+    let source = AmqpConsumer::connect(url, queue, AmqpSettings::safe())
         .await
         .unwrap();
     let result = run_until(
@@ -131,11 +125,23 @@ async fn broker_reject_over_a_queue_without_a_dead_letter_exchange_is_refused_be
     );
     assert_eq!(calls.load(Ordering::SeqCst), 0, "no delivery was taken");
     assert_eq!(
-        common::wait_for_count(&conn, &queue, 1).await,
+        common::wait_for_count(conn, queue, 1).await,
         1,
         "the poison message is still in its queue"
     );
-    common::delete(&conn, &[&queue]).await;
+    common::delete(conn, &[queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_reject_over_a_queue_without_a_dead_letter_exchange_is_refused_before_any_delivery()
+{
+    let url = require!(reliable_test_support::amqp_url());
+    let (conn, ch) = common::open(&url).await;
+    let queue = unique_name("dl-none");
+    topology::declare_queue(&ch, &QueueSpec::quorum(&queue))
+        .await
+        .unwrap();
+    assert_broker_reject_refused(&url, &conn, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,32 +160,7 @@ async fn broker_reject_over_a_dead_letter_exchange_without_a_bound_queue_is_refu
     )
     .await
     .unwrap();
-    publish(&url, &queue, "poison").await;
-
-    let calls = Arc::new(AtomicU32::new(0));
-    let source = AmqpConsumer::connect(&url, &queue, AmqpSettings::safe())
-        .await
-        .unwrap();
-    let result = run_until(
-        Pipeline::new(
-            source,
-            always_poison(calls.clone()),
-            DeadLetter::BrokerReject,
-        ),
-        |s| s.dead_lettered > 0,
-    )
-    .await;
-    assert!(
-        matches!(result, Err(PipelineError::NoBrokerDeadLetter)),
-        "expected the typed refusal, got {result:?}"
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "no delivery was taken");
-    assert_eq!(
-        common::wait_for_count(&conn, &queue, 1).await,
-        1,
-        "the poison message is still in its queue"
-    );
-    common::delete(&conn, &[&queue]).await;
+    assert_broker_reject_refused(&url, &conn, &queue).await;
     delete_exchange(&conn, &dlx).await;
 }
 
