@@ -53,6 +53,7 @@ fn producer_config() -> ProducerConfig {
         max_attempts: 1000,
         max_in_flight: 512,
         backoff: BackoffPolicy::default(),
+        ..ProducerConfig::default()
     }
 }
 

@@ -35,6 +35,6 @@ pub mod transport;
 
 pub use message::{IdempotencyKey, Message, MessageId};
 pub use transport::{
-    AckError, Acker, ConsumeError, Delivery, DeliverySource, Position, PublishError,
-    TopicPartition, Transport,
+    AckError, Acker, Attempt, ConsumeError, Delivery, DeliverySource, Position, PublishError,
+    Submission, TopicPartition, Transport,
 };

@@ -20,20 +20,58 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::message::Message;
+
+/// A publish handed to the client, resolving on the broker's confirm or refusal (the second
+/// half of [`Transport::submit`]).
+pub type Attempt = BoxFuture<'static, Result<(), PublishError>>;
+
+/// The hand-off of one message to the client, resolving to its [`Attempt`] once the client has
+/// the message in its send order (the first half of [`Transport::submit`]).
+pub type Submission = BoxFuture<'static, Result<Attempt, PublishError>>;
 
 /// Producer side of a broker adapter: one publish attempt, resolved by the broker's answer.
 ///
 /// Implementations must resolve `Ok(())` only after the broker confirmed the message durably
 /// (invariant 1) and must not retry by themselves; the [`Producer`](crate::producer::Producer)
 /// does that with the same message id (invariant 6). They may take arbitrarily long: the producer
-/// bounds every attempt with a timeout and drops the future on expiry, so `publish` must be
-/// cancel safe (dropping it must not corrupt the transport).
+/// bounds every attempt with a timeout and drops the future on expiry, so `publish` and both
+/// halves of `submit` must be cancel safe (dropping them must not corrupt the transport).
+///
+/// # Order
+///
+/// The producer keeps the order its caller sends in by calling [`submit`](Self::submit) for one
+/// message at a time, in send order, and waiting for each [`Submission`] before it starts the
+/// next; the [`Attempt`]s then run concurrently. A transport keeps that order when a message
+/// whose submission has resolved reaches the broker before any message submitted after it, in
+/// the same [`lane`](Self::lane) (an AMQP channel; a Kafka partition). Implement `submit` to
+/// hand the message to the client in the submission (lapin's `basic_publish` first poll,
+/// rdkafka's `send_result`); the default only starts [`publish`](Self::publish) in the attempt,
+/// which keeps no order.
 #[async_trait]
-pub trait Transport: Send + Sync {
+pub trait Transport: Send + Sync + 'static {
     /// Publishes `msg` and waits for the broker's confirm or refusal.
     async fn publish(&self, msg: &Message) -> Result<(), PublishError>;
+
+    /// Hands `msg` to the client and returns the [`Attempt`] that resolves on its confirm: see
+    /// [Order](#order). A refusal known at hand-off (a full client queue, a missing topic) is
+    /// the submission's error. Default: an attempt that runs [`publish`](Self::publish).
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+        Box::pin(async move {
+            let attempt: Attempt = Box::pin(async move { self.publish(&msg).await });
+            Ok(attempt)
+        })
+    }
+
+    /// The ordering lane of `msg`: the producer keeps send order among messages of one lane
+    /// and lets lanes proceed independently while one of them resends (e.g. a Kafka record
+    /// key, since one key always lands in one partition). Default: one lane for every message.
+    fn lane(&self, msg: &Message) -> u64 {
+        let _ = msg;
+        0
+    }
 
     /// Called once by [`Producer::close`](crate::producer::Producer::close), after the
     /// producer has settled every pending message, so the transport can flush and close its
@@ -57,15 +95,12 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         (**self).publish(msg).await
     }
 
-    async fn close(&self) {
-        (**self).close().await
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+        Arc::clone(&*self).submit(msg)
     }
-}
 
-#[async_trait]
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        (**self).publish(msg).await
+    fn lane(&self, msg: &Message) -> u64 {
+        (**self).lane(msg)
     }
 
     async fn close(&self) {

@@ -21,6 +21,28 @@ pub struct ProducerConfig {
     pub max_in_flight: usize,
     /// The delay between attempts. Default: [`BackoffPolicy::default`].
     pub backoff: BackoffPolicy,
+    /// Whether resends keep the send order. Default: [`SendOrder::Preserved`].
+    pub order: SendOrder,
+}
+
+/// Whether a producer keeps its caller's send order when it resends (see
+/// [`Producer`](super::Producer), "Order").
+///
+/// Messages always reach the transport in the order they were sent (per producer, per
+/// [`lane`](crate::Transport::lane)); the choice is what happens once one of them has to be
+/// resent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SendOrder {
+    /// A lane with a message to resend holds its later, not yet submitted messages until the
+    /// resends are confirmed (or handed back), and resends in the original order, each only
+    /// once every earlier message of its lane is decided. The broker sees each lane in send
+    /// order, at the cost of that lane's throughput while it recovers.
+    #[default]
+    Preserved,
+    /// Each message is resent on its own after its backoff, while later messages keep going:
+    /// the most throughput during faults, and a resent message lands behind newer ones.
+    Relaxed,
 }
 
 impl Default for ProducerConfig {
@@ -31,6 +53,7 @@ impl Default for ProducerConfig {
             max_attempts: 20,
             max_in_flight: 1024,
             backoff: BackoffPolicy::default(),
+            order: SendOrder::default(),
         }
     }
 }

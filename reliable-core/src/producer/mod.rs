@@ -70,7 +70,7 @@ use crate::message::{IdempotencyKey, Message, MessageId};
 use crate::stats::LatencyHistogram;
 use crate::transport::Transport;
 
-pub use config::ProducerConfig;
+pub use config::{ProducerConfig, SendOrder};
 pub use error::{BatchError, SendError};
 pub use handle::{Confirmed, SendHandle};
 pub use stats::{ProducerStats, ResendCause, ResendCounts, Unconfirmed};
