@@ -132,6 +132,7 @@ proptest! {
                     factor: 2.0,
                     jitter: true,
                 },
+                ..ProducerConfig::default()
             }, outbox.clone());
 
             let mut awaited = Vec::new();
