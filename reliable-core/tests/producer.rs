@@ -26,6 +26,7 @@ fn config() -> ProducerConfig {
             factor: 2.0,
             jitter: true,
         },
+        ..ProducerConfig::default()
     }
 }
 
