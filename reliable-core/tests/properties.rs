@@ -91,6 +91,7 @@ proptest! {
                     factor: 2.0,
                     jitter: true,
                 },
+                ..ProducerConfig::default()
             });
             let msgs: Vec<Message> = (0..n)
                 .map(|i| Message::new(format!("m{i}")).with_destination("q").with_header("i", i.to_string()))
