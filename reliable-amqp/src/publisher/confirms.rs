@@ -5,7 +5,7 @@
 //! another publish's confirm. A publish is therefore decided here only once every return that
 //! could belong to it is in hand:
 //!
-//! * **Registration cannot be cancelled half-way.** [`Confirms::publish`] polls lapin's
+//! * **Registration cannot be cancelled half-way.** [`Confirms::register`] polls lapin's
 //!   `basic_publish` once under the channel's registry lock (lapin assigns the delivery tag
 //!   and queues the frames in that first poll) and hands the publish to the driver in the
 //!   same synchronous step. From then on the driver owns it, whatever happens to the caller:
@@ -148,28 +148,33 @@ impl Confirms {
         !self.driver.is_closed()
     }
 
-    /// Registers `publish` (lapin's `basic_publish` future) and returns the receiver of its
-    /// outcome. Registration and hand-off happen in one synchronous step: dropping the returned
-    /// receiver (a cancelled caller) leaves the publish tracked to its end.
-    pub(super) fn publish(
+    /// Registers `publish` (lapin's `basic_publish` future) with the driver and resolves, in
+    /// its first poll, to the [`Pending`] wait for its outcome. lapin assigns the delivery tag
+    /// and queues the frames in that same poll, so publishes registered one after another go
+    /// out in that order. Registration and hand-off are one synchronous step: dropping the
+    /// [`Pending`] (a cancelled caller) leaves the publish tracked to its end.
+    pub(super) fn register(
         &self,
         target: Target,
         publish: impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static,
-    ) -> impl Future<Output = Outcome> + Send + 'static {
+    ) -> impl Future<Output = Result<Pending, PublishError>> + Send + 'static {
         let mut publishing: Publishing = Box::pin(publish);
-        let (reply, mut outcome) = watch::channel(None);
+        let (reply, outcome) = watch::channel(None);
         let driver = self.driver.clone();
         let registry = self.registry.clone();
         let inflight = self.inflight.clone();
         let mut target = Some(target);
         let mut reply = Some(reply);
-        let registered = std::future::poll_fn(move |cx| {
+        let mut outcome = Some(outcome);
+        std::future::poll_fn(move |cx| {
             let mut next = lock(&registry);
             // lapin assigns the delivery tag and queues the frames in this first poll.
             let first = publishing.as_mut().poll(cx);
             let seq = *next;
             *next += 1;
-            let (Some(target), Some(reply)) = (target.take(), reply.take()) else {
+            let (Some(target), Some(reply), Some(outcome)) =
+                (target.take(), reply.take(), outcome.take())
+            else {
                 return Poll::Ready(Err(lost("publish polled after registration")));
             };
             let token = inflight.insert(target.attempt_key(), reply.subscribe());
@@ -188,16 +193,25 @@ impl Confirms {
                 token,
             });
             drop(next);
-            Poll::Ready(sent.map_err(|_| lost("the confirm driver stopped with its channel")))
-        });
-        async move {
-            registered.await?;
-            match outcome.wait_for(Option::is_some).await {
-                Ok(decided) => decided
-                    .clone()
-                    .unwrap_or_else(|| Err(lost("the channel closed before the confirm"))),
-                Err(_) => Err(lost("the channel closed before the confirm")),
-            }
+            Poll::Ready(
+                sent.map(|_| Pending(outcome))
+                    .map_err(|_| lost("the confirm driver stopped with its channel")),
+            )
+        })
+    }
+}
+
+/// A registered publish: the wait for the driver's decision on it.
+pub(super) struct Pending(Decision);
+
+impl Pending {
+    /// Waits for the decision: the broker's ack (`Ok`), or why the publish is refused.
+    pub(super) async fn decided(mut self) -> Outcome {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(decided) => decided
+                .clone()
+                .unwrap_or_else(|| Err(lost("the channel closed before the confirm"))),
+            Err(_) => Err(lost("the channel closed before the confirm")),
         }
     }
 }

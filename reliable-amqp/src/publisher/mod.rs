@@ -14,6 +14,10 @@
 //! * A publish waits for its confirm (or, with transactions, its commit) at most the settings'
 //!   [`confirm_timeout`](AmqpSettings::confirm_timeout), then fails with the retryable
 //!   [`PublishError::Timeout`]: the message is not known to be confirmed; resend it.
+//! * [`Transport::submit`] keeps the caller's order: its submission resolves once lapin has
+//!   assigned the message its delivery tag and queued its frames on the channel (RabbitMQ keeps
+//!   publish order per channel), and its attempt only waits for the decision. The core's
+//!   producer submits one message at a time in send order.
 //! * When the channel or connection goes away, pending publishes fail with the retryable
 //!   [`PublishError::ConnectionLost`] and the next publish re-opens a channel (backoff per
 //!   [`ReconnectPolicy`](crate::settings::ReconnectPolicy)). The caller — usually the core's
@@ -59,13 +63,14 @@ mod classify;
 mod close;
 mod confirms;
 mod inflight;
+mod submit;
 mod transactions;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::{BoxFuture, Shared};
@@ -73,6 +78,7 @@ use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
+use reliable_core::transport::{Attempt, Submission};
 use reliable_core::{Message, PublishError, Transport};
 use tokio::sync::Mutex;
 use tracing::Instrument;
@@ -80,15 +86,8 @@ use tracing::Instrument;
 use crate::connect::{Link, Source};
 use crate::error::AmqpError;
 use crate::settings::{AmqpSettings, PublishMode};
-use classify::classify;
-use confirms::{Confirms, Target};
+use confirms::Confirms;
 use inflight::Inflight;
-use transactions::only_result;
-
-/// A caller that gave up on a confirm after waiting at least this long marks the channel
-/// suspect: a confirm normally takes milliseconds, so a wait this long means the link or the
-/// broker stalls, and the resend goes out on a fresh connection instead of into the same one.
-const SUSPECT_AFTER: Duration = Duration::from_secs(1);
 
 /// A publish refused, with the message handed back to the caller (invariant 2).
 #[derive(Debug, thiserror::Error)]
@@ -413,98 +412,41 @@ impl AmqpPublisher {
                 .await
         }
     }
-
-    async fn publish_confirmed(&self, msg: &Message) -> Result<(), PublishError> {
-        let target = Target::new(
-            msg.id_text(),
-            msg.destination().unwrap_or(&self.inner.exchange),
-            msg.routing_key().unwrap_or_default(),
-            msg.payload().len(),
-        );
-        if let Some(outcome) = self.inner.inflight.earlier(&target).await {
-            return outcome;
-        }
-        let live = self.live().await.map_err(|e| classify(&e))?;
-        let result = self.publish_on(&live, msg, target).await;
-        if matches!(
-            result,
-            Err(PublishError::ConnectionLost { .. } | PublishError::Timeout)
-        ) {
-            self.invalidate(live.generation);
-        }
-        result
-    }
-
-    /// Publishes `msg` on `live` and waits for its confirm, at most the settings'
-    /// [`confirm_timeout`](AmqpSettings::confirm_timeout); then [`PublishError::Timeout`], and
-    /// the channel is suspect (as it is when the caller gives up after [`SUSPECT_AFTER`]).
-    async fn publish_on(
-        &self,
-        live: &LiveChannel,
-        msg: &Message,
-        target: Target,
-    ) -> Result<(), PublishError> {
-        let timeout = self.inner.settings.confirm_timeout();
-        let suspect = SuspectOnDrop {
-            publisher: self,
-            generation: live.generation,
-            since: Instant::now(),
-            armed: true,
-        };
-        let result = tokio::time::timeout(timeout, self.publish_on_unbounded(live, msg, target))
-            .await
-            .unwrap_or_else(|_| {
-                tracing::warn!(message_id = %msg.id(), ?timeout, "no confirm within the confirm timeout");
-                Err(PublishError::Timeout)
-            });
-        suspect.disarm();
-        result
-    }
-
-    async fn publish_on_unbounded(
-        &self,
-        live: &LiveChannel,
-        msg: &Message,
-        target: Target,
-    ) -> Result<(), PublishError> {
-        let publish = self.basic_publish(&live.channel, msg);
-        if !self.inner.settings.publisher_confirms() {
-            // Explicit opt-out (DataLoss::NoPublisherConfirms): written to the socket is all
-            // we know.
-            return publish.await.map(drop).map_err(|e| classify(&e));
-        }
-        live.confirms.publish(target, publish).await
-    }
 }
 
 #[async_trait]
 impl Transport for AmqpPublisher {
+    /// Submits `msg` and waits for its attempt.
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let attempt = Arc::new(self.clone()).submit(Arc::new(msg.clone())).await?;
+        attempt.await
+    }
+
+    /// Hands `msg` to lapin in send order: the submission resolves once lapin has queued its
+    /// frames on the channel and registered it with the channel's confirm driver (confirm
+    /// mode), or once the whole publish is done (transactions, or no publisher confirms); the
+    /// attempt waits for the broker's decision, at most the settings'
+    /// [`confirm_timeout`](AmqpSettings::confirm_timeout) from the hand-off. Publishes
+    /// submitted one after another reach the broker in that order on one channel.
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
         let span = tracing::debug_span!(
             "amqp_publish",
             message_id = %msg.id(),
             idempotency_key = %msg.idempotency_key(),
         );
-        async {
-            if self.is_closed() {
-                return Err(PublishError::Fatal {
-                    reason: "the publisher is closed; publish through an open one".to_owned(),
-                });
+        let publisher = AmqpPublisher::clone(&self);
+        let attempt_span = span.clone();
+        Box::pin(
+            async move {
+                let attempt = publisher.hand_off(msg).await.inspect_err(not_confirmed)?;
+                let attempt: Attempt = Box::pin(
+                    async move { attempt.await.inspect_err(not_confirmed) }
+                        .instrument(attempt_span),
+                );
+                Ok(attempt)
             }
-            let result = match self.inner.settings.publish_mode() {
-                PublishMode::Confirms => self.publish_confirmed(msg).await,
-                PublishMode::Transactions => self
-                    .publish_tx(std::slice::from_ref(msg))
-                    .await
-                    .and_then(only_result),
-            };
-            if let Err(error) = &result {
-                tracing::debug!(%error, retryable = error.is_retryable(), "publish not confirmed");
-            }
-            result
-        }
-        .instrument(span)
-        .await
+            .instrument(span),
+        )
     }
 
     /// Called by `Producer::close` once its messages are settled: closes the publisher when
@@ -519,33 +461,8 @@ impl Transport for AmqpPublisher {
     }
 }
 
-/// Marks a channel suspect when a caller drops its wait for a confirm after
-/// [`SUSPECT_AFTER`] (the core producer's attempt timeout does): the next publish opens a
-/// fresh connection rather than resend into one that may have gone silent.
-struct SuspectOnDrop<'a> {
-    publisher: &'a AmqpPublisher,
-    generation: u64,
-    since: Instant,
-    armed: bool,
-}
-
-impl SuspectOnDrop<'_> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for SuspectOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed && self.since.elapsed() >= SUSPECT_AFTER {
-            tracing::warn!(
-                generation = self.generation,
-                waited = ?self.since.elapsed(),
-                "confirm wait abandoned: the channel is suspect, the next publish opens a fresh connection"
-            );
-            self.publisher.invalidate(self.generation);
-        }
-    }
+fn not_confirmed(error: &PublishError) {
+    tracing::debug!(%error, retryable = error.is_retryable(), "publish not confirmed");
 }
 
 #[cfg(test)]
