@@ -54,11 +54,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::message::{Message, MessageId};
 use crate::transport::{
-    AckError, Acker, ConsumeError, Delivery, DeliverySource, PublishError, Transport,
+    AckError, Acker, Attempt, ConsumeError, Delivery, DeliverySource, PublishError, Submission,
+    Transport,
 };
 
 /// The queue a message without a destination goes to.
@@ -108,8 +109,8 @@ struct BrokerInner {
     state: Mutex<State>,
     /// Woken on every change consumers may wait for.
     changed: Notify,
-    /// Woken when the connection is lost, failing publishes that wait for a confirm.
-    connection_lost: Notify,
+    /// Bumped when the connection is lost, failing publishes that wait for a confirm.
+    connection: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -215,7 +216,7 @@ impl InMemoryBroker {
     /// Loses the connection: publishes waiting for a confirm fail with
     /// [`PublishError::ConnectionLost`] and every consumer session crashes.
     pub fn lose_connection(&self) {
-        self.inner.connection_lost.notify_waiters();
+        self.inner.connection.send_modify(|epoch| *epoch += 1);
         self.crash_consumers();
     }
 
@@ -312,13 +313,11 @@ enum Then {
     ConfirmAfter(Duration),
 }
 
-#[async_trait]
-impl Transport for InMemoryTransport {
-    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+impl InMemoryTransport {
+    /// The hand-off: the broker stores (or, under a fault, refuses or loses) the message at
+    /// once, in call order. A refusal is returned here; what the confirm does is the `Then`.
+    fn hand_off(&self, msg: &Message) -> Result<(Then, watch::Receiver<u64>), PublishError> {
         let inner = &self.broker.inner;
-        let lost = inner.connection_lost.notified();
-        tokio::pin!(lost);
-        lost.as_mut().enable();
         let then = {
             let mut st = self.broker.lock();
             st.publish_log.push(msg.id());
@@ -355,24 +354,57 @@ impl Transport for InMemoryTransport {
             if store {
                 q.ready.push_back((msg.clone(), false));
             }
-            then
+            // Subscribed under the lock: a connection loss after this fails the wait below.
+            (then, inner.connection.subscribe())
         };
         inner.changed.notify_waiters();
-        let lost_err = || PublishError::ConnectionLost {
-            reason: "connection lost while waiting for the confirm".into(),
-        };
-        match then {
-            Then::Confirm => Ok(()),
-            Then::Fail(e) => Err(e),
-            Then::Never => {
-                lost.await;
-                Err(lost_err())
-            }
-            Then::ConfirmAfter(d) => tokio::select! {
-                _ = tokio::time::sleep(d) => Ok(()),
-                _ = lost => Err(lost_err()),
-            },
+        if let (Then::Fail(e), _) = then {
+            return Err(e);
         }
+        Ok(then)
+    }
+}
+
+/// The confirm of a handed-off message, failed by a connection loss while it waits.
+async fn confirm(then: Then, mut connection: watch::Receiver<u64>) -> Result<(), PublishError> {
+    let lost = async move {
+        let _ = connection.changed().await;
+        Err(PublishError::ConnectionLost {
+            reason: "connection lost while waiting for the confirm".into(),
+        })
+    };
+    match then {
+        Then::Confirm => Ok(()),
+        Then::Fail(e) => Err(e),
+        Then::Never => lost.await,
+        Then::ConfirmAfter(d) => tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            lost = lost => lost,
+        },
+    }
+}
+
+/// The broker takes a message in the submission (refusals included) and confirms it in the
+/// attempt, so a producer's messages land in its send order per queue (its lane).
+#[async_trait]
+impl Transport for InMemoryTransport {
+    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
+        let (then, connection) = self.hand_off(msg)?;
+        confirm(then, connection).await
+    }
+
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+        let handed = self.hand_off(&msg);
+        Box::pin(async move {
+            let (then, connection) = handed?;
+            let attempt: Attempt = Box::pin(confirm(then, connection));
+            Ok(attempt)
+        })
+    }
+
+    fn lane(&self, msg: &Message) -> u64 {
+        use std::hash::BuildHasher;
+        rustc_hash::FxBuildHasher.hash_one(msg.destination().unwrap_or(DEFAULT_QUEUE))
     }
 }
 

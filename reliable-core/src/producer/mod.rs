@@ -52,9 +52,10 @@
 //! ```
 
 mod config;
-mod deliver;
+mod driver;
 mod error;
 mod handle;
+mod lanes;
 mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,9 +63,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::message::{IdempotencyKey, Message, MessageId};
 use crate::stats::LatencyHistogram;
@@ -86,6 +86,14 @@ use stats::Counters;
 #[derive(Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
+    feed: Arc<Feed>,
+}
+
+/// The way into the producer's [driver](driver): started with the first message, ended (the
+/// driver finishes what it holds, then stops) when the last producer handle is dropped.
+#[derive(Default)]
+struct Feed {
+    queue: std::sync::OnceLock<mpsc::UnboundedSender<driver::Job>>,
 }
 
 struct Inner {
@@ -152,6 +160,7 @@ impl Producer {
                 #[cfg(feature = "outbox")]
                 outbox: None,
             }),
+            feed: Arc::default(),
         }
     }
 
@@ -307,15 +316,16 @@ impl Producer {
         Ok(Vec::new())
     }
 
-    /// Starts `msg`'s delivery task, which holds `permit` (its window slot) and `claim` (its
-    /// outbox entry) until the message is settled.
+    /// Hands `msg` to the driver, which holds `permit` (its window slot) and `claim` (its
+    /// outbox entry) until the message is settled. The driver's queue keeps the order of these
+    /// calls, which is the order the transport sees.
     fn start(
         &self,
         msg: Message,
         permit: OwnedSemaphorePermit,
         claim: Option<Claim>,
     ) -> SendHandle {
-        let inner = self.inner.clone();
+        let inner = &self.inner;
         let id = msg.id();
         let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -330,17 +340,25 @@ impl Producer {
             },
         );
         inner.counters.sent.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let span = tracing::info_span!(
-            "reliable.publish",
-            message_id = %id,
-            idempotency_key = %msg.idempotency_key(),
-        );
-        tokio::spawn(
-            inner
-                .run(ticket, msg, now, permit, claim, tx)
-                .instrument(span),
-        );
+        let (reply, rx) = oneshot::channel();
+        let queue = self.feed.queue.get_or_init(|| {
+            let (queue, jobs) = mpsc::unbounded_channel();
+            tokio::spawn(driver::Driver::new(inner.clone(), jobs).run());
+            queue
+        });
+        let job = driver::Job {
+            ticket,
+            msg,
+            first_sent: now,
+            permit,
+            claim,
+            reply,
+        };
+        if queue.send(job).is_err() {
+            // The driver is gone only when its runtime shut down; the job (and its reply)
+            // dropped with the send error, so the handle resolves to `Aborted`.
+            inner.pending.remove(&ticket);
+        }
         SendHandle::new(id, rx)
     }
 

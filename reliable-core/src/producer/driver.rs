@@ -1,0 +1,502 @@
+//! The producer's driver: one task per producer that hands messages to the transport in send
+//! order, waits for their confirms, resends and settles them (loss-matrix rows L1, L7;
+//! invariants 1, 2, 3 and 6).
+//!
+//! [`Producer::send`](super::Producer::send) puts each message on the driver's queue before it
+//! returns, so the queue holds messages in send order. The driver runs one
+//! [`Transport::submit`] at a time, in that order, and waits for the submission (the client has
+//! the message) before it starts the next; the attempts (the waits for confirms) run
+//! concurrently. A retryable failure parks the message for its backoff and resends it through
+//! the same single submission slot; under [`SendOrder::Preserved`] the [lanes](super::lanes)
+//! decide when.
+//!
+//! Every message is settled in bounded time: a submission and its attempt share one budget (the
+//! confirm timeout, cut to what is left of the deadline), and a message waiting (not yet
+//! submitted, parked or held) is handed back once its deadline passes. Deadlines grow with send
+//! order, so one FIFO sweep finds the expired ones.
+//!
+//! [`Transport::submit`]: crate::Transport::submit
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
+
+use crate::message::Message;
+use crate::transport::{Attempt, PublishError};
+
+use super::handle::{Claim, Outcome};
+use super::lanes::Lanes;
+use super::stats::ResendCause;
+use super::{Confirmed, Inner, SendError, SendOrder};
+
+/// A message accepted by `send`, on its way to the driver.
+pub(super) struct Job {
+    pub(super) ticket: u64,
+    pub(super) msg: Message,
+    pub(super) first_sent: Instant,
+    /// The message's window slot, freed when it is settled.
+    pub(super) permit: OwnedSemaphorePermit,
+    /// Its outbox entry (feature `outbox`).
+    pub(super) claim: Option<Claim>,
+    pub(super) reply: oneshot::Sender<Outcome>,
+}
+
+/// Where a message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Not submitted yet (queued, or held by its lane).
+    Waiting,
+    /// Its submission or attempt runs.
+    InFlight,
+    /// Failed retryably: waiting for its backoff, then for its turn.
+    Parked,
+}
+
+/// A message the driver owns until it is settled.
+struct Tracked {
+    msg: Arc<Message>,
+    lane: u64,
+    first_sent: Instant,
+    /// `None`: a deadline too far away to represent is no deadline.
+    deadline: Option<Instant>,
+    attempts: u32,
+    stage: Stage,
+    /// Why the pending resend is needed.
+    cause: Option<ResendCause>,
+    delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
+    permit: OwnedSemaphorePermit,
+    claim: Option<Claim>,
+    reply: oneshot::Sender<Outcome>,
+    span: tracing::Span,
+}
+
+type Submitting = BoxFuture<'static, (u64, Result<Attempt, PublishError>)>;
+type Deciding = BoxFuture<'static, (u64, Result<(), PublishError>)>;
+
+enum Event {
+    Submitted(u64, Result<Attempt, PublishError>),
+    Decided(u64, Result<(), PublishError>),
+    Accepted(Option<Job>),
+    Tick,
+}
+
+/// The driver's state; [`Driver::run`] is its task.
+pub(super) struct Driver {
+    inner: Arc<Inner>,
+    queue: mpsc::UnboundedReceiver<Job>,
+    /// `false` once every producer handle is gone: the driver ends when nothing is left.
+    open: bool,
+    tracked: HashMap<u64, Tracked, rustc_hash::FxBuildHasher>,
+    /// Never submitted, in send order (lane releases go to the front).
+    fresh: VecDeque<u64>,
+    /// Every accepted ticket in send order, for the deadline sweep (settled ones are skipped).
+    by_deadline: VecDeque<u64>,
+    /// Parked messages by the end of their backoff.
+    backoff: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Parked messages whose backoff is over, waiting for their turn.
+    due: BTreeSet<u64>,
+    lanes: Lanes,
+    /// The one submission running, if any.
+    submitting: Option<Submitting>,
+    attempts: FuturesUnordered<Deciding>,
+    timer: Pin<Box<Sleep>>,
+    /// When the timer is set to fire; `None` when nothing waits for it.
+    timer_at: Option<Instant>,
+}
+
+impl Driver {
+    pub(super) fn new(inner: Arc<Inner>, queue: mpsc::UnboundedReceiver<Job>) -> Self {
+        Self {
+            inner,
+            queue,
+            open: true,
+            tracked: HashMap::default(),
+            fresh: VecDeque::new(),
+            by_deadline: VecDeque::new(),
+            backoff: BinaryHeap::new(),
+            due: BTreeSet::new(),
+            lanes: Lanes::default(),
+            submitting: None,
+            attempts: FuturesUnordered::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer_at: None,
+        }
+    }
+
+    /// Runs until every producer handle is gone and every message is settled.
+    pub(super) async fn run(mut self) {
+        loop {
+            self.start_next();
+            if !self.open && self.tracked.is_empty() {
+                return;
+            }
+            self.arm_timer();
+            match poll_fn(|cx| self.poll_event(cx)).await {
+                Event::Submitted(ticket, result) => self.submitted(ticket, result),
+                Event::Decided(ticket, result) => self.decided(ticket, result),
+                Event::Accepted(Some(job)) => {
+                    self.accept(job);
+                    while let Ok(job) = self.queue.try_recv() {
+                        self.accept(job);
+                    }
+                }
+                Event::Accepted(None) => self.open = false,
+                Event::Tick => self.tick(),
+            }
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Some(submission) = &mut self.submitting {
+            if let Poll::Ready((ticket, result)) = submission.as_mut().poll(cx) {
+                self.submitting = None;
+                return Poll::Ready(Event::Submitted(ticket, result));
+            }
+        }
+        if !self.attempts.is_empty() {
+            if let Poll::Ready(Some((ticket, result))) = self.attempts.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Decided(ticket, result));
+            }
+        }
+        if self.open {
+            if let Poll::Ready(job) = self.queue.poll_recv(cx) {
+                return Poll::Ready(Event::Accepted(job));
+            }
+        }
+        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            return Poll::Ready(Event::Tick);
+        }
+        Poll::Pending
+    }
+
+    fn accept(&mut self, job: Job) {
+        let lane = self.inner.transport.lane(&job.msg);
+        let span = tracing::info_span!(
+            "reliable.publish",
+            message_id = %job.msg.id(),
+            idempotency_key = %job.msg.idempotency_key(),
+        );
+        let deadline = job.first_sent.checked_add(self.inner.config.deadline);
+        self.fresh.push_back(job.ticket);
+        self.by_deadline.push_back(job.ticket);
+        self.tracked.insert(
+            job.ticket,
+            Tracked {
+                msg: Arc::new(job.msg),
+                lane,
+                first_sent: job.first_sent,
+                deadline,
+                attempts: 0,
+                stage: Stage::Waiting,
+                cause: None,
+                delays: None,
+                permit: job.permit,
+                claim: job.claim,
+                reply: job.reply,
+                span,
+            },
+        );
+    }
+
+    /// Starts the next submission when none runs: a resend whose turn has come, else the next
+    /// message in send order.
+    fn start_next(&mut self) {
+        if self.submitting.is_some() {
+            return;
+        }
+        let preserved = self.inner.config.order == SendOrder::Preserved;
+        let resend = self.due.iter().copied().find(|ticket| {
+            !preserved
+                || self
+                    .tracked
+                    .get(ticket)
+                    .is_some_and(|t| self.lanes.may_resend(t.lane, *ticket))
+        });
+        if let Some(ticket) = resend {
+            self.due.remove(&ticket);
+            if let Some(t) = self.tracked.get(&ticket) {
+                if preserved {
+                    self.lanes.resending(t.lane, ticket);
+                }
+                if let Some(cause) = t.cause {
+                    self.inner
+                        .counters
+                        .resent(cause)
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.submit(ticket);
+            return;
+        }
+        while let Some(ticket) = self.fresh.pop_front() {
+            let Some(t) = self.tracked.get(&ticket) else {
+                continue; // settled while it waited (deadline)
+            };
+            if preserved && !self.lanes.admit(t.lane, ticket) {
+                continue; // held until its lane has recovered
+            }
+            self.submit(ticket);
+            return;
+        }
+    }
+
+    /// Submits `ticket`'s message: its next attempt starts.
+    fn submit(&mut self, ticket: u64) {
+        let Some(t) = self.tracked.get_mut(&ticket) else {
+            return;
+        };
+        let now = Instant::now();
+        t.attempts += 1;
+        t.stage = Stage::InFlight;
+        self.inner.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        if t.attempts > 1 {
+            if let Some(mut e) = self.inner.pending.get_mut(&ticket) {
+                e.attempts = t.attempts;
+                e.last_sent = now;
+            }
+        }
+        let budget = self.inner.config.confirm_timeout.min(
+            t.deadline
+                .map_or(Duration::MAX, |d| d.saturating_duration_since(now)),
+        );
+        let ends = now.checked_add(budget);
+        let submission = Arc::clone(&self.inner.transport).submit(t.msg.clone());
+        let submission = async move {
+            let result = match ends {
+                Some(ends) => tokio::time::timeout_at(ends, submission)
+                    .await
+                    .unwrap_or(Err(PublishError::Timeout)),
+                None => submission.await,
+            };
+            (ticket, result)
+        }
+        .instrument(t.span.clone());
+        self.submitting = Some(Box::pin(submission));
+    }
+
+    fn submitted(&mut self, ticket: u64, result: Result<Attempt, PublishError>) {
+        let attempt = match result {
+            Ok(attempt) => attempt,
+            Err(e) => return self.decided(ticket, Err(e)),
+        };
+        let Some(t) = self.tracked.get(&ticket) else {
+            return;
+        };
+        let now = Instant::now();
+        let budget = self.inner.config.confirm_timeout.min(
+            t.deadline
+                .map_or(Duration::MAX, |d| d.saturating_duration_since(now)),
+        );
+        let ends = now.checked_add(budget);
+        let deciding = async move {
+            let result = match ends {
+                Some(ends) => tokio::time::timeout_at(ends, attempt)
+                    .await
+                    .unwrap_or(Err(PublishError::Timeout)),
+                None => attempt.await,
+            };
+            (ticket, result)
+        }
+        .instrument(t.span.clone());
+        self.attempts.push(Box::pin(deciding));
+    }
+
+    /// An attempt ended: confirm, final refusal, or a resend after a backoff.
+    fn decided(&mut self, ticket: u64, result: Result<(), PublishError>) {
+        let Some(t) = self.tracked.get_mut(&ticket) else {
+            return;
+        };
+        let _entered = t.span.clone().entered();
+        let attempts = t.attempts;
+        let err = match result {
+            Ok(()) => {
+                let latency = Instant::now().saturating_duration_since(t.first_sent);
+                tracing::debug!(attempts, ?latency, "confirmed");
+                let id = t.msg.id();
+                return self.settle(ticket, |_| {
+                    Ok(Confirmed {
+                        id,
+                        attempts,
+                        latency,
+                    })
+                });
+            }
+            Err(e) => e,
+        };
+        let cfg = &self.inner.config;
+        let Some(cause) = ResendCause::of(&err).filter(|_| err.is_retryable()) else {
+            tracing::warn!(error = %err, attempts, "publish refused");
+            return self.settle(ticket, |message| {
+                Err(SendError::Refused {
+                    message,
+                    source: err,
+                    attempts,
+                })
+            });
+        };
+        if attempts >= cfg.max_attempts {
+            tracing::warn!(error = %err, attempts, "publish attempts exhausted");
+            return self.settle(ticket, |message| {
+                Err(SendError::AttemptsExhausted {
+                    message,
+                    last_error: err,
+                    attempts,
+                })
+            });
+        }
+        let delay = t
+            .delays
+            .get_or_insert_with(|| Box::new(cfg.backoff.delays()))
+            .next()
+            .unwrap_or(cfg.backoff.max_delay);
+        let now = Instant::now();
+        let resend_at = now.checked_add(delay);
+        let past_deadline = t
+            .deadline
+            .is_some_and(|d| resend_at.is_none_or(|at| at >= d));
+        if past_deadline {
+            tracing::warn!(error = %err, attempts, "publish deadline exceeded");
+            let elapsed = now.saturating_duration_since(t.first_sent);
+            return self.settle(ticket, |message| {
+                Err(SendError::DeadlineExceeded {
+                    message,
+                    last_error: err,
+                    attempts,
+                    elapsed,
+                })
+            });
+        }
+        tracing::debug!(error = %err, ?cause, attempts, ?delay, "resending");
+        t.stage = Stage::Parked;
+        t.cause = Some(cause);
+        let lane = t.lane;
+        if cfg.order == SendOrder::Preserved {
+            self.lanes.failed(lane, ticket);
+        }
+        match resend_at {
+            Some(at) => self.backoff.push(Reverse((at, ticket))),
+            None => {
+                self.due.insert(ticket);
+            }
+        }
+    }
+
+    /// Settles `ticket` with the outcome `outcome` builds (from the message, for a hand-back)
+    /// and hands it to the message's [`SendHandle`](super::SendHandle).
+    ///
+    /// The outbox entry leaves on confirm; a handed-back message's claim travels with the
+    /// outcome, so the entry leaves only once the handle gives the message to the caller.
+    fn settle(
+        &mut self,
+        ticket: u64,
+        outcome: impl FnOnce(Box<Message>) -> Result<Confirmed, SendError>,
+    ) {
+        let Some(t) = self.tracked.remove(&ticket) else {
+            return;
+        };
+        if self.inner.config.order == SendOrder::Preserved {
+            let released = self.lanes.settled(t.lane, ticket);
+            for held in released.into_iter().rev() {
+                self.fresh.push_front(held);
+            }
+        }
+        self.due.remove(&ticket);
+        let id = t.msg.id();
+        let result = outcome(Box::new(Arc::unwrap_or_clone(t.msg)));
+        let claim = match &result {
+            Ok(c) => {
+                self.inner
+                    .counters
+                    .confirmed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.latency.record(c.latency);
+                if let Some(claim) = t.claim {
+                    claim.remove();
+                }
+                None
+            }
+            Err(_) => {
+                self.inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+                t.claim
+            }
+        };
+        // Leave the pending map before the window so `flush` sees an empty map.
+        self.inner.pending.remove(&ticket);
+        drop(t.permit);
+        if let Err(outcome) = t.reply.send(Outcome { result, claim }) {
+            outcome.unreceived(id);
+        }
+    }
+
+    /// The timer fired: backoffs that ended become due, waiting messages past their deadline
+    /// are handed back.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, ticket))) = self.backoff.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.backoff.pop();
+            if self.tracked.contains_key(&ticket) {
+                self.due.insert(ticket);
+            }
+        }
+        while let Some(&ticket) = self.by_deadline.front() {
+            let Some(t) = self.tracked.get(&ticket) else {
+                self.by_deadline.pop_front();
+                continue;
+            };
+            if t.deadline.is_none_or(|d| d > now) {
+                break;
+            }
+            self.by_deadline.pop_front();
+            if t.stage == Stage::InFlight {
+                continue; // its attempt's budget ends by the deadline
+            }
+            let (attempts, elapsed) = (t.attempts, now.saturating_duration_since(t.first_sent));
+            let last_error = PublishError::Timeout;
+            tracing::warn!(parent: &t.span, attempts, "publish deadline exceeded while waiting for its turn");
+            self.settle(ticket, |message| {
+                Err(SendError::DeadlineExceeded {
+                    message,
+                    last_error,
+                    attempts,
+                    elapsed,
+                })
+            });
+        }
+    }
+
+    /// Sets the timer to the next backoff end or the next deadline of a message not in flight.
+    fn arm_timer(&mut self) {
+        let backoff = self.backoff.peek().map(|Reverse((at, _))| *at);
+        let deadline = self
+            .by_deadline
+            .front()
+            .and_then(|ticket| self.tracked.get(ticket))
+            .and_then(|t| t.deadline);
+        let next = match (backoff, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if next != self.timer_at {
+            if let Some(at) = next {
+                self.timer.as_mut().reset(at);
+            }
+            self.timer_at = next;
+        }
+    }
+}
