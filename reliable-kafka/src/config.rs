@@ -7,11 +7,18 @@
 //! | producer | `acks` (`request.required.acks`) | `all` / `-1` | the leader confirms before followers have the data |
 //! | producer | `retries` (`message.send.max.retries`) | `2147483647` | librdkafka gives up on transient errors after the count |
 //! | producer | `max.in.flight.requests.per.connection` | `1..=5` | above 5 the idempotent producer cannot keep order |
-//! | producer | `message.timeout.ms` (`delivery.timeout.ms`) | `1..=confirm timeout` | `0` keeps messages forever; above the core's confirm timeout the core resends copies librdkafka still holds |
+//! | producer | `message.timeout.ms` (`delivery.timeout.ms`) | `1..=confirm timeout` (default: see below) | `0` keeps messages forever; above the core's confirm timeout the core resends copies librdkafka still holds |
 //! | both | `allow.auto.create.topics` | `false` | a missing topic is created with the broker's defaults (often RF 1), bypassing the topic check |
 //! | consumer | `enable.auto.commit` | `false` | offsets are committed before the handler has finished |
 //! | consumer | `enable.auto.offset.store` | `false` | offsets are stored for messages still in an in-memory buffer |
 //! | consumer | `auto.offset.reset` | `earliest` unless set (`latest` refused) | a new group skips everything produced before it joined |
+//!
+//! `message.timeout.ms` is how long librdkafka owns a message (retrying it in order, without
+//! duplicates) before it reports it failed. [`harden_producer_config`] and [`producer_preset`]
+//! size it from a per-attempt confirm timeout (nine tenths of it); the
+//! [`KafkaTransport`](crate::KafkaTransport) builder sizes it from the delivery deadline in
+//! [`SendOrder::Preserved`](reliable_core::producer::SendOrder::Preserved) (see the
+//! [`producer`](crate::producer) module docs, "Order").
 //!
 //! A missing setting is filled in with the safe value; a weaker one is an
 //! [`UnsafeConfigError`] naming each setting, its value and how it loses data. The explicit
@@ -38,6 +45,9 @@ use reliable_core::redact::{is_secret_key, redact_url, Scrubber, MASK};
 
 /// The largest retry count librdkafka accepts; the preset's "unbounded".
 pub const UNBOUNDED_RETRIES: i64 = 2_147_483_647;
+
+/// The largest `message.timeout.ms` librdkafka accepts (about 24.8 days).
+const MAX_MESSAGE_TIMEOUT_MS: u128 = 2_147_483_647;
 
 /// Which unsafe settings the caller knowingly accepts. [`Safety::strict`] (the default)
 /// accepts none.
@@ -118,7 +128,10 @@ struct Rule {
 
 /// Values rules depend on.
 struct Limits {
+    /// The core's confirm timeout: `message.timeout.ms` may not exceed it.
     confirm_timeout_ms: u128,
+    /// `message.timeout.ms` when the config does not set it.
+    message_timeout_ms: u128,
 }
 
 fn bool_is(v: &str, want: bool) -> bool {
@@ -179,9 +192,7 @@ const PRODUCER_RULES: &[Rule] = &[
         required: "1 to the core's confirm timeout",
         why: "0 keeps a message queued forever, and a timeout longer than the core's confirm timeout makes the core resend copies librdkafka still holds (duplicates, unbounded queue)",
         is_safe: |v, l| int(v).is_some_and(|n| n >= 1 && (n as u128) <= l.confirm_timeout_ms),
-        // Slightly below the core's timeout, so librdkafka reports the timeout itself and no
-        // stale copy is left in its queue when the core resends.
-        default: |l| (l.confirm_timeout_ms * 9 / 10).max(1).to_string(),
+        default: |l| l.message_timeout_ms.to_string(),
     },
     NO_TOPIC_AUTO_CREATION,
 ];
@@ -269,8 +280,23 @@ pub fn harden_producer_config(
     confirm_timeout: Duration,
     safety: &Safety,
 ) -> Result<(), UnsafeConfigError> {
+    // Slightly below the core's timeout, so librdkafka reports the timeout itself and no stale
+    // copy is left in its queue when the core resends.
+    let message_timeout = confirm_timeout / 10 * 9;
+    harden_producer_config_sized(config, message_timeout, confirm_timeout, safety)
+}
+
+/// [`harden_producer_config`] with `message.timeout.ms` defaulting to `message_timeout`
+/// (clamped to what librdkafka accepts) and allowed up to `confirm_timeout`.
+pub(crate) fn harden_producer_config_sized(
+    config: &mut ClientConfig,
+    message_timeout: Duration,
+    confirm_timeout: Duration,
+    safety: &Safety,
+) -> Result<(), UnsafeConfigError> {
     let limits = Limits {
         confirm_timeout_ms: confirm_timeout.as_millis().max(1),
+        message_timeout_ms: message_timeout.as_millis().clamp(1, MAX_MESSAGE_TIMEOUT_MS),
     };
     harden("producer", PRODUCER_RULES, config, &limits, safety)
 }
@@ -283,6 +309,7 @@ pub fn harden_consumer_config(
 ) -> Result<(), UnsafeConfigError> {
     let limits = Limits {
         confirm_timeout_ms: 0,
+        message_timeout_ms: 0,
     };
     harden("consumer", CONSUMER_RULES, config, &limits, safety)
 }

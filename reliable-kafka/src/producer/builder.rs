@@ -1,14 +1,16 @@
-//! Building a [`KafkaTransport`]: the safe preset, the topics it checks and creates, the
-//! confirm timeout and the loudly named opt-outs.
+//! Building a [`KafkaTransport`]: the safe preset, the topics it checks and creates, the send
+//! order and timeouts (how long librdkafka owns a message) and the loudly named opt-outs.
 
 use std::fmt;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
+use reliable_core::backoff::BackoffPolicy;
+use reliable_core::producer::{ProducerConfig, SendOrder};
 
 use super::KafkaTransport;
-use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
+use crate::config::{harden_producer_config_sized, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -17,7 +19,10 @@ use crate::Error;
 #[must_use]
 pub struct KafkaTransportBuilder {
     pub(super) config: ClientConfig,
-    pub(super) confirm_timeout: Duration,
+    /// Set only by [`confirm_timeout`](Self::confirm_timeout).
+    pub(super) confirm_timeout: Option<Duration>,
+    pub(super) deadline: Duration,
+    pub(super) order: SendOrder,
     pub(super) safety: Safety,
     pub(super) default_topic: Option<String>,
     pub(super) topics: Vec<TopicSpec>,
@@ -29,6 +34,8 @@ impl fmt::Debug for KafkaTransportBuilder {
         f.debug_struct("KafkaTransportBuilder")
             .field("config", &RedactedConfig(&self.config))
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("deadline", &self.deadline)
+            .field("order", &self.order)
             .field("safety", &self.safety)
             .field("topics", &self.topics)
             .field("check_topics", &self.check_topics)
@@ -37,12 +44,39 @@ impl fmt::Debug for KafkaTransportBuilder {
 }
 
 impl KafkaTransportBuilder {
-    /// The core producer's confirm timeout (default 5 s, as
-    /// [`ProducerConfig::default`](reliable_core::producer::ProducerConfig::default)); librdkafka's `message.timeout.ms` is kept at or below it.
-    /// Use the same value in the core producer
-    /// ([`KafkaTransport::recommended_producer_config`] does).
+    /// Bounds each attempt: librdkafka's `message.timeout.ms` becomes nine tenths of `timeout`
+    /// and the core producer's confirm timeout `timeout`, so librdkafka reports a message
+    /// failed after that and the core resends it as a new record (in
+    /// [`SendOrder::Preserved`] holding the later messages of its key meanwhile, see the
+    /// [module docs](super#order)).
+    ///
+    /// Unset (the default), [`SendOrder::Preserved`] lets librdkafka own each message for the
+    /// whole [`deadline`](Self::deadline), which resends nothing as a new record while the
+    /// deadline lasts; [`SendOrder::Relaxed`] bounds attempts by the core's default confirm
+    /// timeout (5 s). Use the resulting core settings
+    /// ([`KafkaTransport::recommended_producer_config`]).
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout = timeout;
+        self.confirm_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest a message may stay unconfirmed (default 60 s, as
+    /// [`ProducerConfig::default`]). In [`SendOrder::Preserved`] without a
+    /// [`confirm_timeout`](Self::confirm_timeout), librdkafka retries a message for this long
+    /// (`message.timeout.ms`) and the core hands it back [`DEADLINE_MARGIN`] later at the
+    /// latest; otherwise it is the core producer's deadline.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Whether resends keep the send order per record key (default
+    /// [`SendOrder::Preserved`]); the core producer's
+    /// [`order`](ProducerConfig::order) in
+    /// [`recommended_producer_config`](KafkaTransport::recommended_producer_config). See the
+    /// [module docs](super#order).
+    pub fn order(mut self, order: SendOrder) -> Self {
+        self.order = order;
         self
     }
 
@@ -78,7 +112,13 @@ impl KafkaTransportBuilder {
     /// Validates the config, checks the topics and creates the producer.
     pub async fn build(self) -> Result<KafkaTransport, Error> {
         let mut config = self.config;
-        harden_producer_config(&mut config, self.confirm_timeout, &self.safety)?;
+        let timing = Timing::new(self.order, self.confirm_timeout, self.deadline);
+        harden_producer_config_sized(
+            &mut config,
+            timing.message_timeout,
+            timing.core.confirm_timeout,
+            &self.safety,
+        )?;
         if self.check_topics {
             for spec in &self.topics {
                 ensure_topic(&config, spec).await?;
@@ -89,8 +129,81 @@ impl KafkaTransportBuilder {
             producer,
             config,
             self.default_topic,
-            self.confirm_timeout,
+            timing.core,
         ))
+    }
+}
+
+/// How much later than librdkafka's `message.timeout.ms` the core producer gives up on a
+/// message when librdkafka owns it for the whole deadline: librdkafka checks for timed-out
+/// messages about once a second, so its report arrives within this margin.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long librdkafka owns a message, and the core producer settings that let it.
+pub(super) struct Timing {
+    /// `message.timeout.ms`, unless the client config sets it.
+    pub(super) message_timeout: Duration,
+    /// The recommended core producer config; its confirm timeout is the most
+    /// `message.timeout.ms` may be.
+    pub(super) core: ProducerConfig,
+}
+
+impl Timing {
+    /// The timing for `order`, an explicit per-attempt `confirm_timeout` (if any) and the
+    /// delivery `deadline`.
+    pub(super) fn new(
+        order: SendOrder,
+        confirm_timeout: Option<Duration>,
+        deadline: Duration,
+    ) -> Self {
+        let defaults = ProducerConfig::default();
+        match (order, confirm_timeout) {
+            (SendOrder::Preserved, None) => {
+                // The core waits out librdkafka: its attempt and deadline end only after
+                // librdkafka's own timeout report. A first resend delay of at least the margin
+                // puts any resend after that report past the deadline, so the core hands the
+                // message back instead of writing a copy librdkafka would hold past the
+                // deadline.
+                let bound = deadline.saturating_add(DEADLINE_MARGIN);
+                let backoff = BackoffPolicy {
+                    min_delay: defaults.backoff.min_delay.max(DEADLINE_MARGIN),
+                    max_delay: defaults.backoff.max_delay.max(DEADLINE_MARGIN),
+                    ..defaults.backoff.clone()
+                };
+                Self {
+                    message_timeout: deadline,
+                    core: ProducerConfig {
+                        confirm_timeout: bound,
+                        deadline: bound,
+                        backoff,
+                        order,
+                        ..defaults
+                    },
+                }
+            }
+            (_, confirm_timeout) => {
+                let confirm_timeout = confirm_timeout.unwrap_or(defaults.confirm_timeout);
+                Self::per_attempt(order, confirm_timeout, deadline)
+            }
+        }
+    }
+
+    /// librdkafka owns each attempt for nine tenths of `confirm_timeout`; the core resends
+    /// after its report.
+    pub(super) fn per_attempt(
+        order: SendOrder,
+        confirm_timeout: Duration,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            message_timeout: confirm_timeout / 10 * 9,
+            core: ProducerConfig {
+                confirm_timeout,
+                deadline,
+                order,
+                ..ProducerConfig::default()
+            },
+        }
     }
 }
 

@@ -1,13 +1,16 @@
 //! [`KafkaTransport`]: the core [`Transport`] over an rdkafka producer (loss-matrix row L7;
 //! invariants 1, 3 and 6).
 //!
-//! One [`publish`](Transport::publish) is one produce: the message's topic
-//! ([`Message::destination`], or the transport's default topic), its key
+//! One [`submit`](Transport::submit) (or [`publish`](Transport::publish)) is one produce: the
+//! message's topic ([`Message::destination`], or the transport's default topic), its key
 //! ([`Message::routing_key`], which picks the partition through librdkafka's consistent
 //! partitioner, so every resend lands in the same partition) and every wire header (message id,
-//! idempotency key, user headers). It resolves `Ok` on the delivery report under `acks=all`;
-//! failures are classified for the core [`Producer`](reliable_core::producer::Producer), which
-//! resends with the same id and key:
+//! idempotency key, user headers). The submission enqueues the record into librdkafka
+//! (`send_result`) when it is first polled, so librdkafka's partition queues hold the records in
+//! submission order; its attempt resolves `Ok` on the delivery report under `acks=all`.
+//! Failures are classified for the core [`Producer`](reliable_core::producer::Producer), which
+//! resends with the same id and key (a refusal at enqueue, such as `QueueFull`, is the
+//! submission's error):
 //!
 //! | librdkafka error | [`PublishError`] |
 //! |---|---|
@@ -20,6 +23,34 @@
 //! | broker down, purged by a rebuild | `ConnectionLost` (retryable) |
 //! | anything else | `Nacked` (retryable) |
 //!
+//! # Order
+//!
+//! The core producer submits the messages of one [`lane`](Transport::lane) (a topic and record
+//! key; the keyless messages of a topic share one lane) in send order, and librdkafka's
+//! idempotent producer (`enable.idempotence`, at most 5 requests in flight) writes each
+//! partition in enqueue order, retrying internally in order and without duplicates. What could
+//! still reorder a key is a resend: a copy written as a new record lands behind newer records.
+//! The rule, in the default [`SendOrder::Preserved`]:
+//!
+//! * librdkafka owns the retries of a message for the whole delivery deadline
+//!   ([`KafkaTransportBuilder::deadline`], default 60 s, becomes `message.timeout.ms`), and
+//!   [`recommended_producer_config`](KafkaTransport::recommended_producer_config) gives the
+//!   core a confirm timeout and deadline [`DEADLINE_MARGIN`] longer, so the core never cuts an
+//!   attempt librdkafka still owns;
+//! * a message is resent as a new record only after librdkafka reported it failed (a fatal
+//!   idempotence error that rebuilt the producer, a broker refusal); the core holds the later
+//!   messages of its lane until the resend is confirmed or handed back. A message that timed out
+//!   in librdkafka has used its deadline and is handed back, not resent.
+//!
+//! With [`KafkaTransportBuilder::confirm_timeout`] set, librdkafka owns each attempt only for
+//! nine tenths of that timeout; the core then resends after each librdkafka timeout, still in
+//! lane order in `Preserved`. [`SendOrder::Relaxed`] (through
+//! [`KafkaTransportBuilder::order`]) keeps the per-attempt timeout (default 5 s) and resends
+//! each message on its own while later messages of its key go on: more throughput during
+//! faults, and a resent message lands behind newer ones.
+//!
+//! # Shutting down
+//!
 //! Dropping an rdkafka producer purges what it still queues, so the transport flushes before
 //! it lets go of the client:
 //!
@@ -27,7 +58,7 @@
 //!   every pending message is settled it calls [`Transport::close`], which flushes librdkafka's
 //!   queue on a blocking thread ([`spawn_blocking`](tokio::task::spawn_blocking)), bounded by
 //!   the flush timeout (`message.timeout.ms` plus 1 s; the core producer gives it at most its
-//!   confirm timeout).
+//!   confirm timeout, which the recommended config keeps longer than `message.timeout.ms`).
 //! * Dropping the last clone without a close still flushes what librdkafka queues, bounded by
 //!   the flush timeout, without blocking the async runtime: inside a Tokio runtime the flush
 //!   runs on a blocking thread that owns the client until it is done (a runtime shutting down
@@ -41,7 +72,7 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = KafkaTransport::builder("127.0.0.1:19092")
-//!     .confirm_timeout(Duration::from_secs(10))
+//!     .deadline(Duration::from_secs(30))
 //!     .default_topic(TopicSpec::new("orders").partitions(3))
 //!     .build()
 //!     .await?;
@@ -53,6 +84,7 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -63,8 +95,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
 use reliable_core::pipeline::DeadLetter;
-use reliable_core::producer::{Producer as CoreProducer, ProducerConfig};
-use reliable_core::{Message, PublishError, Transport};
+use reliable_core::producer::{Producer as CoreProducer, ProducerConfig, SendOrder};
+use reliable_core::{Attempt, Message, PublishError, Submission, Transport};
 use tracing::Instrument;
 
 use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
@@ -72,8 +104,8 @@ use crate::Error;
 
 mod builder;
 
-use builder::create_producer;
-pub use builder::KafkaTransportBuilder;
+use builder::{create_producer, Timing};
+pub use builder::{KafkaTransportBuilder, DEADLINE_MARGIN};
 
 /// Kafka's default `message.max.bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
@@ -92,7 +124,8 @@ struct Inner {
     /// The validated config, to rebuild the producer after a fatal error.
     config: ClientConfig,
     default_topic: Option<String>,
-    confirm_timeout: Duration,
+    /// What [`KafkaTransport::recommended_producer_config`] returns.
+    recommended: ProducerConfig,
     max_message_bytes: usize,
     flush_timeout: Duration,
 }
@@ -102,7 +135,7 @@ impl fmt::Debug for KafkaTransport {
         f.debug_struct("KafkaTransport")
             .field("config", &RedactedConfig(&self.inner.config))
             .field("default_topic", &self.inner.default_topic)
-            .field("confirm_timeout", &self.inner.confirm_timeout)
+            .field("recommended", &self.inner.recommended)
             .finish_non_exhaustive()
     }
 }
@@ -110,8 +143,8 @@ impl fmt::Debug for KafkaTransport {
 impl KafkaTransport {
     /// A builder from the safe preset ([`producer_preset`](crate::config::producer_preset)).
     pub fn builder(bootstrap_servers: &str) -> KafkaTransportBuilder {
-        // Only the address here: `build` completes the preset from the final confirm timeout,
-        // so `.confirm_timeout(..)` also sets `message.timeout.ms` to match.
+        // Only the address here: `build` completes the preset from the final order, deadline
+        // and confirm timeout, which size `message.timeout.ms`.
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap_servers);
         Self::builder_from_config(config)
@@ -122,7 +155,9 @@ impl KafkaTransport {
     pub fn builder_from_config(config: ClientConfig) -> KafkaTransportBuilder {
         KafkaTransportBuilder {
             config,
-            confirm_timeout: ProducerConfig::default().confirm_timeout,
+            confirm_timeout: None,
+            deadline: ProducerConfig::default().deadline,
+            order: SendOrder::default(),
             safety: Safety::strict(),
             default_topic: None,
             topics: Vec::new(),
@@ -132,8 +167,10 @@ impl KafkaTransport {
 
     /// Wraps an existing `producer`. `config` must be the configuration it was created from: it
     /// is validated like a builder's (an unsafe setting is refused) and used to rebuild the
-    /// producer after a fatal error. No topic check runs; call
-    /// [`ensure_topic`](crate::topic::ensure_topic) yourself.
+    /// producer after a fatal error. `confirm_timeout` is the core producer's per-attempt
+    /// timeout, as [`KafkaTransportBuilder::confirm_timeout`]: `message.timeout.ms` may not
+    /// exceed it. No topic check runs; call [`ensure_topic`](crate::topic::ensure_topic)
+    /// yourself.
     pub fn from_producer(
         producer: FutureProducer,
         config: &ClientConfig,
@@ -159,14 +196,19 @@ impl KafkaTransport {
                 ),
             });
         }
-        Ok(Self::assemble(producer, checked, None, confirm_timeout))
+        let timing = Timing::per_attempt(
+            SendOrder::default(),
+            confirm_timeout,
+            ProducerConfig::default().deadline,
+        );
+        Ok(Self::assemble(producer, checked, None, timing.core))
     }
 
     fn assemble(
         producer: FutureProducer,
         config: ClientConfig,
         default_topic: Option<String>,
-        confirm_timeout: Duration,
+        recommended: ProducerConfig,
     ) -> Self {
         let max_message_bytes = config
             .get("message.max.bytes")
@@ -176,14 +218,14 @@ impl KafkaTransport {
             .get("message.timeout.ms")
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
-            .unwrap_or(confirm_timeout);
+            .unwrap_or(recommended.confirm_timeout);
         Self {
             inner: Arc::new(Inner {
                 producer: RwLock::new((0, producer)),
                 generations: AtomicU64::new(0),
                 config,
                 default_topic,
-                confirm_timeout,
+                recommended,
                 max_message_bytes,
                 // Every queued message has its delivery report by then.
                 flush_timeout: message_timeout + Duration::from_secs(1),
@@ -191,12 +233,21 @@ impl KafkaTransport {
         }
     }
 
-    /// A core [`ProducerConfig`] whose confirm timeout matches this transport's.
+    /// The core [`ProducerConfig`] that fits this transport's `message.timeout.ms` and order
+    /// (see the [module docs](self#order)); the rest are [`ProducerConfig::default`]'s values.
+    ///
+    /// * [`SendOrder::Preserved`] without a per-attempt confirm timeout (the builder's
+    ///   default): confirm timeout and deadline are the builder's
+    ///   [`deadline`](KafkaTransportBuilder::deadline) plus [`DEADLINE_MARGIN`], and the first
+    ///   resend delay is at least that margin, so librdkafka's own timeout report ends a
+    ///   message and the core hands it back instead of resending it.
+    /// * Otherwise: the builder's confirm timeout (default 5 s) and deadline (default 60 s).
+    ///
+    /// When overriding fields, keep the confirm timeout and the deadline at least as long as
+    /// these: a shorter one cuts attempts librdkafka still owns, and the core then resends
+    /// copies that may land behind newer records.
     pub fn recommended_producer_config(&self) -> ProducerConfig {
-        ProducerConfig {
-            confirm_timeout: self.inner.confirm_timeout,
-            ..ProducerConfig::default()
-        }
+        self.inner.recommended.clone()
     }
 
     /// The dead letter Kafka needs, since it has none of its own: poison records are published
@@ -398,36 +449,86 @@ impl Drop for FlushOnDrop {
 #[async_trait]
 impl Transport for KafkaTransport {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let topic = msg
-            .destination()
-            .or(self.inner.default_topic.as_deref())
-            .ok_or_else(|| PublishError::Unroutable {
-                reason: "the message has no destination and the transport no default topic".into(),
-            })?;
-        let span = tracing::debug_span!("reliable.kafka.publish", message_id = %msg.id(), topic);
-        async move {
-            let headers = msg
-                .wire_headers()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value),
-                    })
-                });
-            let payload: &[u8] = msg.payload();
-            let mut record = FutureRecord::<str, [u8]>::to(topic)
-                .payload(payload)
-                .headers(headers);
-            if let Some(key) = msg.routing_key() {
-                record = record.key(key);
+        let span = self.publish_span(msg);
+        async move { self.enqueue(msg)?.await }
+            .instrument(span)
+            .await
+    }
+
+    /// Enqueues `msg` into librdkafka when first polled (the submission) and returns the wait
+    /// for its delivery report (the attempt); see the [module docs](self#order).
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+        let span = self.publish_span(&msg);
+        let attempt_span = span.clone();
+        Box::pin(
+            async move {
+                let delivery = self.enqueue(&msg)?;
+                let attempt: Attempt = Box::pin(delivery.instrument(attempt_span));
+                Ok(attempt)
             }
-            let (generation, producer) = self.current();
-            let delivery = match producer.send_result(record) {
-                Ok(delivery) => delivery,
-                Err((e, _)) => return Err(self.classify(generation, &e, payload.len())),
-            };
-            // Cancel safe: dropping the future leaves the message to librdkafka, whose report
-            // then goes nowhere; the core resends with the same id.
+            .instrument(span),
+        )
+    }
+
+    /// A stable hash of the message's topic and record key: one key always lands in one
+    /// partition, so its messages keep their order while other keys go on. Messages without a
+    /// key (spread over partitions by librdkafka) share one lane per topic.
+    fn lane(&self, msg: &Message) -> u64 {
+        lane_of(self.topic_of(msg).unwrap_or_default(), msg.routing_key())
+    }
+
+    /// Flushes librdkafka's queue; see [`KafkaTransport::close`].
+    async fn close(&self) {
+        KafkaTransport::close(self).await;
+    }
+}
+
+impl KafkaTransport {
+    /// The topic `msg` goes to: its destination, or the default topic.
+    fn topic_of<'a>(&'a self, msg: &'a Message) -> Option<&'a str> {
+        msg.destination().or(self.inner.default_topic.as_deref())
+    }
+
+    fn publish_span(&self, msg: &Message) -> tracing::Span {
+        let topic = self.topic_of(msg).unwrap_or_default();
+        tracing::debug_span!("reliable.kafka.publish", message_id = %msg.id(), topic)
+    }
+
+    /// Hands `msg` to librdkafka now (so the caller's order is librdkafka's enqueue order) and
+    /// returns the wait for its delivery report. Errors are refusals at enqueue.
+    fn enqueue(
+        &self,
+        msg: &Message,
+    ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
+        let topic = self
+            .topic_of(msg)
+            .ok_or_else(|| PublishError::Unroutable {
+                reason: "the message has no destination and the transport no default topic; set one with Message::with_destination or KafkaTransportBuilder::default_topic".into(),
+            })?;
+        let headers = msg
+            .wire_headers()
+            .fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+        let payload: &[u8] = msg.payload();
+        let size = payload.len();
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(payload)
+            .headers(headers);
+        if let Some(key) = msg.routing_key() {
+            record = record.key(key);
+        }
+        let (generation, producer) = self.current();
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| self.classify(generation, &e, size))?;
+        let this = self.clone();
+        // Cancel safe: dropping the future leaves the message to librdkafka, whose report then
+        // goes nowhere; the core resends with the same id.
+        Ok(async move {
             match delivery.await {
                 Ok(Ok(report)) => {
                     tracing::trace!(
@@ -438,7 +539,7 @@ impl Transport for KafkaTransport {
                     Ok(())
                 }
                 Ok(Err((e, _))) => {
-                    let err = self.classify(generation, &e, payload.len());
+                    let err = this.classify(generation, &e, size);
                     tracing::debug!(error = %err, "delivery failed");
                     Err(err)
                 }
@@ -446,14 +547,21 @@ impl Transport for KafkaTransport {
                     reason: "the producer was dropped before the delivery report".into(),
                 }),
             }
-        }
-        .instrument(span)
-        .await
+        })
     }
+}
 
-    /// Flushes librdkafka's queue; see [`KafkaTransport::close`].
-    async fn close(&self) {
-        KafkaTransport::close(self).await;
+/// FNV-1a over the topic, then (for a keyed message) a `0xff` byte and the key: stable across
+/// processes and releases. `0xff` never occurs in UTF-8, so a keyed lane never equals a
+/// topic's keyless lane by construction.
+fn lane_of(topic: &str, key: Option<&str>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let step = |hash: u64, byte: &u8| (hash ^ u64::from(*byte)).wrapping_mul(PRIME);
+    let hash = topic.as_bytes().iter().fold(OFFSET, step);
+    match key {
+        Some(key) => key.as_bytes().iter().fold(step(hash, &0xff), step),
+        None => hash,
     }
 }
 
@@ -482,6 +590,166 @@ mod tests {
         let err =
             KafkaTransport::from_producer(producer, &weak, timeout, &Safety::strict()).unwrap_err();
         assert!(matches!(err, Error::UnsafeConfig(_)), "{err}");
+    }
+
+    /// A transport on an address nothing listens on: building and enqueueing need no broker.
+    async fn offline(builder: KafkaTransportBuilder) -> KafkaTransport {
+        builder.skip_topic_check().build().await.unwrap()
+    }
+
+    fn message_timeout(t: &KafkaTransport) -> Option<&str> {
+        t.client_config().get("message.timeout.ms")
+    }
+
+    #[tokio::test]
+    async fn preserved_order_gives_librdkafka_the_whole_deadline() {
+        let t = offline(KafkaTransport::builder("127.0.0.1:1")).await;
+        assert_eq!(message_timeout(&t), Some("60000"));
+        let core = t.recommended_producer_config();
+        assert_eq!(core.order, SendOrder::Preserved);
+        assert_eq!(
+            core.confirm_timeout,
+            Duration::from_secs(60) + DEADLINE_MARGIN
+        );
+        assert_eq!(core.deadline, core.confirm_timeout);
+        assert!(core.backoff.min_delay >= DEADLINE_MARGIN);
+
+        let t =
+            offline(KafkaTransport::builder("127.0.0.1:1").deadline(Duration::from_secs(30))).await;
+        assert_eq!(message_timeout(&t), Some("30000"));
+        assert_eq!(
+            t.recommended_producer_config().deadline,
+            Duration::from_secs(30) + DEADLINE_MARGIN
+        );
+    }
+
+    #[tokio::test]
+    async fn a_confirm_timeout_or_relaxed_order_bounds_each_attempt() {
+        let t = offline(
+            KafkaTransport::builder("127.0.0.1:1").confirm_timeout(Duration::from_secs(10)),
+        )
+        .await;
+        assert_eq!(message_timeout(&t), Some("9000"));
+        let core = t.recommended_producer_config();
+        assert_eq!(
+            (core.order, core.confirm_timeout, core.deadline),
+            (
+                SendOrder::Preserved,
+                Duration::from_secs(10),
+                Duration::from_secs(60)
+            )
+        );
+
+        let t = offline(KafkaTransport::builder("127.0.0.1:1").order(SendOrder::Relaxed)).await;
+        assert_eq!(message_timeout(&t), Some("4500"));
+        let core = t.recommended_producer_config();
+        assert_eq!(
+            core,
+            ProducerConfig {
+                order: SendOrder::Relaxed,
+                ..ProducerConfig::default()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_timeout_past_the_core_confirm_timeout_is_refused() {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "120000");
+        let err = KafkaTransport::builder_from_config(config.clone())
+            .skip_topic_check()
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("message.timeout.ms"), "{err}");
+        // Within the deadline's bound it is the user's choice.
+        config.set("message.timeout.ms", "30000");
+        let t = offline(KafkaTransport::builder_from_config(config)).await;
+        assert_eq!(message_timeout(&t), Some("30000"));
+    }
+
+    #[test]
+    fn lanes_follow_topic_and_key() {
+        assert_eq!(lane_of("a", Some("k")), lane_of("a", Some("k")));
+        assert_ne!(lane_of("a", Some("k")), lane_of("a", Some("j")));
+        assert_ne!(lane_of("a", Some("k")), lane_of("b", Some("k")));
+        assert_ne!(lane_of("a", None), lane_of("a", Some("")));
+        assert_ne!(lane_of("ab", None), lane_of("a", Some("b")));
+        // Pinned: a lane is the same in every process and release.
+        assert_eq!(lane_of("", None), 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[tokio::test]
+    async fn lane_uses_the_default_topic() {
+        let t = offline(
+            KafkaTransport::builder("127.0.0.1:1").default_topic(crate::TopicSpec::new("orders")),
+        )
+        .await;
+        let keyed = Message::new("x").with_routing_key("k");
+        assert_eq!(t.lane(&keyed), lane_of("orders", Some("k")));
+        assert_eq!(
+            t.lane(&keyed.clone().with_destination("other")),
+            lane_of("other", Some("k"))
+        );
+        assert_eq!(t.lane(&Message::new("y")), lane_of("orders", None));
+    }
+
+    /// The submission enqueues into librdkafka on its first poll, not when it is created: two
+    /// submissions polled in the opposite order land in the opposite order. A refusal at
+    /// enqueue is the submission's error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submission_enqueues_on_first_poll() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::{Message as _, Offset, TopicPartitionList};
+
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("order", 1, 1).unwrap();
+        let t = Arc::new(
+            offline(
+                KafkaTransport::builder(&mock.bootstrap_servers())
+                    .default_topic(crate::TopicSpec::new("order")),
+            )
+            .await,
+        );
+        let first = t.clone().submit(Arc::new(Message::new("created first")));
+        let second = t.clone().submit(Arc::new(Message::new("created second")));
+        let second = second.await.unwrap();
+        let first = first.await.unwrap();
+        first.await.unwrap();
+        second.await.unwrap();
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "submission-order")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("order", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut payloads = Vec::new();
+        while payloads.len() < 2 {
+            let m = consumer
+                .poll(Duration::from_secs(10))
+                .expect("the mock cluster returns both records")
+                .unwrap();
+            payloads.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+        }
+        assert_eq!(payloads, ["created second", "created first"]);
+
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", mock.bootstrap_servers());
+        let refused = Arc::new(offline(KafkaTransport::builder_from_config(config)).await);
+        let err = refused
+            .submit(Arc::new(Message::new("x")))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
+        t.close().await;
     }
 
     #[tokio::test]
