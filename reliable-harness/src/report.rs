@@ -68,6 +68,7 @@ impl Verdict {
                     (counts.unresolved, "unresolved publishes"),
                     (counts.unexpected, "unexpected"),
                     (counts.malformed, "malformed journal lines"),
+                    (counts.out_of_order, "first copies out of order"),
                 ];
                 for (n, what) in checks {
                     if n > 0 {
@@ -77,6 +78,15 @@ impl Verdict {
                 if counts.lost > 0 {
                     notes.extend(lost_breakdown(counts));
                     notes.push(format!("lost sample: {:?}", counts.lost_sample));
+                }
+                if counts.out_of_order > 0 {
+                    notes.push(format!(
+                        "out-of-order sample: {:?}",
+                        counts.out_of_order_sample
+                    ));
+                }
+                if counts.applied > 0 && counts.order_checked == 0 {
+                    notes.push("the consumer journaled no delivery order to check".to_owned());
                 }
                 let ok = notes.is_empty();
                 let status = if ok { Status::Pass } else { Status::Fail };
@@ -104,7 +114,7 @@ impl Verdict {
                     status,
                     ok,
                     notes,
-                    figures: Vec::new(),
+                    figures: vec![order_figure(counts)],
                 }
             }
         }
@@ -160,7 +170,7 @@ impl Verdict {
                     status,
                     ok,
                     notes,
-                    figures: Vec::new(),
+                    figures: vec![order_figure(counts)],
                 }
             }
         }
@@ -171,6 +181,14 @@ impl Verdict {
         self.figures.extend(figures);
         self
     }
+}
+
+/// A control's order figure: it decides nothing there (the control's fault is loss, not order).
+fn order_figure(counts: &Counts) -> String {
+    format!(
+        "{} of {} first copies out of order",
+        counts.out_of_order, counts.order_checked
+    )
 }
 
 /// The kinds of loss only runs with messages the broker must refuse have.
@@ -293,12 +311,12 @@ pub fn markdown(report: &Report) -> String {
         report.duration_s,
         if report.passed { "all verdicts hold" } else { "SOME VERDICTS FAIL" },
     );
-    out.push_str("| scenario | run | configuration | sent | confirmed | lost | unexpected | dup. deliveries | dup. effects | unresolved | resent | faults | verdict |\n");
-    out.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("| scenario | run | configuration | sent | confirmed | lost | unexpected | dup. deliveries | dup. effects | out of order | unresolved | resent | faults | verdict |\n");
+    out.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in &report.runs {
         let c = &r.counts;
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | **{}** | {} | {} | **{}** | {} | {} | {}/{} | {} |\n",
+            "| {} | {} | {} | {} | {} | **{}** | {} | {} | **{}** | **{}** | {} | {} | {}/{} | {} |\n",
             r.scenario,
             r.variant.name(),
             r.config,
@@ -308,6 +326,7 @@ pub fn markdown(report: &Report) -> String {
             c.unexpected,
             c.duplicated_deliveries,
             c.duplicate_effects,
+            c.out_of_order,
             c.unresolved,
             r.resent,
             r.faults.len(),
@@ -349,11 +368,12 @@ mod tests {
     }
 
     #[test]
-    fn a_safe_run_fails_on_any_loss_duplicate_effect_or_unresolved_publish() {
+    fn a_safe_run_fails_on_any_loss_duplicate_effect_unresolved_publish_or_inversion() {
         let clean = Counts {
             attempted: 10,
             confirmed: 10,
             applied: 10,
+            order_checked: 10,
             ..Counts::default()
         };
         assert_eq!(judge(Variant::Safe, clean.clone(), 1).status, Status::Pass);
@@ -374,11 +394,30 @@ mod tests {
                 unexpected: 1,
                 ..clean.clone()
             },
+            Counts {
+                out_of_order: 1,
+                out_of_order_sample: vec![7],
+                ..clean.clone()
+            },
+            Counts {
+                order_checked: 0,
+                ..clean.clone()
+            },
         ] {
             let v = judge(Variant::Safe, bad, 1);
             assert_eq!(v.status, Status::Fail);
             assert!(!v.ok);
         }
+        let inverted = Counts {
+            out_of_order: 2,
+            out_of_order_sample: vec![7, 9],
+            ..clean.clone()
+        };
+        let v = judge(Variant::Safe, inverted, 1);
+        assert_eq!(
+            v.notes,
+            ["2 first copies out of order", "out-of-order sample: [7, 9]"]
+        );
         let v = judge(Variant::Safe, clean, 0);
         assert!(!v.ok, "a run without its fault proves nothing");
     }
@@ -392,9 +431,19 @@ mod tests {
         };
         let v = judge(Variant::Control, none.clone(), 1);
         assert_eq!((v.status, v.ok), (Status::NoLossSeen, false));
-        let lossy = Counts { lost: 3, ..none };
+        let lossy = Counts {
+            lost: 3,
+            order_checked: 7,
+            out_of_order: 2,
+            ..none
+        };
         let v = judge(Variant::Control, lossy.clone(), 1);
         assert_eq!((v.status, v.ok), (Status::LossSeen, true));
+        assert_eq!(
+            v.figures,
+            ["2 of 7 first copies out of order"],
+            "order decides nothing in a control"
+        );
         let v = judge(Variant::Control, lossy, 0);
         assert!(!v.ok, "a control without its fault proves nothing");
     }
