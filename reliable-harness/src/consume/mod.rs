@@ -13,33 +13,25 @@
 //!   the control counts nowhere that survives a crash.
 //!
 //! Both apply effects at the same bounded rate (below the producer's), so a backlog exists
-//! whenever a fault strikes.
+//! whenever a fault strikes, and both journal the broker's order where they take each delivery
+//! from the broker, before any handler runs ([`source`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use dashmap::DashSet;
-use reliable_amqp::settings::{AmqpSettings, DataLoss};
+use reliable_amqp::settings::AmqpSettings;
 use reliable_amqp::topology::QueueSpec;
 use reliable_amqp::{AmqpConsumer, AmqpPublisher};
 use reliable_core::attempts::AttemptCounter;
-use reliable_core::idempotency::{
-    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
-};
 use reliable_core::pipeline::{
     handler_fn, DeadLetter, DedupeLayer, Handler, HandlerBuilder, HandlerError, Pipeline,
     PipelineConfig,
 };
 use reliable_core::producer::{Producer, ProducerConfig};
-use reliable_core::{DeliverySource, IdempotencyKey, Message};
+use reliable_core::Message;
 use reliable_kafka::config::consumer_preset;
-use reliable_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
-use reliable_kafka::rdkafka::message::Message as _;
-use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaConsumer, KafkaTransport, TopicSpec};
 use reliable_stores::{RedbStore, RedbStoreConfig};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::child::{parse_payload, ChildArgs, KAFKA_PARTITIONS, KAFKA_SESSION_TIMEOUT};
@@ -47,6 +39,13 @@ use crate::journal::{ConsumerView, Journal, Tail};
 use crate::plan::{amqp_dead_letter, amqp_queue, roles, Broker};
 use crate::poison::{Fate, POISON_MAX_DELIVERIES};
 use crate::HarnessError;
+use control::run_control;
+pub use inbox::Inbox;
+use source::Journaled;
+
+mod control;
+mod inbox;
+mod source;
 
 /// Consumer child options.
 #[derive(clap::Args, Clone, Debug)]
@@ -86,69 +85,6 @@ impl Limiter {
     }
 }
 
-/// A durable dedupe store whose records are the effects themselves: a key is done once the
-/// journal holds the effect line of its sequence number. Loaded from the journal at start, so
-/// a restarted consumer remembers every effect its predecessors applied.
-#[derive(Debug)]
-pub struct Inbox {
-    journal: Arc<Journal>,
-    applied: DashSet<String>,
-    reserved: DashSet<String>,
-}
-
-impl Inbox {
-    /// Opens the inbox over `journal`, whose existing effects are read from `view`.
-    pub fn new(journal: Arc<Journal>, view: &ConsumerView) -> Self {
-        Self {
-            journal,
-            applied: view.effects.keys().map(u64::to_string).collect(),
-            reserved: DashSet::new(),
-        }
-    }
-
-    /// Applies the effect of `seq`: one journal record holding the effect and its key.
-    pub fn apply(&self, seq: u64) -> std::io::Result<()> {
-        self.journal.record(&format!("E {seq}"))?;
-        self.applied.insert(seq.to_string());
-        Ok(())
-    }
-}
-
-// A reservation lives in this process's memory until its holder completes or releases it (or
-// the process dies with it), so it never runs out, needs no renewal, and only its holder can
-// release it: tokens need no checking.
-#[async_trait]
-impl IdempotencyStore for Inbox {
-    fn lease_duration(&self) -> Option<Duration> {
-        None
-    }
-    async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
-        if self.applied.contains(key.as_str()) {
-            Ok(Reservation::Duplicate)
-        } else if self.reserved.insert(key.as_str().to_owned()) {
-            Ok(Reservation::New(LeaseToken::generate()))
-        } else {
-            Ok(Reservation::InProgress)
-        }
-    }
-    async fn renew(&self, _: &IdempotencyKey, _: LeaseToken) -> Result<Renewal, StoreError> {
-        Ok(Renewal::Renewed)
-    }
-    async fn complete(
-        &self,
-        key: &IdempotencyKey,
-        _: LeaseToken,
-    ) -> Result<Completion, StoreError> {
-        // The effect record already holds the key; only the reservation remains.
-        self.reserved.remove(key.as_str());
-        Ok(Completion::Recorded)
-    }
-    async fn release(&self, key: &IdempotencyKey, _: LeaseToken) -> Result<(), StoreError> {
-        self.reserved.remove(key.as_str());
-        Ok(())
-    }
-}
-
 /// A journal write failed: the process cannot record what it does, so it stops (the
 /// orchestrator restarts it; the unacknowledged message is delivered again).
 fn journal_failed(e: &std::io::Error) -> ! {
@@ -156,6 +92,7 @@ fn journal_failed(e: &std::io::Error) -> ! {
     std::process::exit(3)
 }
 
+/// Appends `line`, or ends the process when the journal cannot be written.
 fn record(journal: &Journal, line: &str) {
     if let Err(e) = journal.record(line) {
         journal_failed(&e);
@@ -222,6 +159,7 @@ async fn run_safe(
             .build(),
     );
     let scenario = child.scenario;
+    let source_journal = journal.clone();
     let handler = handler_fn(move |msg: Message| {
         let (journal, deduped) = (journal.clone(), deduped.clone());
         async move {
@@ -279,6 +217,7 @@ async fn run_safe(
             let classic = roles(child.scenario, child.variant).classic_queue;
             let source =
                 connect_amqp(child, &amqp_queue(&child.dest, classic), settings.clone()).await;
+            let source = Journaled::new(source, source_journal);
             let dead_letter = if classic || poison {
                 // A published copy carries the origin headers the poison checker reads.
                 let publisher = AmqpPublisher::connect(&child.brokers.amqp_url, settings).await?;
@@ -312,6 +251,7 @@ async fn run_safe(
                 .subscribe(TopicSpec::new(&child.dest).partitions(KAFKA_PARTITIONS))
                 .build()
                 .await?;
+            let source = Journaled::new(source, source_journal);
             // Kafka has no broker-side dead letter, so poison records go to a topic through a
             // confirmed publish (only in the poison scenarios: elsewhere the effect handler
             // never fails).
@@ -345,122 +285,9 @@ async fn connect_amqp(child: &ChildArgs, spec: &QueueSpec, settings: AmqpSetting
     }
 }
 
-/// The classic unsafe consumer: a reader that acknowledges (auto-ack) or lets the client
-/// commit (auto-commit) everything it buffers, and a worker applying effects from the buffer.
-async fn run_control(
-    child: &ChildArgs,
-    journal: Arc<Journal>,
-    limiter: Arc<Limiter>,
-) -> Result<(), HarnessError> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
-    let worker = {
-        let journal = journal.clone();
-        tokio::spawn(async move {
-            while let Some(seq) = rx.recv().await {
-                limiter.acquire().await;
-                record(&journal, &format!("E {seq}"));
-            }
-        })
-    };
-    match child.broker() {
-        Broker::Amqp => {
-            let settings = AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::AutoAck);
-            let spec = amqp_queue(
-                &child.dest,
-                roles(child.scenario, child.variant).classic_queue,
-            );
-            let mut source = connect_amqp(child, &spec, settings).await;
-            loop {
-                match source.next().await {
-                    Ok(Some(delivery)) => {
-                        if let Some(seq) = seen(&journal, delivery.message().payload()) {
-                            let _ = tx.send(seq);
-                        }
-                        // Auto-ack: the broker forgot the message when it sent it.
-                        let _ = delivery.ack().await;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control consumer lost its source; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        }
-        Broker::Kafka => {
-            let consumer: StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &child.brokers.kafka_bootstrap)
-                .set("group.id", child.group())
-                .set("enable.auto.commit", "true")
-                .set("enable.auto.offset.store", "true")
-                .set("auto.commit.interval.ms", "100")
-                .set("auto.offset.reset", "earliest")
-                .set(
-                    "session.timeout.ms",
-                    KAFKA_SESSION_TIMEOUT.as_millis().to_string(),
-                )
-                .create()
-                .map_err(|e| HarnessError::Setup(format!("control consumer: {e}")))?;
-            consumer
-                .subscribe(&[&child.dest])
-                .map_err(|e| HarnessError::Setup(format!("control consumer: {e}")))?;
-            loop {
-                match consumer.recv().await {
-                    Ok(m) => {
-                        if let Some(seq) = seen(&journal, m.payload().unwrap_or_default()) {
-                            let _ = tx.send(seq);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control consumer error; continuing");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        }
-    }
-    drop(tx);
-    let _ = worker.await;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn the_inbox_remembers_effects_across_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("consumer.log");
-        let key = |s: u64| IdempotencyKey::new(s.to_string()).unwrap();
-        {
-            let inbox = Inbox::new(
-                Arc::new(Journal::open(&path).unwrap()),
-                &ConsumerView::default(),
-            );
-            let token = inbox.reserve(&key(1)).await.unwrap().token().unwrap();
-            assert_eq!(
-                inbox.reserve(&key(1)).await.unwrap(),
-                Reservation::InProgress
-            );
-            inbox.apply(1).unwrap();
-            inbox.complete(&key(1), token).await.unwrap();
-            assert_eq!(
-                inbox.reserve(&key(1)).await.unwrap(),
-                Reservation::Duplicate
-            );
-            // Reserved but never applied: the process dies here.
-            assert!(inbox.reserve(&key(2)).await.unwrap().is_new());
-        }
-        let mut view = ConsumerView::default();
-        Tail::new(&path).read(|l| view.apply(l)).unwrap();
-        let inbox = Inbox::new(Arc::new(Journal::open(&path).unwrap()), &view);
-        assert_eq!(
-            inbox.reserve(&key(1)).await.unwrap(),
-            Reservation::Duplicate
-        );
-        assert!(inbox.reserve(&key(2)).await.unwrap().is_new());
-    }
 
     #[tokio::test(start_paused = true)]
     async fn the_limiter_spaces_permits_at_its_rate() {
