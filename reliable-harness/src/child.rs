@@ -69,6 +69,17 @@ pub const KAFKA_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// Partitions of each Kafka topic the harness creates.
 pub const KAFKA_PARTITIONS: i32 = 3;
 
+/// Record keys of the Kafka messages: message `seq` has key `seq % KAFKA_KEYS`, so per-key
+/// order is checked over many keys, and each key keeps to one partition.
+pub const KAFKA_KEYS: u64 = 16;
+
+/// The record key of Kafka message `seq` (the decimal `seq % KAFKA_KEYS`: under librdkafka's
+/// default partitioner, CRC-32 of the key modulo 3, these 16 spread 6, 6 and 4 over the
+/// partitions, so the leader kill of partition 0 still hits keyed traffic).
+pub fn record_key(seq: u64) -> String {
+    (seq % KAFKA_KEYS).to_string()
+}
+
 /// The width of the sequence number at the start of every payload.
 pub const SEQ_WIDTH: usize = 12;
 
@@ -106,5 +117,28 @@ mod tests {
         }
         assert_eq!(parse_payload(b"hello"), None);
         assert_eq!(parse_payload(&[b'x'; PAYLOAD_BYTES]), None);
+    }
+
+    /// CRC-32 (IEEE), as librdkafka's `consistent_random` partitioner hashes a key.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn every_partition_carries_several_record_keys() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926, "the CRC-32 check value");
+        let mut per_partition = [0; KAFKA_PARTITIONS as usize];
+        for seq in 0..KAFKA_KEYS {
+            let partition = crc32(record_key(seq).as_bytes()) % KAFKA_PARTITIONS as u32;
+            per_partition[partition as usize] += 1;
+        }
+        assert_eq!(per_partition, [6, 6, 4]);
     }
 }

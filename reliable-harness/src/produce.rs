@@ -1,5 +1,10 @@
 //! The producer child: sends `messages` sequence-numbered messages through the SDK's reliable
 //! producer at a bounded rate and journals how each send resolved.
+//!
+//! Every send happens on the one task of [`run`], in sequence order: a restarted producer
+//! replays its outbox first, then each tick's batch goes to `send_batch` in turn, and the
+//! handles are kept and awaited elsewhere. Sequence order is therefore the send order the
+//! checker holds the broker to (per record key on Kafka, per producer on RabbitMQ).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use reliable_kafka::{KafkaTransport, TopicSpec};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::child::{parse_payload, payload, ChildArgs, KAFKA_PARTITIONS};
+use crate::child::{parse_payload, payload, record_key, ChildArgs, KAFKA_PARTITIONS};
 use crate::journal::{Journal, ProducerView, Tail};
 use crate::plan::{roles, Broker, Publish, Scenario};
 use crate::HarnessError;
@@ -188,12 +193,12 @@ fn track(
     );
 }
 
-/// Message `seq` of the run: to the run's queue or topic, or, in `amqp-bad-publish`, one of
-/// the bad publishes (see [`Publish::of`]).
+/// Message `seq` of the run: to the run's queue or topic (on Kafka with its record key, see
+/// [`record_key`]), or, in `amqp-bad-publish`, one of the bad publishes (see [`Publish::of`]).
 fn message(child: &ChildArgs, seq: u64) -> Result<Message, HarnessError> {
     let msg = Message::new(payload(seq)).with_idempotency_key(seq.to_string())?;
     if child.broker() == Broker::Kafka {
-        return Ok(msg);
+        return Ok(msg.with_routing_key(record_key(seq)));
     }
     let dest = &child.dest;
     Ok(match Publish::of(child.scenario, seq) {
