@@ -47,9 +47,9 @@ pub type Submission = BoxFuture<'static, Result<Attempt, PublishError>>;
 /// next; the [`Attempt`]s then run concurrently. A transport keeps that order when a message
 /// whose submission has resolved reaches the broker before any message submitted after it, in
 /// the same [`lane`](Self::lane) (an AMQP channel; a Kafka partition). Implement `submit` to
-/// hand the message to the client in the submission (lapin's `basic_publish` first poll,
-/// rdkafka's `send_result`); the default only starts [`publish`](Self::publish) in the attempt,
-/// which keeps no order.
+/// hand the message to the client in `submit` itself or in the submission (lapin's
+/// `basic_publish` first poll, rdkafka's `send_result`); the default only starts
+/// [`publish`](Self::publish) in the attempt, which keeps no order.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `msg` and waits for the broker's confirm or refusal.

@@ -1,6 +1,6 @@
 //! [`SendHandle`]: the caller's end of one delivery, and [`Confirmed`], what it resolves to.
 //!
-//! The delivery task sends the outcome through a oneshot channel together with the message's
+//! The producer's driver sends the outcome through a oneshot channel together with the message's
 //! outbox [claim](crate::outbox) (feature `outbox`). Whoever ends up holding that outcome
 //! decides the entry's fate: the handle removes the entry when it hands an error carrying the
 //! message to the caller; an outcome nobody receives (handle dropped before or after the
@@ -100,7 +100,7 @@ impl Future for SendHandle {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let id = self.id;
         let Ok(Outcome { result, claim }) = ready!(Pin::new(&mut self.rx).poll(cx)) else {
-            // The delivery task was dropped unfinished (runtime shutdown); its claim ended
+            // The driver was dropped unfinished (runtime shutdown); its claim ended
             // with it, so the outbox entry, if any, stays for replay.
             return Poll::Ready(Err(SendError::Aborted { id }));
         };
@@ -114,7 +114,7 @@ impl Future for SendHandle {
 
 impl Drop for SendHandle {
     fn drop(&mut self) {
-        // After `close` the delivery task can no longer send; it reports an outcome it still
+        // After `close` the driver can no longer send; it reports an outcome it still
         // holds itself. An outcome already sent is taken here and reported unreceived.
         self.rx.close();
         if let Ok(outcome) = self.rx.try_recv() {

@@ -19,18 +19,41 @@
 //! (two such batches, or a batch and [`Producer::close`], would wait on each other forever);
 //! each message still gives its slot back as soon as it is settled.
 //!
+//! # Order
+//!
+//! Messages reach the transport in the order they were sent: [`send`](Producer::send) puts
+//! each one on the producer's queue before it returns, and one driver task per producer hands
+//! them to [`Transport::submit`] one at a time, in that order, waiting for each hand-off before
+//! the next; the waits for confirms then run concurrently. The transport keeps that order on the
+//! wire per [lane](Transport::lane) (an AMQP channel, a Kafka key's partition).
+//!
+//! Resends follow [`ProducerConfig::order`]:
+//!
+//! * [`SendOrder::Preserved`] (default): once a message of a lane has to be resent, the lane's
+//!   later messages not yet submitted wait; failed messages are resent in send order, each once
+//!   every earlier message of the lane is decided, and the lane goes on only when the resends
+//!   are confirmed (or handed back). After a connection loss, which fails every undecided
+//!   attempt of a channel, the channel's messages therefore go out again in their original
+//!   order before any newer one. What it cannot undo: a later message the broker already
+//!   confirmed before an earlier one failed on its own (a single AMQP nack) stays ahead.
+//! * [`SendOrder::Relaxed`]: each message is resent after its own backoff while later messages
+//!   keep going, so a resent message lands behind newer ones: more throughput during faults.
+//!
+//! Order is per producer: messages sent concurrently from several tasks reach the transport in
+//! the order their `send` calls put them on the queue.
+//!
 //! # Shutting down
 //!
 //! [`Producer::close`] is the one way to shut a producer down: it refuses new messages, waits
 //! until every pending one is settled (bounded by their deadline), then closes the transport
 //! ([`Transport::close`], bounded by the confirm timeout), e.g. flushing the Kafka client.
 //!
-//! Dropping the last clone of a [`Producer`] cancels nothing: each message already accepted is
-//! delivered by its own task, which keeps the producer's state and the transport alive until the
-//! message is settled; its [`SendHandle`] still resolves, `Ok` on the confirm or `Err` with the
-//! message. The transport is not closed then, only dropped after the last delivery. Only a
-//! runtime shutdown cuts deliveries short: their handles resolve to [`SendError::Aborted`], and
-//! with an outbox (feature `outbox`) the messages stay in it for replay.
+//! Dropping the last clone of a [`Producer`] cancels nothing: the driver delivers every message
+//! already accepted, keeping the producer's state and the transport alive until the last one is
+//! settled; each [`SendHandle`] still resolves, `Ok` on the confirm or `Err` with the message.
+//! The transport is not closed then, only dropped after the last delivery. Only a runtime
+//! shutdown cuts deliveries short: their handles resolve to [`SendError::Aborted`], and with an
+//! outbox (feature `outbox`) the messages stay in it for replay.
 //!
 //! ```
 //! use reliable_core::memory::InMemoryBroker;
