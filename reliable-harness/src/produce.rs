@@ -16,11 +16,12 @@ use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpPublisher;
 use reliable_core::outbox::Outbox;
 use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
-use reliable_core::{Message, MessageId, PublishError, Transport};
+use reliable_core::{Attempt, Message, MessageId, PublishError, Submission, Transport};
 use reliable_kafka::config::Safety;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaTransport, TopicSpec};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::child::{parse_payload, payload, record_key, ChildArgs, KAFKA_PARTITIONS};
@@ -80,27 +81,60 @@ fn amqp_confirm_timeout(scenario: Scenario) -> Duration {
     }
 }
 
-/// Cuts the first attempt of some messages short (see [`Publish::cut_short`]): the publish
-/// future is dropped after a few microseconds, anywhere inside the transport, as a caller's
-/// timeout drops it. The core producer then resends the message.
+/// Cuts the first attempt of some messages short (see [`Publish::cut_short`]): the attempt's
+/// hand-off and wait for its confirm are dropped a few microseconds after the hand-off starts,
+/// anywhere inside the transport, as a caller's timeout drops them. The core producer then
+/// resends the message. Messages not cut go through the inner transport untouched, so the
+/// producer's hand-off order (`submit`) and ordering lanes are the inner transport's.
 struct CutShort {
     inner: Arc<dyn Transport>,
     scenario: Scenario,
     cut: DashSet<MessageId>,
 }
 
+impl CutShort {
+    /// How long `msg`'s attempt may run, when it is the first attempt of a message to cut.
+    fn cut_after(&self, msg: &Message) -> Option<Duration> {
+        parse_payload(msg.payload())
+            .and_then(|seq| Publish::cut_short(self.scenario, seq))
+            .filter(|_| self.cut.insert(msg.id()))
+    }
+}
+
 #[async_trait]
 impl Transport for CutShort {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let after = parse_payload(msg.payload())
-            .and_then(|seq| Publish::cut_short(self.scenario, seq))
-            .filter(|_| self.cut.insert(msg.id()));
-        match after {
+        match self.cut_after(msg) {
             Some(after) => tokio::time::timeout(after, self.inner.publish(msg))
                 .await
                 .unwrap_or(Err(PublishError::Timeout)),
             None => self.inner.publish(msg).await,
         }
+    }
+
+    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+        let after = self.cut_after(&msg);
+        let submission = Arc::clone(&self.inner).submit(msg);
+        let Some(after) = after else {
+            return submission;
+        };
+        Box::pin(async move {
+            // One budget for the hand-off and the confirm, as a publish had.
+            let ends = Instant::now() + after;
+            let attempt = tokio::time::timeout_at(ends, submission)
+                .await
+                .unwrap_or(Err(PublishError::Timeout))?;
+            let attempt: Attempt = Box::pin(async move {
+                tokio::time::timeout_at(ends, attempt)
+                    .await
+                    .unwrap_or(Err(PublishError::Timeout))
+            });
+            Ok(attempt)
+        })
+    }
+
+    fn lane(&self, msg: &Message) -> u64 {
+        self.inner.lane(msg)
     }
 
     async fn close(&self) {
