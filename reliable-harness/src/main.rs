@@ -4,7 +4,8 @@
 //! producer process and a consumer process (this binary again, as `produce` and `consume`),
 //! injects the scenario's faults on schedule (kill -9 of RabbitMQ, of the Kafka partition
 //! leader, SIGKILL of the consumer), drains, and checks the journals the processes wrote: lost,
-//! unexpected, duplicated deliveries, duplicate effects, unresolved publishes. Every scenario
+//! unexpected, duplicated deliveries, duplicate effects, unresolved publishes, and first copies
+//! out of order (per record key on Kafka, per producer on RabbitMQ). Every scenario
 //! runs with the SDK's safe settings and as a negative control with the classic unsafe ones.
 //! Results go to `results.json` and `results.md` in `--out`; the exit code is 0 only when every
 //! verdict holds. `scripts/faults` runs it against the project's brokers.
