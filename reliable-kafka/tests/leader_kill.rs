@@ -1,7 +1,9 @@
 //! Loss-matrix rows L6 and L7 under fire: the partition leader is killed -9 while producing
-//! through the SDK; every message the SDK confirmed is consumed afterwards.
+//! through the SDK with its default send order and timeouts; every message the SDK confirmed is
+//! consumed afterwards, and every record key in send order (issue 18).
 
 mod common;
+mod order;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reliable_core::producer::{Producer, ProducerConfig};
+use reliable_core::producer::Producer;
 use reliable_core::{DeliverySource, Message, MessageId};
 use reliable_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use reliable_kafka::rdkafka::ClientConfig;
@@ -57,22 +59,15 @@ const SENT: usize = 400;
 async fn leader_killed_mid_production_loses_no_confirmed_message() {
     let cluster = require!(kafka(3));
     let topic = unique_name("rk-kill");
-    let confirm_timeout = Duration::from_secs(10);
+    // The defaults (SendOrder::Preserved): librdkafka retries each message for the whole
+    // deadline, and the core waits it out.
     let transport = KafkaTransport::builder(&cluster.bootstrap)
-        .confirm_timeout(confirm_timeout)
+        .deadline(Duration::from_secs(90))
         .default_topic(TopicSpec::new(&topic))
         .build()
         .await
         .unwrap();
-    let producer = Producer::new(
-        transport.clone(),
-        ProducerConfig {
-            confirm_timeout,
-            deadline: Duration::from_secs(90),
-            max_attempts: 50,
-            ..ProducerConfig::default()
-        },
-    );
+    let producer = Producer::new(transport.clone(), transport.recommended_producer_config());
 
     // Ask for the leader before producing: the query itself takes a moment.
     let leader = brokers(&["kafka-leader", &topic, "0"]);
@@ -83,7 +78,7 @@ async fn leader_killed_mid_production_loses_no_confirmed_message() {
         tokio::spawn(async move {
             let mut handles = Vec::new();
             for i in 0..SENT {
-                let msg = Message::new(format!("kill-{i}")).with_routing_key(format!("k{}", i % 7));
+                let msg = Message::new(format!("kill-{i}")).with_routing_key(message_key(i as u64));
                 handles.push(producer.send(msg).await.unwrap());
                 sent.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -131,6 +126,8 @@ async fn leader_killed_mid_production_loses_no_confirmed_message() {
         .await
         .unwrap();
     let mut counts = HashMap::<MessageId, usize>::new();
+    // (key, send index) of every record, in log order (one partition).
+    let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut records = 0i64;
     while records < high && Instant::now() < deadline {
@@ -139,6 +136,7 @@ async fn leader_killed_mid_production_loses_no_confirmed_message() {
         };
         let d = next.unwrap().unwrap();
         *counts.entry(d.message().id()).or_default() += 1;
+        log.push(send_index(d.message()));
         records += 1;
         d.ack().await.unwrap();
     }
@@ -149,12 +147,16 @@ async fn leader_killed_mid_production_loses_no_confirmed_message() {
         .filter(|id| !counts.contains_key(id))
         .count();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let order = order::check(&log);
     eprintln!(
         "leader-kill figures: sent={SENT} killed_after={killed_at} confirmed={} handed_back={failed} \
-         records_in_log={high} consumed_unique={} lost={lost} duplicates={duplicates} resends={:?}",
+         records_in_log={high} consumed_unique={} lost={lost} duplicates={duplicates} resends={:?} \
+         out_of_order_per_key={} (first: {:?})",
         confirmed.len(),
         counts.len(),
-        stats.resent
+        stats.resent,
+        order.out_of_order,
+        order.first_inversion,
     );
     assert_eq!(confirmed.len() + failed, SENT);
     assert!(
@@ -162,4 +164,23 @@ async fn leader_killed_mid_production_loses_no_confirmed_message() {
         "too little was confirmed to prove anything"
     );
     assert_eq!(lost, 0, "confirmed messages missing after the leader kill");
+    assert_eq!(
+        order.out_of_order, 0,
+        "first copies out of order per key after the leader kill; the first: {:?}",
+        order.first_inversion
+    );
+}
+
+/// The message `kill-{i}`'s key and send index `i`, which grows along each key.
+fn send_index(msg: &Message) -> (String, u64) {
+    let payload = String::from_utf8_lossy(msg.payload());
+    let i: u64 = payload
+        .strip_prefix("kill-")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("not a leader-kill message: {payload}"));
+    (message_key(i), i)
+}
+
+fn message_key(i: u64) -> String {
+    format!("k{}", i % 7)
 }
