@@ -109,8 +109,34 @@ pub(super) struct Confirms {
     registry: Arc<Mutex<u64>>,
     driver: mpsc::UnboundedSender<Registered>,
     inflight: Arc<Inflight>,
-    /// Publishes registered and not yet decided, as counted by the driver.
-    undecided: watch::Receiver<usize>,
+    /// Publishes registered so far against publishes decided so far.
+    settlement: Settlement,
+}
+
+/// Whether every publish registered on one channel is decided: the registrations (counted
+/// under the registry lock) against the decisions (counted by the driver).
+#[derive(Clone)]
+pub(super) struct Settlement {
+    registry: Arc<Mutex<u64>>,
+    decided: watch::Receiver<u64>,
+}
+
+impl Settlement {
+    /// Whether a publish registered on the channel is not decided yet.
+    pub(super) fn undecided(&self) -> bool {
+        // A stopped driver (its sender gone) decides nothing more.
+        self.decided.has_changed().is_ok() && *lock(&self.registry) > *self.decided.borrow()
+    }
+
+    /// Resolves once every publish registered on the channel so far is decided (or the driver
+    /// is gone, which decides nothing more).
+    pub(super) fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
+        let registered = *lock(&self.registry);
+        let mut decided = self.decided.clone();
+        async move {
+            let _ = decided.wait_for(|d| *d >= registered).await;
+        }
+    }
 }
 
 impl Confirms {
@@ -122,25 +148,25 @@ impl Confirms {
     pub(super) fn start(channel: Channel, span: tracing::Span, inflight: Arc<Inflight>) -> Self {
         let registry = Arc::new(Mutex::new(0));
         let (driver, inbox) = mpsc::unbounded_channel();
-        let (count, undecided) = watch::channel(0);
+        let (count, decided) = watch::channel(0);
         tokio::spawn(tracing::Instrument::instrument(
             drive(channel, registry.clone(), inbox, inflight.clone(), count),
             span,
         ));
         Self {
+            settlement: Settlement {
+                registry: registry.clone(),
+                decided,
+            },
             registry,
             driver,
             inflight,
-            undecided,
         }
     }
 
-    /// Resolves once no publish registered on this channel is undecided.
-    pub(super) fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut undecided = self.undecided.clone();
-        async move {
-            let _ = undecided.wait_for(|n| *n == 0).await;
-        }
+    /// Whether every publish registered on this channel is decided, now and later.
+    pub(super) fn settlement(&self) -> Settlement {
+        self.settlement.clone()
     }
 
     /// Whether the driver still runs (it stops only once every sender is gone).
@@ -236,13 +262,14 @@ async fn drive(
     registry: Arc<Mutex<u64>>,
     mut inbox: mpsc::UnboundedReceiver<Registered>,
     inflight: Arc<Inflight>,
-    undecided: watch::Sender<usize>,
+    decided: watch::Sender<u64>,
 ) {
     let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut received = 0u64;
     let mut waiting = FuturesUnordered::new();
     let mut returns = Returns::default();
     let mut open = true;
+    let mut decisions = 0u64;
     loop {
         tokio::select! {
             next = inbox.recv(), if open => match next {
@@ -287,8 +314,9 @@ async fn drive(
             let watchers = reply.receiver_count();
             inflight.decided(target.attempt_key(), token, &outcome, watchers);
             reply.send_replace(Some(outcome));
+            decisions += 1;
         }
-        undecided.send_replace(entries.len());
+        decided.send_if_modified(|d| std::mem::replace(d, decisions) != decisions);
         if entries.is_empty() && !returns.0.is_empty() {
             // Quiescent: every publish of this channel is decided, so no publish can claim
             // these (messages published on the channel outside this adapter).

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use reliable_core::PublishError;
+
 use super::confirms::{Decision, Outcome, Target};
+use super::order::Lost;
 
 /// How long the outcome of an abandoned attempt (its caller gave up waiting) is kept for the
 /// resend that will ask for it; longer than any backoff between two attempts.
@@ -19,6 +22,8 @@ const ABANDONED_RETENTION: Duration = Duration::from_secs(300);
 pub(super) struct Inflight {
     attempts: Mutex<HashMap<String, Attempt>>,
     next_token: AtomicU64,
+    /// Attempts lost with their channel, until resent (see [`order`](super::order)).
+    lost: Lost,
 }
 
 struct Attempt {
@@ -62,6 +67,12 @@ impl Inflight {
         }
     }
 
+    /// Whether a publish of `key` may be written now, or must go behind the resends of
+    /// attempts lost with their channel (see [`order`](super::order)).
+    pub(super) fn may_go(&self, key: &str) -> bool {
+        self.lost.may_go(key)
+    }
+
     pub(super) fn insert(&self, key: &str, decision: Decision) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let attempt = Attempt {
@@ -81,6 +92,9 @@ impl Inflight {
         let Some(attempt) = attempts.get_mut(key).filter(|a| a.token == token) else {
             return;
         };
+        if matches!(outcome, Err(PublishError::ConnectionLost { .. })) {
+            self.lost.record(key);
+        }
         let keep = watchers <= 1 && !matches!(outcome, Err(e) if e.is_retryable());
         if !keep {
             attempts.remove(key);

@@ -63,6 +63,7 @@ mod classify;
 mod close;
 mod confirms;
 mod inflight;
+mod order;
 mod submit;
 mod transactions;
 
@@ -88,6 +89,7 @@ use crate::error::AmqpError;
 use crate::settings::{AmqpSettings, PublishMode};
 use confirms::Confirms;
 use inflight::Inflight;
+use order::Channels;
 
 /// A publish refused, with the message handed back to the caller (invariant 2).
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,8 @@ struct Inner {
     generation: AtomicU64,
     /// Undecided attempts by message id, across this publisher's channels.
     inflight: Arc<Inflight>,
+    /// The channels opened, for the order across a channel switch.
+    channels: Channels,
     /// Set by [`AmqpPublisher::close`]: no channel is opened again.
     closed: AtomicBool,
 }
@@ -167,12 +171,16 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         target_broker = %inner.source.target(),
         "AMQP publisher channel open"
     );
+    let drain_bound = settings.confirm_timeout() + 3 * settings.heartbeat();
+    inner
+        .channels
+        .opened(generation, confirms.settlement(), drain_bound);
     Ok(Arc::new(LiveChannel {
         generation,
         channel: link.channel,
         connection: link.connection,
         confirms,
-        drain_bound: settings.confirm_timeout() + 3 * settings.heartbeat(),
+        drain_bound,
         tx: Mutex::new(()),
     }))
 }
@@ -209,7 +217,7 @@ impl Drop for LiveChannel {
         // Its undecided publishes settle first (bounded): closing under them would fail them
         // and turn each into a resend, a duplicate when the broker already had it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let settled = self.confirms.settled();
+            let settled = self.confirms.settlement().settled();
             let bound = self.drain_bound;
             runtime.spawn(async move {
                 let _ = tokio::time::timeout(bound, settled).await;
@@ -269,6 +277,7 @@ impl AmqpPublisher {
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
                 inflight: Arc::default(),
+                channels: Channels::default(),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -299,6 +308,7 @@ impl AmqpPublisher {
                 live: std::sync::Mutex::new(State::Idle),
                 generation: AtomicU64::new(0),
                 inflight: Arc::default(),
+                channels: Channels::default(),
                 closed: AtomicBool::new(false),
             },
         };

@@ -5,9 +5,10 @@
 //! message reaches lapin (delivery tag assigned, frames queued) before the next one is handed
 //! over. The submission therefore does everything that must happen in order: the closed check,
 //! the wait for an earlier undecided attempt of the same message (one undecided copy at a
-//! time), the channel (which may reconnect) and the registration with the channel's confirm
-//! driver, which is the moment lapin queues the frames. The attempt it returns only waits for
-//! the driver's decision, so many attempts run at once without reordering anything.
+//! time), the channel (which may reconnect), the order across a channel switch (see
+//! [`order`](super::order)) and the registration with the channel's confirm driver, which is
+//! the moment lapin queues the frames. The attempt it returns only waits for the driver's
+//! decision, so many attempts run at once without reordering anything.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +65,9 @@ impl AmqpPublisher {
             return Ok(decided(outcome));
         }
         let live = self.live().await.map_err(|e| classify(&e))?;
+        if self.inner.settings.publisher_confirms() {
+            self.behind_lost(live.generation, &target).await?;
+        }
         let timeout = self.inner.settings.confirm_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         let suspect = SuspectOnDrop::new(self.clone(), live.generation);
