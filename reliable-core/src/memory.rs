@@ -27,6 +27,7 @@
 //! | message size limit | [`InMemoryBroker::set_max_message_size`] | [`PublishError::TooLarge`] |
 //! | duplicate delivery | [`DeliveryFault::Duplicate`] | the next delivery is also requeued as a redelivery |
 //! | consumer crash mid-handler | [`DeliveryFault::CrashMidHandler`] or [`InMemoryBroker::crash_consumers`] | unacked deliveries are requeued as redeliveries; the crashed session's acks fail with [`AckError::ConnectionLost`] |
+//! | silent link | [`InMemoryBroker::go_silent`], ended by `lose_connection` | publishes swallowed (not stored, not confirmed) until the connection loss fails them |
 //! | connection loss | [`InMemoryBroker::lose_connection`] | publishes waiting for a confirm fail with `ConnectionLost`, every consumer session crashes |
 //!
 //! Publish faults are queued and consumed one per publish, in order.
@@ -119,6 +120,8 @@ struct State {
     publish_faults: VecDeque<PublishFault>,
     max_message_size: Option<usize>,
     publish_log: Vec<MessageId>,
+    /// Set by [`InMemoryBroker::go_silent`]: publishes are swallowed.
+    silent: bool,
     next_tag: u64,
     /// Bumped on each consumer crash; unacked deliveries of older sessions are void.
     session: u64,
@@ -214,10 +217,19 @@ impl InMemoryBroker {
     }
 
     /// Loses the connection: publishes waiting for a confirm fail with
-    /// [`PublishError::ConnectionLost`] and every consumer session crashes.
+    /// [`PublishError::ConnectionLost`] and every consumer session crashes. Ends a
+    /// [silence](Self::go_silent).
     pub fn lose_connection(&self) {
+        self.lock().silent = false;
         self.inner.connection.send_modify(|epoch| *epoch += 1);
         self.crash_consumers();
+    }
+
+    /// The link goes silent (no FIN, no RST): every publish from now on is swallowed, neither
+    /// stored nor confirmed, until [`lose_connection`](Self::lose_connection) fails them all, as
+    /// a heartbeat timeout would. Injected publish faults wait meanwhile.
+    pub fn go_silent(&self) {
+        self.lock().silent = true;
     }
 
     /// Messages ready for delivery in `queue`.
@@ -321,7 +333,11 @@ impl InMemoryTransport {
         let then = {
             let mut st = self.broker.lock();
             st.publish_log.push(msg.id());
-            let fault = st.publish_faults.pop_front();
+            let fault = if st.silent {
+                Some(PublishFault::LoseMessage)
+            } else {
+                st.publish_faults.pop_front()
+            };
             let queue = msg.destination().unwrap_or(DEFAULT_QUEUE);
             let size = msg.payload().len();
             let (store, then) = match fault {

@@ -107,9 +107,9 @@ async fn control_a_task_per_message_reorders() -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
-/// Sends `n` messages from one task while faults hit: every `burst`-th message starts a burst
-/// of refusals at hand-off (a full client queue), or a silent link that swallows the whole
-/// window until the connection is declared lost. Returns the queue order.
+/// Sends `n` messages from one task while faults hit: in every thousand, one message starts a burst
+/// of refusals at hand-off (a full client queue), or a silent link that swallows every publish
+/// until the connection is declared lost 50 ms later. Returns the queue order.
 async fn send_through_faults(
     order: SendOrder,
     n: u64,
@@ -117,7 +117,6 @@ async fn send_through_faults(
     let broker = InMemoryBroker::new();
     broker.declare_queue(QUEUE);
     let producer = Producer::new(broker.transport(), config(order));
-    let window = producer.config().max_in_flight as u64;
     let mut handles = Vec::new();
     for seq in 0..n {
         match seq % 1_000 {
@@ -130,9 +129,7 @@ async fn send_through_faults(
             }
             500 => {
                 // Everything written from here on is lost until the connection drops.
-                for _ in 0..window {
-                    broker.inject_publish_fault(PublishFault::LoseMessage);
-                }
+                broker.go_silent();
                 let b = broker.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,6 +7,7 @@
 //! | `kafka` | raw rdkafka, the SDK, Kafka's own Java producer (`ProducerPerformance`) | SDK / raw, SDK / Java |
 //! | `consume` | raw auto-commit (Kafka) and auto-ack (RabbitMQ) consumers against the SDK's manual-commit / manual-ack consumer under the pipeline with in-memory dedupe | SDK / raw |
 //! | `memory` | resident bytes per unconfirmed message at 100k pending (a fresh child process) | — |
+//! | `order` | the SDK with `SendOrder::Preserved` against `Relaxed`, one sender under injected faults (in-memory broker) | Preserved / Relaxed, median of paired rounds |
 //!
 //! Every message is a 100-byte payload, persistent (RabbitMQ) or acks=all with idempotence to
 //! an RF 3 / min.insync.replicas 2 topic (Kafka). Cases of one comparison alternate round by
@@ -18,6 +19,7 @@ mod amqp;
 mod consume;
 mod kafka;
 mod memory;
+mod order;
 mod plot;
 
 use std::future::Future;
@@ -49,6 +51,8 @@ pub enum Part {
     Consume,
     /// Memory per pending message.
     Memory,
+    /// What ordered resends cost under faults.
+    Order,
 }
 
 /// A Kafka producer case.
@@ -68,7 +72,7 @@ pub enum KafkaCase {
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Which parts to run (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Amqp, Part::Kafka, Part::Consume, Part::Memory])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Amqp, Part::Kafka, Part::Consume, Part::Memory, Part::Order])]
     pub only: Vec<Part>,
     /// RabbitMQ messages per windowed case and round.
     #[arg(long, default_value_t = 30_000)]
@@ -98,6 +102,9 @@ pub struct BenchArgs {
     /// Which Kafka producer cases to run (for profiling one alone).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [KafkaCase::Raw, KafkaCase::RawHeaders, KafkaCase::Sdk, KafkaCase::Java])]
     pub kafka_cases: Vec<KafkaCase>,
+    /// Messages per round of the send-order cases.
+    #[arg(long, default_value_t = 50_000)]
+    pub order_messages: u64,
     /// Pending messages for the memory figure.
     #[arg(long, default_value_t = 100_000)]
     pub pending: u64,
@@ -454,6 +461,9 @@ pub async fn run(args: BenchArgs) -> Result<bool, HarnessError> {
     }
     if args.only.contains(&Part::Memory) {
         report.memory = Some(memory::measure(&args).await?);
+    }
+    if args.only.contains(&Part::Order) {
+        order::run(&args, &mut report).await?;
     }
     report
         .notes
