@@ -50,12 +50,18 @@ impl IdempotencyStore for Inbox {
     }
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         if self.applied.contains(key.as_str()) {
-            Ok(Reservation::Duplicate)
-        } else if self.reserved.insert(key.as_str().to_owned()) {
-            Ok(Reservation::New(LeaseToken::generate()))
-        } else {
-            Ok(Reservation::InProgress)
+            return Ok(Reservation::Duplicate);
         }
+        if !self.reserved.insert(key.as_str().to_owned()) {
+            return Ok(Reservation::InProgress);
+        }
+        // Checked again under the reservation: a holder that applied and completed between the
+        // first check and the insert left its effect in `applied` (written before it let go).
+        if self.applied.contains(key.as_str()) {
+            self.reserved.remove(key.as_str());
+            return Ok(Reservation::Duplicate);
+        }
+        Ok(Reservation::New(LeaseToken::generate()))
     }
     async fn renew(&self, _: &IdempotencyKey, _: LeaseToken) -> Result<Renewal, StoreError> {
         Ok(Renewal::Renewed)
