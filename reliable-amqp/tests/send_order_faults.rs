@@ -34,7 +34,7 @@ const CUTS_AT: [u64; 2] = [MESSAGES / 3, 2 * MESSAGES / 3];
 
 /// What one run found.
 struct Run {
-    order: order::Order,
+    order: order::Order<()>,
     failed: Vec<String>,
     lost: Vec<u64>,
 }

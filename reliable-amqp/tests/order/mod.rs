@@ -2,7 +2,7 @@
 //! queue order, and the order check.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,25 +12,13 @@ use reliable_amqp::lapin::Connection;
 use reliable_core::producer::SendHandle;
 use reliable_core::Message;
 
-/// Payload size of every numbered message, in bytes.
-pub const PAYLOAD_BYTES: usize = 100;
+pub use reliable_test_support::order::Order;
+use reliable_test_support::order::{numbered_payload, sequence};
 
 /// Message `seq` to `queue` (default exchange): a 100-byte payload that starts with the
 /// sequence number.
 pub fn numbered(queue: &str, seq: u64) -> Message {
-    let mut payload = format!("{seq:>20}").into_bytes();
-    payload.resize(PAYLOAD_BYTES, b'.');
-    Message::new(payload).with_routing_key(queue)
-}
-
-/// The sequence number a [`numbered`] payload carries.
-fn sequence(payload: &[u8]) -> u64 {
-    let head = payload.get(..20).expect("a numbered payload");
-    std::str::from_utf8(head)
-        .expect("a numbered payload")
-        .trim()
-        .parse()
-        .expect("a numbered payload")
+    Message::new(numbered_payload(seq)).with_routing_key(queue)
 }
 
 /// Waits until `queue`'s length stands still for two seconds (late copies still on their way
@@ -68,7 +56,9 @@ pub async fn read_back(conn: &Connection, queue: &str) -> Vec<u64> {
             Duration::from_secs(15)
         };
         match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => seqs.push(sequence(&delivery.data)),
+            Ok(Some(Ok(delivery))) => {
+                seqs.push(sequence(&delivery.data).expect("a numbered payload"))
+            }
             Ok(Some(Err(e))) => panic!("reading the queue back: {e}"),
             Ok(None) | Err(_) => break,
         }
@@ -77,55 +67,9 @@ pub async fn read_back(conn: &Connection, queue: &str) -> Vec<u64> {
     seqs
 }
 
-/// The order of a queue read back, as issue 18 counts it.
-#[derive(Debug, Default)]
-pub struct Order {
-    /// Messages in the queue, copies included.
-    pub stored: u64,
-    /// Distinct sequence numbers.
-    pub distinct: u64,
-    /// First copies that sit behind a message with a later sequence number.
-    pub out_of_order: u64,
-    /// The first such inversion: (sequence number, the later one it sits behind).
-    pub first_inversion: Option<(u64, u64)>,
-    /// The most copies of one message.
-    pub most_copies: u64,
-}
-
-impl Order {
-    /// Copies beyond the first.
-    pub fn duplicates(&self) -> u64 {
-        self.stored - self.distinct
-    }
-
-    /// Copies per distinct message.
-    pub fn copies_per_message(&self) -> f64 {
-        self.stored as f64 / self.distinct.max(1) as f64
-    }
-}
-
-/// Counts first copies that sit behind a later sequence number (duplicates apart).
-pub fn check(seqs: &[u64]) -> Order {
-    let mut copies: HashMap<u64, u64> = HashMap::new();
-    let mut order = Order {
-        stored: seqs.len() as u64,
-        ..Order::default()
-    };
-    let mut highest: Option<u64> = None;
-    for &seq in seqs {
-        let n = copies.entry(seq).or_default();
-        *n += 1;
-        if *n == 1 {
-            if let Some(h) = highest.filter(|&h| h > seq) {
-                order.out_of_order += 1;
-                order.first_inversion.get_or_insert((seq, h));
-            }
-        }
-        highest = highest.max(Some(seq));
-    }
-    order.distinct = copies.len() as u64;
-    order.most_copies = copies.values().copied().max().unwrap_or(0);
-    order
+/// The order of a queue read back (one scope: the queue).
+pub fn check(seqs: &[u64]) -> Order<()> {
+    reliable_test_support::order::check(seqs.iter().map(|&seq| ((), seq)))
 }
 
 /// Awaits every handle (each at most 120 s): the confirmed sequence numbers, and what was
@@ -151,13 +95,4 @@ pub fn lost(confirmed: &HashSet<u64>, seqs: &[u64]) -> Vec<u64> {
     let mut lost: Vec<u64> = confirmed.difference(&stored).copied().collect();
     lost.sort_unstable();
     lost
-}
-
-#[test]
-fn the_check_counts_late_first_copies_and_not_duplicates() {
-    let order = check(&[0, 1, 3, 2, 3, 1, 4, 5]);
-    assert_eq!(order.out_of_order, 1);
-    assert_eq!(order.first_inversion, Some((2, 3)));
-    assert_eq!(order.duplicates(), 2);
-    assert_eq!(order.most_copies, 2);
 }

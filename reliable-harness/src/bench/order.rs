@@ -16,6 +16,7 @@ use std::time::Duration;
 use reliable_core::memory::{InMemoryBroker, PublishFault};
 use reliable_core::producer::{Producer, ProducerConfig, SendOrder};
 use reliable_core::{Message, PublishError};
+use reliable_test_support::order::{check, numbered_payload, sequence};
 
 use super::{through_producer, BenchArgs, Report, Tally};
 use crate::HarnessError;
@@ -78,7 +79,7 @@ async fn one(order: SendOrder, messages: u64) -> Result<(super::Sample, u64), Ha
     let faults = broker.clone();
     let sample = through_producer(producer, messages, move |seq| {
         inject(&faults, seq);
-        Message::new(seq.to_le_bytes().to_vec()).with_destination(QUEUE)
+        Message::new(numbered_payload(seq)).with_destination(QUEUE)
     })
     .await?;
     Ok((sample, out_of_order(&broker)))
@@ -108,23 +109,15 @@ fn inject(broker: &InMemoryBroker, seq: u64) {
     }
 }
 
-/// First copies in the queue that sit behind a later sequence number.
+/// First copies in the queue that sit behind a later sequence number (the warm-up message
+/// apart).
 fn out_of_order(broker: &InMemoryBroker) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut highest = None;
-    let mut late = 0;
-    for m in broker.messages(QUEUE) {
-        let Ok(bytes) = <[u8; 8]>::try_from(&m.payload()[..]) else {
-            continue;
-        };
-        let seq = u64::from_le_bytes(bytes);
-        if seq == u64::MAX || !seen.insert(seq) {
-            continue;
-        }
-        if highest.is_some_and(|h| h > seq) {
-            late += 1;
-        }
-        highest = highest.max(Some(seq));
-    }
-    late
+    let arrivals = broker
+        .messages(QUEUE)
+        .iter()
+        .filter_map(|m| sequence(m.payload()))
+        .filter(|&seq| seq != u64::MAX)
+        .map(|seq| ((), seq))
+        .collect::<Vec<_>>();
+    check(arrivals).out_of_order
 }

@@ -2,7 +2,7 @@
 //! topic in log order, and the per-key order check.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -11,8 +11,8 @@ use rdkafka::ClientConfig;
 use reliable_core::producer::SendHandle;
 use reliable_core::Message;
 
-/// Payload size of every numbered message, in bytes.
-pub const PAYLOAD_BYTES: usize = 100;
+pub use reliable_test_support::order::Order;
+use reliable_test_support::order::{numbered_payload, sequence};
 
 /// The record key of key number `key`.
 pub fn key_name(key: u64) -> String {
@@ -22,21 +22,9 @@ pub fn key_name(key: u64) -> String {
 /// The `seq`-th message of key number `key` to `topic`: a 100-byte payload that starts with the
 /// per-key sequence number.
 pub fn numbered(topic: &str, key: u64, seq: u64) -> Message {
-    let mut payload = format!("{seq:>20}").into_bytes();
-    payload.resize(PAYLOAD_BYTES, b'.');
-    Message::new(payload)
+    Message::new(numbered_payload(seq))
         .with_destination(topic)
         .with_routing_key(key_name(key))
-}
-
-/// The sequence number a [`numbered`] payload carries.
-pub fn sequence(payload: &[u8]) -> u64 {
-    let head = payload.get(..20).expect("a numbered payload");
-    std::str::from_utf8(head)
-        .expect("a numbered payload")
-        .trim()
-        .parse()
-        .expect("a numbered payload")
 }
 
 /// Records in `topic` (the sum of its partitions' high watermarks).
@@ -89,53 +77,16 @@ pub async fn read_back(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(St
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .expect("a keyed record");
-        out.push((key, sequence(m.payload().unwrap_or_default())));
+        let seq = sequence(m.payload().unwrap_or_default()).expect("a numbered payload");
+        out.push((key, seq));
     }
     out
 }
 
-/// The order of a topic read back, per key, as issue 18 counts it.
-#[derive(Debug, Default)]
-pub struct Order {
-    /// Records in the topic, copies included.
-    pub stored: u64,
-    /// Distinct (key, sequence number) pairs.
-    pub distinct: u64,
-    /// First copies that sit behind a later sequence number of the same key.
-    pub out_of_order: u64,
-    /// The first such inversion: (key, sequence number, the later one it sits behind).
-    pub first_inversion: Option<(String, u64, u64)>,
-}
-
-impl Order {
-    /// Copies beyond the first.
-    pub fn duplicates(&self) -> u64 {
-        self.stored - self.distinct
-    }
-}
-
-/// Counts, per key, first copies that sit behind a later sequence number of the same key
-/// (duplicates apart). `records` holds each partition in log order.
-pub fn check(records: &[(String, u64)]) -> Order {
-    let mut seen: HashMap<&str, (HashSet<u64>, u64)> = HashMap::new();
-    let mut order = Order {
-        stored: records.len() as u64,
-        ..Order::default()
-    };
-    for (key, seq) in records {
-        let (copies, highest) = seen.entry(key).or_insert_with(|| (HashSet::new(), 0));
-        if copies.insert(*seq) {
-            order.distinct += 1;
-            if *highest > *seq {
-                order.out_of_order += 1;
-                order
-                    .first_inversion
-                    .get_or_insert_with(|| (key.clone(), *seq, *highest));
-            }
-        }
-        *highest = (*highest).max(*seq);
-    }
-    order
+/// The order of a topic read back, per record key (`records` holds each partition in log
+/// order).
+pub fn check(records: &[(String, u64)]) -> Order<String> {
+    reliable_test_support::order::check(records.iter().cloned())
 }
 
 /// Awaits every handle (each at most 120 s): the confirmed (key, seq) pairs, and what was
@@ -161,21 +112,4 @@ pub async fn settle(
 pub fn lost(confirmed: &HashSet<(String, u64)>, records: &[(String, u64)]) -> usize {
     let stored: HashSet<&(String, u64)> = records.iter().collect();
     confirmed.iter().filter(|m| !stored.contains(m)).count()
-}
-
-#[test]
-fn the_check_counts_late_first_copies_per_key_and_not_duplicates() {
-    let r = |k: &str, s| (k.to_owned(), s);
-    let order = check(&[
-        r("a", 1),
-        r("b", 5),
-        r("a", 3),
-        r("a", 2),
-        r("b", 6),
-        r("a", 3),
-        r("b", 4),
-    ]);
-    assert_eq!(order.out_of_order, 2);
-    assert_eq!(order.first_inversion, Some(("a".to_owned(), 2, 3)));
-    assert_eq!(order.duplicates(), 1);
 }
