@@ -183,3 +183,45 @@ async fn control_relaxed_resends_land_behind_newer_messages(
     );
     Ok(())
 }
+
+/// A lane that cannot recover (its first message is refused again and again) holds the
+/// messages behind it, and each of them is still handed back by its deadline: nothing waits
+/// for its turn forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_behind_a_failing_resend_are_handed_back_by_their_deadline(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let broker = InMemoryBroker::new();
+    broker.declare_queue(QUEUE);
+    for _ in 0..1_000 {
+        broker.inject_publish_fault(PublishFault::Fail(PublishError::Busy {
+            reason: "injected full queue".into(),
+        }));
+    }
+    let deadline = Duration::from_millis(300);
+    let producer = Producer::new(
+        broker.transport(),
+        ProducerConfig {
+            deadline,
+            ..config(SendOrder::Preserved)
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let mut handles = Vec::new();
+    for seq in 0..20 {
+        handles.push(producer.send(numbered(seq)).await?);
+    }
+    for h in handles {
+        let outcome = tokio::time::timeout(deadline * 3, h).await?;
+        assert!(
+            matches!(
+                outcome,
+                Err(reliable_core::producer::SendError::DeadlineExceeded { .. })
+            ),
+            "{outcome:?}"
+        );
+    }
+    assert!(started.elapsed() < deadline * 3);
+    assert_eq!(broker.queue_len(QUEUE), 0);
+    producer.close().await;
+    Ok(())
+}
