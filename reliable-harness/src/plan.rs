@@ -286,7 +286,7 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
             "quorum queue, confirms + mandatory, returns matched by message id, dedupe inbox"
         }
         (Scenario::AmqpBadPublish, Variant::Control) => {
-            "no `mandatory`: the broker acks unroutable messages and drops them"
+            "no `mandatory`: the broker acks unroutable messages and drops them; resends in `SendOrder::Relaxed`"
         }
         (Scenario::AmqpSilentNetwork, Variant::Safe) => {
             "confirms, 2 s confirm timeout, heartbeat 5 s, resend on a fresh connection, dedupe inbox"

@@ -15,7 +15,7 @@ use dashmap::DashSet;
 use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpPublisher;
 use reliable_core::outbox::Outbox;
-use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
+use reliable_core::producer::{Producer, ProducerConfig, SendHandle, SendOrder};
 use reliable_core::{Attempt, Message, MessageId, PublishError, Submission, Transport};
 use reliable_kafka::config::Safety;
 use reliable_kafka::rdkafka::ClientConfig;
@@ -170,7 +170,13 @@ async fn build(
             } else {
                 publisher
             };
-            Ok((wrap(transport, producer_config(confirm_timeout)), None))
+            let mut config = producer_config(confirm_timeout);
+            if unsafe_producer && args.scenario == Scenario::AmqpBadPublish {
+                // The control also shows what the order check sees when resends do not keep
+                // the send order.
+                config.order = SendOrder::Relaxed;
+            }
+            Ok((wrap(transport, config), None))
         }
         Broker::Kafka => {
             let spec = TopicSpec::new(&args.dest).partitions(KAFKA_PARTITIONS);
