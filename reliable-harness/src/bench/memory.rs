@@ -3,7 +3,7 @@
 //!
 //! The child sends messages through the SDK producer over a transport that never confirms, so
 //! every message stays pending with all the state the producer keeps for it (the message for
-//! resending, its entry in the pending map, its task, timeout and handle). Resident memory
+//! resending, its entry in the pending map, its place in the producer's driver, its timer and handle). Resident memory
 //! (`VmRSS`) is read before and after `--pending` such sends; the payload's bytes are
 //! subtracted. For reference, the same number of bare [`Message`]s is measured the same way.
 
@@ -47,7 +47,7 @@ impl MemoryResult {
     /// The markdown table of the result.
     pub fn markdown(&self) -> String {
         format!(
-            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer (message, pending entry, task, timer, handle) | {:.0} |\n| of which the bare message (id, idempotency key, headers) | {:.0} |\n",
+            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer (message, pending entry, driver entry, timer, handle) | {:.0} |\n| of which the bare message (id, idempotency key, headers) | {:.0} |\n",
             self.pending, self.payload_bytes, self.bytes_per_pending, self.bytes_per_bare_message
         )
     }
