@@ -4,8 +4,8 @@
 //! The child sends messages through the SDK producer over a transport that never confirms, so
 //! every message stays pending with all the state the producer keeps for it (the message for
 //! resending, its entry in the pending map, its place in the producer's driver, its timer and
-//! handle). Resident memory (`VmRSS`) is read before and after `--pending` such sends; the payload's bytes are
-//! subtracted. For reference, the same number of bare [`Message`]s is measured the same way.
+//! handle). Resident memory (`VmRSS`) is read before and after `--pending` such sends; the
+//! payload's bytes are subtracted. For reference, the same number of bare [`Message`]s is measured the same way.
 
 use std::process::Stdio;
 use std::time::Duration;
