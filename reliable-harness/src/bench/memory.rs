@@ -5,7 +5,8 @@
 //! every message stays pending with all the state the producer keeps for it (the message for
 //! resending, its entry in the pending map, its place in the producer's driver, its timer and
 //! handle). Resident memory (`VmRSS`) is read before and after `--pending` such sends; the
-//! payload's bytes are subtracted. For reference, the same number of bare [`Message`]s is measured the same way.
+//! payload's bytes are subtracted. For reference, the same number of bare [`Message`]s is
+//! measured the same way.
 
 use std::process::Stdio;
 use std::time::Duration;
