@@ -34,6 +34,7 @@ use reliable_core::redact::{host_and_path, redact_url};
 
 #[cfg(feature = "testcontainers")]
 mod containers;
+pub mod links;
 pub mod order;
 pub mod proxy;
 
