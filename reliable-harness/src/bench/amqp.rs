@@ -13,7 +13,15 @@ use reliable_amqp::{AmqpPublisher, AmqpSettings, PublishMode, QueueType};
 use reliable_core::producer::{Producer, ProducerConfig};
 use reliable_core::Message;
 
-use super::{stamp, through_producer, windowed, with_cpu, BenchArgs, Report, Sample, Tally};
+use super::{stamp, through_producer, windowed, with_cpu, BenchArgs, Report, Round, Sample, Tally};
+
+/// The cases of a window comparison and of the slow comparison, for [`Round::in_turn`].
+const RAW_CASE: u8 = 0;
+const IDENTITY_CASE: u8 = 1;
+const SDK_CASE: u8 = 2;
+const TX_CASE: u8 = 0;
+const TX_BATCH_CASE: u8 = 1;
+const EACH_CASE: u8 = 2;
 use crate::child::payload;
 use crate::HarnessError;
 
@@ -217,25 +225,30 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         for &window in &windows {
             let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
             let mut identity_t = Tally::default();
-            for _ in 0..args.rounds {
-                raw_t.add(with_cpu(raw(args, &queue, args.amqp_messages, window, false)).await?);
-                purge(&channel, &queue).await?;
-                if window == args.window {
-                    let identity = raw(args, &queue, args.amqp_messages, window, true);
-                    identity_t.add(with_cpu(identity).await?);
+            let cases: &[u8] = if window == args.window {
+                &[RAW_CASE, IDENTITY_CASE, SDK_CASE]
+            } else {
+                &[RAW_CASE, SDK_CASE]
+            };
+            for round in Round::all(args.rounds) {
+                for case in round.in_turn(cases) {
+                    let n = args.amqp_messages;
+                    match case {
+                        RAW_CASE => {
+                            let s = with_cpu(raw(args, &queue, n, window, false)).await?;
+                            raw_t.add(round, s);
+                        }
+                        IDENTITY_CASE => {
+                            let s = with_cpu(raw(args, &queue, n, window, true)).await?;
+                            identity_t.add(round, s);
+                        }
+                        _ => {
+                            let s = with_cpu(sdk(args, &queue, n, window, confirms.clone()));
+                            sdk_t.add(round, s.await?);
+                        }
+                    }
                     purge(&channel, &queue).await?;
                 }
-                sdk_t.add(
-                    with_cpu(sdk(
-                        args,
-                        &queue,
-                        args.amqp_messages,
-                        window,
-                        confirms.clone(),
-                    ))
-                    .await?,
-                );
-                purge(&channel, &queue).await?;
             }
             eprintln!(
                 "bench: {g}, window {window}: raw {:?}, SDK {:?}",
@@ -249,31 +262,26 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         let (mut tx, mut tx_batch, mut each) =
             (Tally::default(), Tally::default(), Tally::default());
         let transactions = settings(queue_type, PublishMode::Transactions)?;
-        for _ in 0..args.rounds {
-            tx.add(
-                with_cpu(sdk(
-                    args,
-                    &queue,
-                    args.slow_messages,
-                    args.window,
-                    transactions.clone(),
-                ))
-                .await?,
-            );
-            purge(&channel, &queue).await?;
-            tx_batch.add(
-                with_cpu(sdk_tx_batch(
-                    args,
-                    &queue,
-                    args.amqp_messages,
-                    args.tx_batch,
-                    queue_type,
-                ))
-                .await?,
-            );
-            purge(&channel, &queue).await?;
-            each.add(with_cpu(raw(args, &queue, args.slow_messages, 1, false)).await?);
-            purge(&channel, &queue).await?;
+        for round in Round::all(args.rounds) {
+            for case in round.in_turn(&[TX_CASE, TX_BATCH_CASE, EACH_CASE]) {
+                match case {
+                    TX_CASE => {
+                        let n = args.slow_messages;
+                        let s = with_cpu(sdk(args, &queue, n, args.window, transactions.clone()));
+                        tx.add(round, s.await?);
+                    }
+                    TX_BATCH_CASE => {
+                        let n = args.amqp_messages;
+                        let s = with_cpu(sdk_tx_batch(args, &queue, n, args.tx_batch, queue_type));
+                        tx_batch.add(round, s.await?);
+                    }
+                    _ => {
+                        let s = with_cpu(raw(args, &queue, args.slow_messages, 1, false));
+                        each.add(round, s.await?);
+                    }
+                }
+                purge(&channel, &queue).await?;
+            }
         }
         report.push(tx.result(g, SDK_TX, None));
         report.cases.push(tx_batch.result(

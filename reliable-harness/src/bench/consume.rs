@@ -23,7 +23,7 @@ use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering as KafkaOrdering, TopicSpec};
 use tokio::sync::Notify;
 
-use super::{stamp, with_cpu, BenchArgs, Report, Sample, Tally};
+use super::{stamp, with_cpu, BenchArgs, Report, Round, Sample, Tally};
 use crate::child::{payload, KAFKA_PARTITIONS};
 use crate::HarnessError;
 
@@ -237,12 +237,22 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
     let (mut raw_t, mut sdk_t, mut unordered_t) =
         (Tally::default(), Tally::default(), Tally::default());
     let n = args.consume_messages;
-    for _ in 0..args.rounds {
-        raw_t.add(with_cpu(kafka_raw(args, &topic, n)).await?);
-        let ordered = kafka_sdk(args, &topic, &transport, n, KafkaOrdering::PerPartition);
-        sdk_t.add(with_cpu(ordered).await?);
-        let unordered = kafka_sdk(args, &topic, &transport, n, KafkaOrdering::Unordered);
-        unordered_t.add(with_cpu(unordered).await?);
+    for round in Round::all(args.rounds) {
+        for case in round.in_turn(&[0u8, 1, 2]) {
+            match case {
+                0 => raw_t.add(round, with_cpu(kafka_raw(args, &topic, n)).await?),
+                1 => {
+                    let ordered =
+                        kafka_sdk(args, &topic, &transport, n, KafkaOrdering::PerPartition);
+                    sdk_t.add(round, with_cpu(ordered).await?);
+                }
+                _ => {
+                    let unordered =
+                        kafka_sdk(args, &topic, &transport, n, KafkaOrdering::Unordered);
+                    unordered_t.add(round, with_cpu(unordered).await?);
+                }
+            }
+        }
         eprintln!(
             "bench: Kafka consumer: raw {:?}, SDK {:?}, SDK unordered {:?}",
             raw_t.rounds(),
@@ -282,14 +292,22 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         let (mut raw_t, mut sdk_t) = (Tally::default(), Tally::default());
         let messages = args.amqp_messages;
         let publisher = AmqpPublisher::connect(&args.brokers.amqp_url, settings.clone()).await?;
-        for _ in 0..args.rounds {
-            fill(publisher.clone(), messages, Some(&queue)).await?;
-            raw_t.add(with_cpu(amqp_raw(args, &queue, messages)).await?);
-            fill(publisher.clone(), messages, Some(&queue)).await?;
-            let source =
-                AmqpConsumer::connect_checked(&args.brokers.amqp_url, &spec, settings.clone())
+        for round in Round::all(args.rounds) {
+            for raw_case in round.in_turn(&[true, false]) {
+                fill(publisher.clone(), messages, Some(&queue)).await?;
+                if raw_case {
+                    raw_t.add(round, with_cpu(amqp_raw(args, &queue, messages)).await?);
+                } else {
+                    let source = AmqpConsumer::connect_checked(
+                        &args.brokers.amqp_url,
+                        &spec,
+                        settings.clone(),
+                    )
                     .await?;
-            sdk_t.add(with_cpu(sdk_pipeline(source, DeadLetter::BrokerReject, messages)).await?);
+                    let s = with_cpu(sdk_pipeline(source, DeadLetter::BrokerReject, messages));
+                    sdk_t.add(round, s.await?);
+                }
+            }
             eprintln!(
                 "bench: RabbitMQ consumer: raw {:?}, SDK {:?}",
                 raw_t.rounds(),

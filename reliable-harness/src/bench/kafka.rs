@@ -14,7 +14,7 @@ use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
 
 use super::{
-    stamp, through_producer, windowed, with_cpu, BenchArgs, KafkaCase, Report, Sample, Tally,
+    stamp, through_producer, windowed, with_cpu, BenchArgs, KafkaCase, Report, Round, Sample, Tally,
 };
 use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
 use crate::HarnessError;
@@ -226,19 +226,28 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
     .map_err(reliable_kafka::Error::from)?;
     let (mut raw_t, mut sdk_t, mut java_t) = (Tally::default(), Tally::default(), Tally::default());
     let mut headers_t = Tally::default();
-    for _ in 0..args.rounds {
-        let run = |case| args.kafka_cases.contains(&case);
-        if run(KafkaCase::Raw) {
-            raw_t.add(with_cpu(raw(args, &topic, args.kafka_messages, false)).await?);
-        }
-        if run(KafkaCase::RawHeaders) {
-            headers_t.add(with_cpu(raw(args, &topic, args.kafka_messages, true)).await?);
-        }
-        if run(KafkaCase::Sdk) {
-            sdk_t.add(with_cpu(sdk(args, &topic, args.kafka_messages)).await?);
-        }
-        if run(KafkaCase::Java) {
-            java_t.add(with_cpu(java(args, java_libs()?, &topic, args.kafka_messages)).await?);
+    for round in Round::all(args.rounds) {
+        for case in round.in_turn(&args.kafka_cases) {
+            match case {
+                KafkaCase::Raw => {
+                    let s = with_cpu(raw(args, &topic, args.kafka_messages, false)).await?;
+                    raw_t.add(round, s);
+                }
+                KafkaCase::RawHeaders => {
+                    let s = with_cpu(raw(args, &topic, args.kafka_messages, true)).await?;
+                    headers_t.add(round, s);
+                }
+                KafkaCase::Sdk => {
+                    sdk_t.add(
+                        round,
+                        with_cpu(sdk(args, &topic, args.kafka_messages)).await?,
+                    );
+                }
+                KafkaCase::Java => {
+                    let s = with_cpu(java(args, java_libs()?, &topic, args.kafka_messages)).await?;
+                    java_t.add(round, s);
+                }
+            }
         }
         eprintln!(
             "bench: Kafka: raw {:?}, raw + headers {:?}, SDK {:?}, Java {:?}",

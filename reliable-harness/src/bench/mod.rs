@@ -10,9 +10,10 @@
 //! | `order` | the SDK with `SendOrder::Preserved` against `Relaxed`, one sender under injected faults (in-memory broker) | Preserved / Relaxed, median of paired rounds |
 //!
 //! Every message is a 100-byte payload, persistent (RabbitMQ) or acks=all with idempotence to
-//! an RF 3 / min.insync.replicas 2 topic (Kafka). Cases of one comparison alternate round by
-//! round, so drift on the machine hits them alike; the best round of each counts, and every
-//! round's figure is kept in the JSON. Latency is from the send call (including any wait for
+//! an RF 3 / min.insync.replicas 2 topic (Kafka). A warm-up round is discarded; then the cases
+//! of one comparison run in ABBA order round by round ([`Round`]), so drift on the machine hits
+//! them alike. Each case's row is its median round, each target the median of the per-round
+//! paired ratios, and every round's figure is kept in the JSON. Latency is from the send call (including any wait for
 //! window space) to the confirm. Results: `bench.json`, `bench.md` and `window.png` in `--out`.
 
 mod amqp;
@@ -108,7 +109,7 @@ pub struct BenchArgs {
     /// Pending messages for the memory figure.
     #[arg(long, default_value_t = 100_000)]
     pub pending: u64,
-    /// Rounds per comparison (the best one of each case counts).
+    /// Measured rounds per comparison, after a discarded warm-up round (the median counts).
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
     /// Fail (exit 1) when a target ratio is missed.
@@ -181,30 +182,62 @@ impl Sample {
     }
 }
 
-/// The rounds of one case: keeps the best one.
+/// One round of a comparison. Round 0 warms the brokers and clients up and is discarded; the
+/// measured rounds run the comparison's cases in ABBA order ([`in_turn`](Self::in_turn)), so
+/// drift on the machine hits every case alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Round(u32);
+
+impl Round {
+    /// The warm-up round and then `measured` rounds.
+    pub fn all(measured: u32) -> impl Iterator<Item = Round> {
+        (0..=measured).map(Round)
+    }
+
+    /// Whether this is the discarded warm-up round.
+    pub fn is_warm_up(self) -> bool {
+        self.0 == 0
+    }
+
+    /// `cases` in this round's order: as given in odd rounds, reversed in even ones
+    /// (A B, B A, A B, ...).
+    pub fn in_turn<T: Copy>(self, cases: &[T]) -> Vec<T> {
+        let mut order = cases.to_vec();
+        if self.0.is_multiple_of(2) {
+            order.reverse();
+        }
+        order
+    }
+}
+
+/// The measured rounds of one case, in round order; the median round counts.
 #[derive(Debug, Default)]
 pub struct Tally {
-    best: Option<Sample>,
+    samples: Vec<Sample>,
     rates: Vec<f64>,
 }
 
 impl Tally {
-    /// Adds a round.
-    pub fn add(&mut self, sample: Sample) {
-        self.rates.push(sample.rate().round());
-        if self.best.as_ref().is_none_or(|b| sample.rate() > b.rate()) {
-            self.best = Some(sample);
+    /// Adds `round`'s sample (the warm-up round's is discarded).
+    pub fn add(&mut self, round: Round, sample: Sample) {
+        if round.is_warm_up() {
+            return;
         }
+        self.rates.push(sample.rate().round());
+        self.samples.push(sample);
     }
 
-    /// Every round's throughput so far.
+    /// Every measured round's throughput so far.
     pub fn rounds(&self) -> &[f64] {
         &self.rates
     }
 
-    /// The result row of the case.
+    /// The result row of the case: the median round's figures.
     pub fn result(&mut self, group: &str, case: &str, window: Option<usize>) -> CaseResult {
-        let (messages, rate, p50, p99, cpu) = match &mut self.best {
+        let mut by_rate: Vec<usize> = (0..self.samples.len()).collect();
+        by_rate.sort_by(|&a, &b| self.samples[a].rate().total_cmp(&self.samples[b].rate()));
+        let median = by_rate.get(by_rate.len() / 2).copied();
+        let (messages, rate, p50, p99, cpu) = match median.map(|i| &mut self.samples[i]) {
             Some(s) => (
                 s.messages,
                 s.rate().round(),
@@ -229,6 +262,22 @@ impl Tally {
     }
 }
 
+/// The median of the per-round ratios `num[i] / den[i]` of two cases measured in the same
+/// rounds; `None` when they were not.
+pub fn paired_ratio(num: &[f64], den: &[f64]) -> Option<f64> {
+    if num.len() != den.len() || num.is_empty() {
+        return None;
+    }
+    let mut ratios: Vec<f64> = num.iter().zip(den).map(|(n, d)| n / d.max(1e-9)).collect();
+    ratios.sort_by(f64::total_cmp);
+    let mid = ratios.len() / 2;
+    Some(if ratios.len().is_multiple_of(2) {
+        (ratios[mid - 1] + ratios[mid]) / 2.0
+    } else {
+        ratios[mid]
+    })
+}
+
 /// One case's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseResult {
@@ -240,13 +289,13 @@ pub struct CaseResult {
     pub window: Option<usize>,
     /// Messages per round.
     pub messages: u64,
-    /// The best round's throughput.
+    /// The median round's throughput.
     pub msgs_per_s: f64,
-    /// The best round's median latency.
+    /// The median round's median latency.
     pub p50_ms: Option<f64>,
-    /// The best round's 99th percentile latency.
+    /// The median round's 99th percentile latency.
     pub p99_ms: Option<f64>,
-    /// Client CPU time per message in the best round (microseconds, whole case).
+    /// Client CPU time per message in the median round (microseconds, whole case).
     pub cpu_us_per_msg: Option<f64>,
     /// Every round's throughput.
     pub rounds: Vec<f64>,
@@ -292,7 +341,8 @@ impl Report {
             .find(|c| c.group == group && c.case == case && c.window == window)
     }
 
-    /// Records the ratio `num / den` of two cases' throughput as a target.
+    /// Records the ratio `num / den` of two cases' throughput as a target: the median of the
+    /// per-round paired ratios (the ratio of the median rounds when the cases' rounds differ).
     pub fn target(
         &mut self,
         what: &str,
@@ -306,7 +356,10 @@ impl Report {
         ) else {
             return;
         };
-        let ratio = round2(n.msgs_per_s / d.msgs_per_s.max(1e-9));
+        let ratio = round2(
+            paired_ratio(&n.rounds, &d.rounds)
+                .unwrap_or_else(|| n.msgs_per_s / d.msgs_per_s.max(1e-9)),
+        );
         self.targets.push(Target {
             what: what.to_owned(),
             ratio,
@@ -446,7 +499,7 @@ pub async fn run(args: BenchArgs) -> Result<bool, HarnessError> {
     std::fs::create_dir_all(&args.out)?;
     let mut report = Report::default();
     report.notes.push(format!(
-        "{} rounds per comparison, cases alternating, best round counts; 100-byte payloads",
+        "{} measured rounds per comparison after a discarded warm-up, cases in ABBA order; rows are median rounds, targets medians of paired ratios; 100-byte payloads",
         args.rounds
     ));
     let started = Instant::now();
@@ -553,27 +606,61 @@ mod tests {
     }
 
     #[test]
-    fn the_best_round_counts_and_every_round_is_kept() {
+    fn the_warm_up_is_discarded_the_median_round_counts_and_every_round_is_kept() {
         let mut t = Tally::default();
-        t.add(sample(1_000, 1_000, vec![9_000; 10]));
-        t.add(sample(1_000, 500, (1..=100).map(|i| i * 1_000).collect()));
-        t.add(sample(1_000, 800, vec![1; 10]));
+        let [warm, r1, r2, r3]: [Round; 4] = Round::all(3).collect::<Vec<_>>().try_into().unwrap();
+        t.add(warm, sample(1_000, 10, vec![1; 10]));
+        t.add(r1, sample(1_000, 1_000, vec![9_000; 10]));
+        t.add(r2, sample(1_000, 500, vec![1; 10]));
+        t.add(
+            r3,
+            sample(1_000, 800, (1..=100).map(|i| i * 1_000).collect()),
+        );
         let r = t.result("g", "c", Some(16));
-        assert_eq!(r.msgs_per_s, 2_000.0);
         assert_eq!(r.rounds, vec![1_000.0, 2_000.0, 1_250.0]);
-        // The best round's latencies: 1..=100 ms.
+        // The median round (1,250 msg/s) and its latencies: 1..=100 ms.
+        assert_eq!(r.msgs_per_s, 1_250.0);
         assert_eq!(r.p50_ms, Some(51.0));
         assert_eq!(r.p99_ms, Some(99.0));
-        assert_eq!(r.cpu_us_per_msg, Some(250.0));
+        assert_eq!(r.cpu_us_per_msg, Some(400.0));
+    }
+
+    #[test]
+    fn rounds_alternate_abba() {
+        let orders: Vec<Vec<char>> = Round::all(4)
+            .filter(|r| !r.is_warm_up())
+            .map(|r| r.in_turn(&['a', 'b']))
+            .collect();
+        assert_eq!(
+            orders,
+            [
+                vec!['a', 'b'],
+                vec!['b', 'a'],
+                vec!['a', 'b'],
+                vec!['b', 'a']
+            ]
+        );
+    }
+
+    #[test]
+    fn a_target_is_the_median_of_the_paired_ratios() {
+        // Drift: both cases slow down together; the paired ratio stays 2.
+        assert_eq!(
+            paired_ratio(&[200.0, 100.0, 50.0], &[100.0, 50.0, 25.0]),
+            Some(2.0)
+        );
+        assert_eq!(paired_ratio(&[1.0, 3.0], &[1.0, 1.0]), Some(2.0));
+        assert_eq!(paired_ratio(&[1.0], &[1.0, 2.0]), None);
     }
 
     #[test]
     fn targets_compare_two_cases_of_the_run_and_say_when_they_are_missed() {
         let mut report = Report::default();
+        let round = Round::all(1).last().unwrap();
         let mut fast = Tally::default();
-        fast.add(sample(1_000, 100, vec![]));
+        fast.add(round, sample(1_000, 100, vec![]));
         let mut slow = Tally::default();
-        slow.add(sample(1_000, 1_000, vec![]));
+        slow.add(round, sample(1_000, 1_000, vec![]));
         report.push(fast.result("g", "fast", None));
         report.push(slow.result("g", "slow", None));
         report.push(Tally::default().result("g", "not run", None));

@@ -18,7 +18,7 @@ use reliable_core::producer::{Producer, ProducerConfig, SendOrder};
 use reliable_core::{Message, PublishError};
 use reliable_test_support::order::{check, numbered_payload, sequence};
 
-use super::{through_producer, BenchArgs, Report, Tally};
+use super::{paired_ratio, through_producer, BenchArgs, Report, Round, Tally};
 use crate::HarnessError;
 
 const GROUP: &str = "Send order under faults (in-memory broker, 1 ms confirms)";
@@ -29,37 +29,24 @@ const CONFIRM_DELAY: Duration = Duration::from_millis(1);
 pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessError> {
     let messages = args.order_messages;
     let mut tallies = [Tally::default(), Tally::default()];
-    let mut ratios = Vec::new();
     let mut late = [0u64, 0u64];
-    // Round 0 is the warm-up; then A B B A, A B B A, ...
-    for round in 0..=args.rounds {
-        let order = if round % 2 == 1 {
-            [SendOrder::Relaxed, SendOrder::Preserved]
-        } else {
-            [SendOrder::Preserved, SendOrder::Relaxed]
-        };
-        let mut rates = [0.0, 0.0];
-        for o in order {
-            let (sample, inversions) = one(o, messages).await?;
-            let i = usize::from(o == SendOrder::Relaxed);
-            rates[i] = sample.rate();
-            if round > 0 {
+    for round in Round::all(args.rounds) {
+        for order in round.in_turn(&[SendOrder::Preserved, SendOrder::Relaxed]) {
+            let (sample, inversions) = one(order, messages).await?;
+            let i = usize::from(order == SendOrder::Relaxed);
+            if !round.is_warm_up() {
                 late[i] += inversions;
-                tallies[i].add(sample);
             }
-        }
-        if round > 0 && rates[1] > 0.0 {
-            ratios.push(rates[0] / rates[1]);
+            tallies[i].add(round, sample);
         }
     }
     let [mut preserved, mut relaxed] = tallies;
     report.push(preserved.result(GROUP, "SDK, SendOrder::Preserved", None));
     report.push(relaxed.result(GROUP, "SDK, SendOrder::Relaxed", None));
-    ratios.sort_by(f64::total_cmp);
-    if let Some(median) = ratios.get(ratios.len() / 2) {
+    if let Some(ratio) = paired_ratio(preserved.rounds(), relaxed.rounds()) {
         report.notes.push(format!(
-            "send order under faults: Preserved / Relaxed throughput, median of {} paired rounds (ABBA, warm-up discarded): {median:.2}; first copies out of order over all rounds: Preserved {}, Relaxed {}",
-            ratios.len(),
+            "send order under faults: Preserved / Relaxed throughput, median of {} paired rounds (ABBA, warm-up discarded): {ratio:.2}; first copies out of order over all rounds: Preserved {}, Relaxed {}",
+            preserved.rounds().len(),
             late[0],
             late[1]
         ));
