@@ -10,8 +10,8 @@
 //! the same single submission slot; under [`SendOrder::Preserved`] the [lanes](super::lanes)
 //! decide when.
 //!
-//! Every message is settled in bounded time: a submission and its attempt share one budget (the
-//! confirm timeout, cut to what is left of the deadline), and a message waiting (not yet
+//! Every message is settled in bounded time: a submission, and then its attempt, each get the
+//! confirm timeout cut to what is left of the deadline, and a message waiting (not yet
 //! submitted, parked or held) is handed back once its deadline passes. Deadlines grow with send
 //! order, so one FIFO sweep finds the expired ones.
 //!
@@ -268,22 +268,9 @@ impl Driver {
                 e.last_sent = now;
             }
         }
-        let budget = self.inner.config.confirm_timeout.min(
-            t.deadline
-                .map_or(Duration::MAX, |d| d.saturating_duration_since(now)),
-        );
-        let ends = now.checked_add(budget);
+        let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
         let submission = Arc::clone(&self.inner.transport).submit(t.msg.clone());
-        let submission = async move {
-            let result = match ends {
-                Some(ends) => tokio::time::timeout_at(ends, submission)
-                    .await
-                    .unwrap_or(Err(PublishError::Timeout)),
-                None => submission.await,
-            };
-            (ticket, result)
-        }
-        .instrument(t.span.clone());
+        let submission = bounded(ticket, ends, submission).instrument(t.span.clone());
         self.submitting = Some(Box::pin(submission));
     }
 
@@ -295,22 +282,12 @@ impl Driver {
         let Some(t) = self.tracked.get(&ticket) else {
             return;
         };
-        let now = Instant::now();
-        let budget = self.inner.config.confirm_timeout.min(
-            t.deadline
-                .map_or(Duration::MAX, |d| d.saturating_duration_since(now)),
+        let ends = step_end(
+            self.inner.config.confirm_timeout,
+            t.deadline,
+            Instant::now(),
         );
-        let ends = now.checked_add(budget);
-        let deciding = async move {
-            let result = match ends {
-                Some(ends) => tokio::time::timeout_at(ends, attempt)
-                    .await
-                    .unwrap_or(Err(PublishError::Timeout)),
-                None => attempt.await,
-            };
-            (ticket, result)
-        }
-        .instrument(t.span.clone());
+        let deciding = bounded(ticket, ends, attempt).instrument(t.span.clone());
         self.attempts.push(Box::pin(deciding));
     }
 
@@ -499,4 +476,26 @@ impl Driver {
             self.timer_at = next;
         }
     }
+}
+
+/// When a step started at `now` times out: `confirm_timeout`, cut to what is left of the
+/// `deadline`; `None` when that is too far away to represent.
+fn step_end(confirm_timeout: Duration, deadline: Option<Instant>, now: Instant) -> Option<Instant> {
+    let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+    now.checked_add(confirm_timeout.min(left))
+}
+
+/// `step` for `ticket`, failed with [`PublishError::Timeout`] at `ends`.
+async fn bounded<T>(
+    ticket: u64,
+    ends: Option<Instant>,
+    step: impl Future<Output = Result<T, PublishError>>,
+) -> (u64, Result<T, PublishError>) {
+    let result = match ends {
+        Some(ends) => tokio::time::timeout_at(ends, step)
+            .await
+            .unwrap_or(Err(PublishError::Timeout)),
+        None => step.await,
+    };
+    (ticket, result)
 }
