@@ -1,9 +1,9 @@
-//! [`KafkaTransport`]: the core [`Transport`] over an rdkafka producer (loss-matrix row L7;
+//! [`KafkaTransport`]: the core [`Transport`](reliable_core::Transport) over an rdkafka producer (loss-matrix row L7;
 //! invariants 1, 3 and 6).
 //!
-//! One [`submit`](Transport::submit) (or [`publish`](Transport::publish)) is one produce: the
-//! message's topic ([`Message::destination`], or the transport's default topic), its key
-//! ([`Message::routing_key`], which picks the partition through librdkafka's consistent
+//! One [`submit`](reliable_core::Transport::submit) (or [`publish`](reliable_core::Transport::publish)) is one produce: the
+//! message's topic ([`Message::destination`](reliable_core::Message::destination), or the transport's default topic), its key
+//! ([`Message::routing_key`](reliable_core::Message::routing_key), which picks the partition through librdkafka's consistent
 //! partitioner, so every resend lands in the same partition) and every wire header (message id,
 //! idempotency key, user headers). The submission enqueues the record into librdkafka
 //! (`send_result`) when it is first polled, so librdkafka's partition queues hold the records in
@@ -25,7 +25,7 @@
 //!
 //! # Order
 //!
-//! The core producer submits the messages of one [`lane`](Transport::lane) (a topic and record
+//! The core producer submits the messages of one [`lane`](reliable_core::Transport::lane) (a topic and record
 //! key; the keyless messages of a topic share one lane) in send order, and librdkafka's
 //! idempotent producer (`enable.idempotence`, at most 5 requests in flight) writes each
 //! partition in enqueue order, retrying internally in order and without duplicates. What could
@@ -55,7 +55,7 @@
 //! it lets go of the client:
 //!
 //! * [`Producer::close`](reliable_core::producer::Producer::close) is the way to shut down: once
-//!   every pending message is settled it calls [`Transport::close`], which flushes librdkafka's
+//!   every pending message is settled it calls [`Transport::close`](reliable_core::Transport::close), which flushes librdkafka's
 //!   queue on a blocking thread ([`spawn_blocking`](tokio::task::spawn_blocking)), bounded by
 //!   the flush timeout (`message.timeout.ms` plus 1 s; the core producer gives it at most its
 //!   confirm timeout, which the recommended config keeps longer than `message.timeout.ms`).
@@ -84,25 +84,24 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
 use reliable_core::pipeline::DeadLetter;
 use reliable_core::producer::{Producer as CoreProducer, ProducerConfig, SendOrder};
-use reliable_core::{Attempt, Message, PublishError, Submission, Transport};
-use tracing::Instrument;
+use reliable_core::PublishError;
 
 use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
 use crate::Error;
 
 mod builder;
+mod submit;
+#[cfg(test)]
+mod tests;
 
 use builder::{create_producer, Timing};
 pub use builder::{KafkaTransportBuilder, DEADLINE_MARGIN};
@@ -110,7 +109,7 @@ pub use builder::{KafkaTransportBuilder, DEADLINE_MARGIN};
 /// Kafka's default `message.max.bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
-/// The core [`Transport`] over an rdkafka [`FutureProducer`]; see the module docs. Cheap to
+/// The core [`Transport`](reliable_core::Transport) over an rdkafka [`FutureProducer`]; see the module docs. Cheap to
 /// clone (shared).
 #[derive(Clone)]
 pub struct KafkaTransport {
@@ -288,7 +287,7 @@ impl KafkaTransport {
     /// Waits (at most the flush timeout: `message.timeout.ms` plus 1 s) until librdkafka has a
     /// delivery report for every queued message; the flush runs on a blocking thread, never on
     /// an async worker. [`Producer::close`](reliable_core::producer::Producer::close) calls this
-    /// (as [`Transport::close`]); call it yourself only when publishing through the transport
+    /// (as [`Transport::close`](reliable_core::Transport::close)); call it yourself only when publishing through the transport
     /// without a core producer. The transport stays usable afterwards.
     pub async fn close(&self) {
         let producer = self.current().1;
@@ -443,352 +442,5 @@ impl Drop for FlushOnDrop {
                 tracing::warn!(error = %redact(&self.config, e.to_string()), messages = producer.in_flight_count(), "kafka transport dropped without close and the flush timed out; the messages still queued are purged (the core producer resends or hands back the ones it tracks)");
             }
         }
-    }
-}
-
-#[async_trait]
-impl Transport for KafkaTransport {
-    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let span = self.publish_span(msg);
-        async move { self.enqueue(msg)?.await }
-            .instrument(span)
-            .await
-    }
-
-    /// Enqueues `msg` into librdkafka when first polled (the submission) and returns the wait
-    /// for its delivery report (the attempt); see the [module docs](self#order).
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        let span = self.publish_span(&msg);
-        let attempt_span = span.clone();
-        Box::pin(
-            async move {
-                let delivery = self.enqueue(&msg)?;
-                let attempt: Attempt = Box::pin(delivery.instrument(attempt_span));
-                Ok(attempt)
-            }
-            .instrument(span),
-        )
-    }
-
-    /// A stable hash of the message's topic and record key: one key always lands in one
-    /// partition, so its messages keep their order while other keys go on. Messages without a
-    /// key (spread over partitions by librdkafka) share one lane per topic.
-    fn lane(&self, msg: &Message) -> u64 {
-        lane_of(self.topic_of(msg).unwrap_or_default(), msg.routing_key())
-    }
-
-    /// Flushes librdkafka's queue; see [`KafkaTransport::close`].
-    async fn close(&self) {
-        KafkaTransport::close(self).await;
-    }
-}
-
-impl KafkaTransport {
-    /// The topic `msg` goes to: its destination, or the default topic.
-    fn topic_of<'a>(&'a self, msg: &'a Message) -> Option<&'a str> {
-        msg.destination().or(self.inner.default_topic.as_deref())
-    }
-
-    fn publish_span(&self, msg: &Message) -> tracing::Span {
-        let topic = self.topic_of(msg).unwrap_or_default();
-        tracing::debug_span!("reliable.kafka.publish", message_id = %msg.id(), topic)
-    }
-
-    /// Hands `msg` to librdkafka now (so the caller's order is librdkafka's enqueue order) and
-    /// returns the wait for its delivery report. Errors are refusals at enqueue.
-    fn enqueue(
-        &self,
-        msg: &Message,
-    ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
-        let topic = self
-            .topic_of(msg)
-            .ok_or_else(|| PublishError::Unroutable {
-                reason: "the message has no destination and the transport no default topic; set one with Message::with_destination or KafkaTransportBuilder::default_topic".into(),
-            })?;
-        let headers = msg
-            .wire_headers()
-            .fold(OwnedHeaders::new(), |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        let payload: &[u8] = msg.payload();
-        let size = payload.len();
-        let mut record = FutureRecord::<str, [u8]>::to(topic)
-            .payload(payload)
-            .headers(headers);
-        if let Some(key) = msg.routing_key() {
-            record = record.key(key);
-        }
-        let (generation, producer) = self.current();
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| self.classify(generation, &e, size))?;
-        let this = self.clone();
-        // Cancel safe: dropping the future leaves the message to librdkafka, whose report then
-        // goes nowhere; the core resends with the same id.
-        Ok(async move {
-            match delivery.await {
-                Ok(Ok(report)) => {
-                    tracing::trace!(
-                        partition = report.partition,
-                        offset = report.offset,
-                        "delivered"
-                    );
-                    Ok(())
-                }
-                Ok(Err((e, _))) => {
-                    let err = this.classify(generation, &e, size);
-                    tracing::debug!(error = %err, "delivery failed");
-                    Err(err)
-                }
-                Err(_) => Err(PublishError::ConnectionLost {
-                    reason: "the producer was dropped before the delivery report".into(),
-                }),
-            }
-        })
-    }
-}
-
-/// The lane of a message to `topic` with record key `key` (`None`: one lane per topic). Lanes
-/// only need to agree within one process.
-fn lane_of(topic: &str, key: Option<&str>) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one((topic, key))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::producer_preset;
-
-    #[test]
-    fn wrapping_a_producer_validates_the_config_it_was_built_from() {
-        let timeout = Duration::from_secs(5);
-        let safe = producer_preset("127.0.0.1:1", timeout);
-        let producer: FutureProducer = safe.create().unwrap();
-        let t = KafkaTransport::from_producer(producer, &safe, timeout, &Safety::strict()).unwrap();
-        assert_eq!(t.recommended_producer_config().confirm_timeout, timeout);
-
-        let mut weak = ClientConfig::new();
-        weak.set("bootstrap.servers", "127.0.0.1:1");
-        let producer: FutureProducer = weak.create().unwrap();
-        let err =
-            KafkaTransport::from_producer(producer, &weak, timeout, &Safety::strict()).unwrap_err();
-        assert!(err.to_string().contains("enable.idempotence=true"), "{err}");
-
-        weak.set("acks", "0");
-        let producer: FutureProducer = weak.create().unwrap();
-        let err =
-            KafkaTransport::from_producer(producer, &weak, timeout, &Safety::strict()).unwrap_err();
-        assert!(matches!(err, Error::UnsafeConfig(_)), "{err}");
-    }
-
-    /// A transport on an address nothing listens on: building and enqueueing need no broker.
-    async fn offline(builder: KafkaTransportBuilder) -> KafkaTransport {
-        builder.skip_topic_check().build().await.unwrap()
-    }
-
-    fn message_timeout(t: &KafkaTransport) -> Option<&str> {
-        t.client_config().get("message.timeout.ms")
-    }
-
-    #[tokio::test]
-    async fn preserved_order_gives_librdkafka_the_whole_deadline() {
-        let t = offline(KafkaTransport::builder("127.0.0.1:1")).await;
-        assert_eq!(message_timeout(&t), Some("60000"));
-        let core = t.recommended_producer_config();
-        assert_eq!(core.order, SendOrder::Preserved);
-        assert_eq!(
-            core.confirm_timeout,
-            Duration::from_secs(60) + DEADLINE_MARGIN
-        );
-        assert_eq!(core.deadline, core.confirm_timeout);
-        assert!(core.backoff.min_delay >= DEADLINE_MARGIN);
-
-        let t =
-            offline(KafkaTransport::builder("127.0.0.1:1").deadline(Duration::from_secs(30))).await;
-        assert_eq!(message_timeout(&t), Some("30000"));
-        assert_eq!(
-            t.recommended_producer_config().deadline,
-            Duration::from_secs(30) + DEADLINE_MARGIN
-        );
-    }
-
-    #[tokio::test]
-    async fn a_confirm_timeout_or_relaxed_order_bounds_each_attempt() {
-        let t = offline(
-            KafkaTransport::builder("127.0.0.1:1").confirm_timeout(Duration::from_secs(10)),
-        )
-        .await;
-        assert_eq!(message_timeout(&t), Some("9000"));
-        let core = t.recommended_producer_config();
-        assert_eq!(
-            (core.order, core.confirm_timeout, core.deadline),
-            (
-                SendOrder::Preserved,
-                Duration::from_secs(10),
-                Duration::from_secs(60)
-            )
-        );
-
-        let t = offline(KafkaTransport::builder("127.0.0.1:1").order(SendOrder::Relaxed)).await;
-        assert_eq!(message_timeout(&t), Some("4500"));
-        let core = t.recommended_producer_config();
-        assert_eq!(
-            core,
-            ProducerConfig {
-                order: SendOrder::Relaxed,
-                ..ProducerConfig::default()
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn a_message_timeout_past_the_core_confirm_timeout_is_refused() {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .set("message.timeout.ms", "120000");
-        let err = KafkaTransport::builder_from_config(config.clone())
-            .skip_topic_check()
-            .build()
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("message.timeout.ms"), "{err}");
-        // Within the deadline's bound it is the user's choice.
-        config.set("message.timeout.ms", "30000");
-        let t = offline(KafkaTransport::builder_from_config(config)).await;
-        assert_eq!(message_timeout(&t), Some("30000"));
-    }
-
-    #[test]
-    fn lanes_follow_topic_and_key() {
-        assert_eq!(lane_of("a", Some("k")), lane_of("a", Some("k")));
-        assert_ne!(lane_of("a", Some("k")), lane_of("a", Some("j")));
-        assert_ne!(lane_of("a", Some("k")), lane_of("b", Some("k")));
-        assert_ne!(lane_of("a", None), lane_of("a", Some("")));
-        assert_ne!(lane_of("ab", None), lane_of("a", Some("b")));
-    }
-
-    #[tokio::test]
-    async fn lane_uses_the_default_topic() {
-        let t = offline(
-            KafkaTransport::builder("127.0.0.1:1").default_topic(crate::TopicSpec::new("orders")),
-        )
-        .await;
-        let keyed = Message::new("x").with_routing_key("k");
-        assert_eq!(t.lane(&keyed), lane_of("orders", Some("k")));
-        assert_eq!(
-            t.lane(&keyed.clone().with_destination("other")),
-            lane_of("other", Some("k"))
-        );
-        assert_eq!(t.lane(&Message::new("y")), lane_of("orders", None));
-    }
-
-    /// The submission enqueues into librdkafka on its first poll, not when it is created: two
-    /// submissions polled in the opposite order land in the opposite order. A refusal at
-    /// enqueue is the submission's error.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn submission_enqueues_on_first_poll() {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::mocking::MockCluster;
-        use rdkafka::{Message as _, Offset, TopicPartitionList};
-
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic("order", 1, 1).unwrap();
-        let t = Arc::new(
-            offline(
-                KafkaTransport::builder(&mock.bootstrap_servers())
-                    .default_topic(crate::TopicSpec::new("order")),
-            )
-            .await,
-        );
-        let first = t.clone().submit(Arc::new(Message::new("created first")));
-        let second = t.clone().submit(Arc::new(Message::new("created second")));
-        let second = second.await.unwrap();
-        let first = first.await.unwrap();
-        first.await.unwrap();
-        second.await.unwrap();
-
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", mock.bootstrap_servers())
-            .set("group.id", "submission-order")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("order", 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&tpl).unwrap();
-        let mut payloads = Vec::new();
-        while payloads.len() < 2 {
-            let m = consumer
-                .poll(Duration::from_secs(10))
-                .expect("the mock cluster returns both records")
-                .unwrap();
-            payloads.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
-        }
-        assert_eq!(payloads, ["created second", "created first"]);
-
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", mock.bootstrap_servers());
-        let refused = Arc::new(offline(KafkaTransport::builder_from_config(config)).await);
-        let err = refused
-            .submit(Arc::new(Message::new("x")))
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
-        t.close().await;
-    }
-
-    #[tokio::test]
-    async fn message_without_topic_is_unroutable() {
-        let timeout = Duration::from_secs(5);
-        let safe = producer_preset("127.0.0.1:1", timeout);
-        let producer: FutureProducer = safe.create().unwrap();
-        let t = KafkaTransport::from_producer(producer, &safe, timeout, &Safety::strict()).unwrap();
-        let err = t.publish(&Message::new("x")).await.unwrap_err();
-        assert!(matches!(err, PublishError::Unroutable { .. }));
-    }
-
-    /// librdkafka's MockCluster fails the idempotent producer's `InitProducerId` with
-    /// `CLUSTER_AUTHORIZATION_FAILED`, a fatal idempotence error: the transport rebuilds the
-    /// producer and the core producer's resend is confirmed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fatal_idempotence_error_rebuilds_the_producer() {
-        use rdkafka::mocking::MockCluster;
-        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-        use reliable_core::producer::Producer;
-
-        let mock = MockCluster::new(3).unwrap();
-        mock.create_topic("fatal", 1, 3).unwrap();
-        mock.request_errors(
-            RDKafkaApiKey::InitProducerId,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
-        );
-        let timeout = Duration::from_secs(5);
-        let config = producer_preset(&mock.bootstrap_servers(), timeout);
-        let producer: FutureProducer = config.create().unwrap();
-        let t =
-            KafkaTransport::from_producer(producer, &config, timeout, &Safety::strict()).unwrap();
-
-        let first = t
-            .publish(&Message::new("a").with_destination("fatal"))
-            .await;
-        assert!(
-            matches!(first, Err(PublishError::ConnectionLost { ref reason }) if reason.contains("rebuilt")),
-            "{first:?}"
-        );
-        assert_eq!(t.rebuilds(), 1);
-        let core = Producer::new(t.clone(), t.recommended_producer_config());
-        let confirmed = core
-            .send_confirmed(Message::new("b").with_destination("fatal"))
-            .await
-            .unwrap();
-        assert_eq!(confirmed.attempts, 1);
-        core.close().await;
-        t.close().await;
     }
 }
