@@ -23,7 +23,7 @@ impl Transport for KafkaTransport {
     }
 
     /// Enqueues `msg` into librdkafka when first polled (the submission) and returns the wait
-    /// for its delivery report (the attempt); see the [module docs](self#order).
+    /// for its delivery report (the attempt); see the [module docs](crate::producer#order).
     fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
         let span = self.publish_span(&msg);
         let attempt_span = span.clone();
