@@ -8,7 +8,7 @@
 //!   named by its [destination](crate::Message::destination) (or [`DEFAULT_QUEUE`] when it has
 //!   none); a message for an undeclared queue is refused as
 //!   [`PublishError::Unroutable`] (like AMQP `mandatory`);
-//! * [`InMemoryTransport::publish`] stores the message and confirms at once unless a fault is
+//! * [`InMemoryTransport`] stores the message and confirms at once unless a fault is
 //!   injected;
 //! * [`InMemoryConsumer`] hands out deliveries competing with other consumers of the queue;
 //!   unacked deliveries come back (flagged redelivered) when nacked with requeue or when the
@@ -57,11 +57,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{watch, Notify};
 
+mod transport;
+
+pub use transport::InMemoryTransport;
+
 use crate::message::{Message, MessageId};
-use crate::transport::{
-    AckError, Acker, Attempt, ConsumeError, Delivery, DeliverySource, PublishError, Submission,
-    Transport,
-};
+use crate::transport::{AckError, Acker, ConsumeError, Delivery, DeliverySource, PublishError};
 
 /// The queue a message without a destination goes to.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -312,118 +313,6 @@ enum Settle {
     Drop,
 }
 
-/// The producer side of [`InMemoryBroker`].
-#[derive(Clone, Debug)]
-pub struct InMemoryTransport {
-    broker: InMemoryBroker,
-}
-
-enum Then {
-    Confirm,
-    Fail(PublishError),
-    Never,
-    ConfirmAfter(Duration),
-}
-
-impl InMemoryTransport {
-    /// The hand-off: the broker stores (or, under a fault, refuses or loses) the message at
-    /// once, in call order. A refusal is returned here; what the confirm does is the `Then`.
-    fn hand_off(&self, msg: &Message) -> Result<(Then, watch::Receiver<u64>), PublishError> {
-        let inner = &self.broker.inner;
-        let then = {
-            let mut st = self.broker.lock();
-            st.publish_log.push(msg.id());
-            let fault = if st.silent {
-                Some(PublishFault::LoseMessage)
-            } else {
-                st.publish_faults.pop_front()
-            };
-            let queue = msg.destination().unwrap_or(DEFAULT_QUEUE);
-            let size = msg.payload().len();
-            let (store, then) = match fault {
-                None => (true, Then::Confirm),
-                Some(PublishFault::DropConfirm) => (true, Then::Never),
-                Some(PublishFault::LoseMessage) => (false, Then::Never),
-                Some(PublishFault::Nack) => (
-                    false,
-                    Then::Fail(PublishError::Nacked {
-                        reason: "injected nack".into(),
-                    }),
-                ),
-                Some(PublishFault::Fail(e)) => (false, Then::Fail(e)),
-                Some(PublishFault::Delay(d)) => (true, Then::ConfirmAfter(d)),
-                Some(PublishFault::ConnectionLost { stored }) => (
-                    stored,
-                    Then::Fail(PublishError::ConnectionLost {
-                        reason: "injected connection loss".into(),
-                    }),
-                ),
-            };
-            if let Some(limit) = st.max_message_size.filter(|l| size > *l) {
-                return Err(PublishError::TooLarge { size, limit });
-            }
-            let Some(q) = st.queues.get_mut(queue) else {
-                return Err(PublishError::Unroutable {
-                    reason: format!("no queue named {queue:?}"),
-                });
-            };
-            if store {
-                q.ready.push_back((msg.clone(), false));
-            }
-            // Subscribed under the lock: a connection loss after this fails the wait below.
-            (then, inner.connection.subscribe())
-        };
-        inner.changed.notify_waiters();
-        if let (Then::Fail(e), _) = then {
-            return Err(e);
-        }
-        Ok(then)
-    }
-}
-
-/// The confirm of a handed-off message, failed by a connection loss while it waits.
-async fn confirm(then: Then, mut connection: watch::Receiver<u64>) -> Result<(), PublishError> {
-    let lost = async move {
-        let _ = connection.changed().await;
-        Err(PublishError::ConnectionLost {
-            reason: "connection lost while waiting for the confirm".into(),
-        })
-    };
-    match then {
-        Then::Confirm => Ok(()),
-        Then::Fail(e) => Err(e),
-        Then::Never => lost.await,
-        Then::ConfirmAfter(d) => tokio::select! {
-            _ = tokio::time::sleep(d) => Ok(()),
-            lost = lost => lost,
-        },
-    }
-}
-
-/// The broker takes a message in the submission (refusals included) and confirms it in the
-/// attempt, so a producer's messages land in its send order per queue (its lane).
-#[async_trait]
-impl Transport for InMemoryTransport {
-    async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let (then, connection) = self.hand_off(msg)?;
-        confirm(then, connection).await
-    }
-
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        let handed = self.hand_off(&msg);
-        Box::pin(async move {
-            let (then, connection) = handed?;
-            let attempt: Attempt = Box::pin(confirm(then, connection));
-            Ok(attempt)
-        })
-    }
-
-    fn lane(&self, msg: &Message) -> u64 {
-        use std::hash::BuildHasher;
-        rustc_hash::FxBuildHasher.hash_one(msg.destination().unwrap_or(DEFAULT_QUEUE))
-    }
-}
-
 /// The consumer side of [`InMemoryBroker`]: a [`DeliverySource`] for one queue.
 #[derive(Debug)]
 pub struct InMemoryConsumer {
@@ -538,6 +427,7 @@ impl Acker for InMemoryAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Transport;
 
     #[tokio::test]
     async fn unroutable_and_too_large_are_refused() {
