@@ -35,6 +35,6 @@ pub mod transport;
 
 pub use message::{IdempotencyKey, Message, MessageId};
 pub use transport::{
-    AckError, Acker, Attempt, ConsumeError, Delivery, DeliverySource, Position, PublishError,
-    Submission, TopicPartition, Transport,
+    AckError, Acker, Attempt, Completion, ConsumeError, Delivery, DeliverySource, Position,
+    PublishError, Submission, TopicPartition, Transport,
 };

@@ -16,7 +16,7 @@ use reliable_amqp::settings::{AmqpSettings, DataLoss};
 use reliable_amqp::AmqpPublisher;
 use reliable_core::outbox::Outbox;
 use reliable_core::producer::{Producer, ProducerConfig, SendHandle, SendOrder};
-use reliable_core::{Attempt, Message, MessageId, PublishError, Submission, Transport};
+use reliable_core::{Attempt, Completion, Message, MessageId, PublishError, Submission, Transport};
 use reliable_kafka::config::Safety;
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{KafkaTransport, TopicSpec};
@@ -112,25 +112,37 @@ impl Transport for CutShort {
         }
     }
 
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
         let after = self.cut_after(&msg);
-        let submission = Arc::clone(&self.inner).submit(msg);
+        let submission = Arc::clone(&self.inner).submit(msg, done);
         let Some(after) = after else {
             return submission;
         };
-        Box::pin(async move {
-            // One budget for the hand-off and the confirm, as a publish had.
-            let ends = Instant::now() + after;
-            let attempt = tokio::time::timeout_at(ends, submission)
-                .await
-                .unwrap_or(Err(PublishError::Timeout))?;
-            let attempt: Attempt = Box::pin(async move {
-                tokio::time::timeout_at(ends, attempt)
+        // One budget for the hand-off and the confirm, as a publish had. A callback attempt is
+        // cut by answering through a future instead: the producer then ignores the callback.
+        let ends = Instant::now() + after;
+        let cut = move |attempt: Attempt| {
+            Attempt::Future(Box::pin(async move {
+                match attempt {
+                    Attempt::Future(confirm) => tokio::time::timeout_at(ends, confirm)
+                        .await
+                        .unwrap_or(Err(PublishError::Timeout)),
+                    Attempt::Callback => {
+                        tokio::time::sleep_until(ends).await;
+                        Err(PublishError::Timeout)
+                    }
+                }
+            }))
+        };
+        match submission {
+            Submission::Now(result) => Submission::Now(result.map(cut)),
+            Submission::Later(handing) => Submission::Later(Box::pin(async move {
+                tokio::time::timeout_at(ends, handing)
                     .await
                     .unwrap_or(Err(PublishError::Timeout))
-            });
-            Ok(attempt)
-        })
+                    .map(cut)
+            })),
+        }
     }
 
     fn lane(&self, msg: &Message) -> u64 {

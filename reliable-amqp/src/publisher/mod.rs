@@ -79,7 +79,7 @@ use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
-use reliable_core::transport::{Attempt, Submission};
+use reliable_core::transport::{Attempt, Completion, Submission};
 use reliable_core::{Message, PublishError, Transport};
 use tokio::sync::Mutex;
 use tracing::Instrument;
@@ -428,8 +428,12 @@ impl AmqpPublisher {
 impl Transport for AmqpPublisher {
     /// Submits `msg` and waits for its attempt.
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let attempt = Arc::new(self.clone()).submit(Arc::new(msg.clone())).await?;
-        attempt.await
+        let attempt = self
+            .clone()
+            .hand_off(Arc::new(msg.clone()))
+            .await
+            .inspect_err(not_confirmed)?;
+        attempt.await.inspect_err(not_confirmed)
     }
 
     /// Hands `msg` to lapin in send order: the submission resolves once lapin has queued its
@@ -438,7 +442,8 @@ impl Transport for AmqpPublisher {
     /// attempt waits for the broker's decision, at most the settings'
     /// [`confirm_timeout`](AmqpSettings::confirm_timeout) from the hand-off. Publishes
     /// submitted one after another reach the broker in that order on one channel.
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
+        done.dismiss();
         let span = tracing::debug_span!(
             "amqp_publish",
             message_id = %msg.id(),
@@ -446,17 +451,16 @@ impl Transport for AmqpPublisher {
         );
         let publisher = AmqpPublisher::clone(&self);
         let attempt_span = span.clone();
-        Box::pin(
+        Submission::Later(Box::pin(
             async move {
                 let attempt = publisher.hand_off(msg).await.inspect_err(not_confirmed)?;
-                let attempt: Attempt = Box::pin(
+                Ok(Attempt::Future(Box::pin(
                     async move { attempt.await.inspect_err(not_confirmed) }
                         .instrument(attempt_span),
-                );
-                Ok(attempt)
+                )))
             }
             .instrument(span),
-        )
+        ))
     }
 
     /// Called by `Producer::close` once its messages are settled: closes the publisher when

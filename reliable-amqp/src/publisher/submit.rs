@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reliable_core::transport::Attempt;
 use reliable_core::{Message, PublishError};
 
 use super::classify::classify;
@@ -21,6 +20,9 @@ use super::confirms::{Outcome, Target};
 use super::transactions::only_result;
 use super::AmqpPublisher;
 use crate::settings::PublishMode;
+
+/// The wait for one publish's decision.
+pub(super) type Attempt = futures::future::BoxFuture<'static, Result<(), PublishError>>;
 
 /// A caller that gave up on a confirm after waiting at least this long marks the channel
 /// suspect: a confirm normally takes milliseconds, so a wait this long means the link or the

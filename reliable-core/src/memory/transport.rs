@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::{InMemoryBroker, PublishFault, DEFAULT_QUEUE};
 use crate::message::Message;
-use crate::transport::{Attempt, PublishError, Submission, Transport};
+use crate::transport::{Attempt, Completion, PublishError, Submission, Transport};
 
 /// The producer side of [`InMemoryBroker`].
 #[derive(Clone, Debug)]
@@ -100,7 +100,7 @@ async fn confirm(then: Then, mut connection: watch::Receiver<u64>) -> Result<(),
 }
 
 /// The broker takes a message in the submission (refusals included) and confirms it in the
-/// attempt, so a producer's messages land in its send order per queue (its lane).
+/// attempt (by callback when at once), so a producer's messages land in its send order per queue (its lane).
 #[async_trait]
 impl Transport for InMemoryTransport {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
@@ -108,13 +108,22 @@ impl Transport for InMemoryTransport {
         confirm(then, connection).await
     }
 
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        let handed = self.hand_off(&msg);
-        Box::pin(async move {
-            let (then, connection) = handed?;
-            let attempt: Attempt = Box::pin(confirm(then, connection));
-            Ok(attempt)
-        })
+    /// A message confirmed at once answers through `done` (no future); a confirm that waits
+    /// (a delay, a dropped confirm) is an attempt future.
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
+        let (then, connection) = match self.hand_off(&msg) {
+            Ok(handed) => handed,
+            Err(e) => {
+                done.dismiss();
+                return Submission::Now(Err(e));
+            }
+        };
+        if let Then::Confirm = then {
+            done.complete(Ok(()));
+            return Submission::Now(Ok(Attempt::Callback));
+        }
+        done.dismiss();
+        Submission::Now(Ok(Attempt::Future(Box::pin(confirm(then, connection)))))
     }
 
     fn lane(&self, msg: &Message) -> u64 {

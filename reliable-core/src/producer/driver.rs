@@ -10,10 +10,20 @@
 //! the same single submission slot; under [`SendOrder::Preserved`] the [lanes](super::lanes)
 //! decide when.
 //!
+//! A transport that answers by callback ([`Attempt::Callback`]) reports to one
+//! [`Answers`] queue per producer, which the driver takes in bulk; such attempts need no future
+//! and no timer of their own: all of them get the same confirm timeout, so their expiries grow
+//! with submission order and one FIFO sweep finds them. An answer counts only for the attempt
+//! it names (the message's ticket and attempt number) while that attempt is in flight: a late
+//! confirm of an attempt that already timed out and was resent is ignored.
+//!
 //! Every message is settled in bounded time: a submission, and then its attempt, each get the
-//! confirm timeout cut to what is left of the deadline, and a message waiting (not yet
-//! submitted, parked or held) is handed back once its deadline passes. Deadlines grow with send
-//! order, so one FIFO sweep finds the expired ones.
+//! confirm timeout (cut to what is left of the deadline for future attempts), and a message not
+//! confirmed by its deadline is handed back: waiting (not yet submitted, parked or held) or in a
+//! callback attempt. Deadlines grow with send order, so one FIFO sweep finds the expired ones.
+//!
+//! Window space comes back in bulk: a settled message adds to a count that is released into
+//! the window once per driver turn, not once per message.
 //!
 //! [`Transport::submit`]: crate::Transport::submit
 
@@ -29,12 +39,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::message::Message;
-use crate::transport::{Attempt, PublishError};
+use crate::transport::{Answer, Answers, Attempt, PublishError, Submission, Token};
 
 use super::handle::{Claim, Outcome};
 use super::lanes::Lanes;
@@ -46,8 +56,6 @@ pub(super) struct Job {
     pub(super) ticket: u64,
     pub(super) msg: Message,
     pub(super) first_sent: Instant,
-    /// The message's window slot, freed when it is settled.
-    pub(super) permit: OwnedSemaphorePermit,
     /// Its outbox entry (feature `outbox`).
     pub(super) claim: Option<Claim>,
     pub(super) reply: oneshot::Sender<Outcome>,
@@ -73,10 +81,11 @@ struct Tracked {
     deadline: Option<Instant>,
     attempts: u32,
     stage: Stage,
+    /// Whether the attempt in flight answers through the [`Answers`] queue.
+    callback: bool,
     /// Why the pending resend is needed.
     cause: Option<ResendCause>,
     delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
-    permit: OwnedSemaphorePermit,
     claim: Option<Claim>,
     reply: oneshot::Sender<Outcome>,
     span: tracing::Span,
@@ -86,6 +95,8 @@ type Submitting = BoxFuture<'static, (u64, Result<Attempt, PublishError>)>;
 type Deciding = BoxFuture<'static, (u64, Result<(), PublishError>)>;
 
 enum Event {
+    /// Answers by callback were moved into `Driver::taken`.
+    Answered,
     Submitted(u64, Result<Attempt, PublishError>),
     Decided(u64, Result<(), PublishError>),
     Accepted(Option<Job>),
@@ -111,6 +122,13 @@ pub(super) struct Driver {
     /// The one submission running, if any.
     submitting: Option<Submitting>,
     attempts: FuturesUnordered<Deciding>,
+    /// Where callback attempts answer, and the answers taken from it this turn.
+    answers: Arc<Answers>,
+    taken: Vec<Answer>,
+    /// Callback attempts in submission order with the end of their confirm timeout.
+    expiring: VecDeque<(Instant, Token)>,
+    /// Window slots of settled messages, released once per turn.
+    released: usize,
     timer: Pin<Box<Sleep>>,
     /// When the timer is set to fire; `None` when nothing waits for it.
     timer_at: Option<Instant>,
@@ -130,6 +148,10 @@ impl Driver {
             lanes: Lanes::default(),
             submitting: None,
             attempts: FuturesUnordered::new(),
+            answers: Arc::new(Answers::default()),
+            taken: Vec::new(),
+            expiring: VecDeque::new(),
+            released: 0,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             timer_at: None,
         }
@@ -139,11 +161,13 @@ impl Driver {
     pub(super) async fn run(mut self) {
         loop {
             self.start_next();
+            self.release();
             if !self.open && self.tracked.is_empty() {
                 return;
             }
             self.arm_timer();
             match poll_fn(|cx| self.poll_event(cx)).await {
+                Event::Answered => self.answered(),
                 Event::Submitted(ticket, result) => self.submitted(ticket, result),
                 Event::Decided(ticket, result) => self.decided(ticket, result),
                 Event::Accepted(Some(job)) => {
@@ -159,6 +183,10 @@ impl Driver {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        self.answers.take(cx, &mut self.taken);
+        if !self.taken.is_empty() {
+            return Poll::Ready(Event::Answered);
+        }
         if let Some(submission) = &mut self.submitting {
             if let Poll::Ready((ticket, result)) = submission.as_mut().poll(cx) {
                 self.submitting = None;
@@ -201,9 +229,9 @@ impl Driver {
                 deadline,
                 attempts: 0,
                 stage: Stage::Waiting,
+                callback: false,
                 cause: None,
                 delays: None,
-                permit: job.permit,
                 claim: job.claim,
                 reply: job.reply,
                 span,
@@ -211,12 +239,19 @@ impl Driver {
         );
     }
 
-    /// Starts the next submission when none runs: a resend whose turn has come, else the next
-    /// message in send order.
+    /// Starts submissions while none is running: a resend whose turn has come, else the next
+    /// message in send order. A submission decided at once lets the next one start.
     fn start_next(&mut self) {
-        if self.submitting.is_some() {
-            return;
+        while self.submitting.is_none() {
+            let Some(ticket) = self.next_turn() else {
+                return;
+            };
+            self.submit(ticket);
         }
+    }
+
+    /// The ticket whose submission comes next, if any may start.
+    fn next_turn(&mut self) -> Option<u64> {
         let preserved = self.inner.config.order == SendOrder::Preserved;
         let resend = self.due.iter().copied().find(|ticket| {
             !preserved
@@ -238,8 +273,7 @@ impl Driver {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            self.submit(ticket);
-            return;
+            return Some(ticket);
         }
         while let Some(ticket) = self.fresh.pop_front() {
             let Some(t) = self.tracked.get(&ticket) else {
@@ -248,9 +282,9 @@ impl Driver {
             if preserved && !self.lanes.admit(t.lane, ticket) {
                 continue; // held until its lane has recovered
             }
-            self.submit(ticket);
-            return;
+            return Some(ticket);
         }
+        None
     }
 
     /// Submits `ticket`'s message: its next attempt starts.
@@ -268,10 +302,23 @@ impl Driver {
                 e.last_sent = now;
             }
         }
-        let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
-        let submission = Arc::clone(&self.inner.transport).submit(t.msg.clone());
-        let submission = bounded(ticket, ends, submission).instrument(t.span.clone());
-        self.submitting = Some(Box::pin(submission));
+        let token = Token {
+            ticket,
+            attempt: t.attempts,
+        };
+        let done = self.answers.completion(token);
+        let submission = {
+            let _entered = t.span.enter();
+            Arc::clone(&self.inner.transport).submit(t.msg.clone(), done)
+        };
+        match submission {
+            Submission::Now(result) => self.submitted(ticket, result),
+            Submission::Later(submission) => {
+                let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
+                let submission = bounded(ticket, ends, submission).instrument(t.span.clone());
+                self.submitting = Some(Box::pin(submission));
+            }
+        }
     }
 
     fn submitted(&mut self, ticket: u64, result: Result<Attempt, PublishError>) {
@@ -279,16 +326,55 @@ impl Driver {
             Ok(attempt) => attempt,
             Err(e) => return self.decided(ticket, Err(e)),
         };
-        let Some(t) = self.tracked.get(&ticket) else {
+        let Some(t) = self.tracked.get_mut(&ticket) else {
             return;
         };
-        let ends = step_end(
-            self.inner.config.confirm_timeout,
-            t.deadline,
-            Instant::now(),
-        );
-        let deciding = bounded(ticket, ends, attempt).instrument(t.span.clone());
-        self.attempts.push(Box::pin(deciding));
+        let now = Instant::now();
+        match attempt {
+            Attempt::Callback => {
+                t.callback = true;
+                if let Some(ends) = now.checked_add(self.inner.config.confirm_timeout) {
+                    let token = Token {
+                        ticket,
+                        attempt: t.attempts,
+                    };
+                    self.expiring.push_back((ends, token));
+                }
+            }
+            Attempt::Future(attempt) => {
+                t.callback = false;
+                let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
+                let deciding = bounded(ticket, ends, attempt).instrument(t.span.clone());
+                self.attempts.push(Box::pin(deciding));
+            }
+        }
+    }
+
+    /// Whether `token` names the callback attempt in flight.
+    fn current(&self, token: Token) -> bool {
+        self.tracked.get(&token.ticket).is_some_and(|t| {
+            t.stage == Stage::InFlight && t.callback && t.attempts == token.attempt
+        })
+    }
+
+    /// Decides the callback attempts whose answers were taken; answers to attempts no longer
+    /// in flight are ignored.
+    fn answered(&mut self) {
+        let mut taken = std::mem::take(&mut self.taken);
+        for (token, result) in taken.drain(..) {
+            if self.current(token) {
+                self.decided(token.ticket, result);
+            }
+        }
+        self.taken = taken;
+    }
+
+    /// Gives the window the slots of the messages settled this turn, in one step.
+    fn release(&mut self) {
+        if self.released > 0 {
+            self.inner.window.add_permits(self.released);
+            self.released = 0;
+        }
     }
 
     /// An attempt ended: confirm, final refusal, or a resend after a backoff.
@@ -412,7 +498,7 @@ impl Driver {
         };
         // Leave the pending map before the window so `flush` sees an empty map.
         self.inner.pending.remove(&ticket);
-        drop(t.permit);
+        self.released += 1;
         if let Err(outcome) = t.reply.send(Outcome { result, claim }) {
             outcome.unreceived(id);
         }
@@ -422,6 +508,15 @@ impl Driver {
     /// are handed back.
     fn tick(&mut self) {
         let now = Instant::now();
+        while let Some(&(ends, token)) = self.expiring.front() {
+            if ends > now {
+                break;
+            }
+            self.expiring.pop_front();
+            if self.current(token) {
+                self.decided(token.ticket, Err(PublishError::Timeout));
+            }
+        }
         while let Some(Reverse((at, ticket))) = self.backoff.peek().copied() {
             if at > now {
                 break;
@@ -441,7 +536,11 @@ impl Driver {
             }
             self.by_deadline.pop_front();
             if t.stage == Stage::InFlight {
-                continue; // its attempt's budget ends by the deadline
+                if t.callback {
+                    // Its timeout would end after the deadline: decided now, as timed out.
+                    self.decided(ticket, Err(PublishError::Timeout));
+                }
+                continue; // a future attempt's budget ends by the deadline
             }
             let (attempts, elapsed) = (t.attempts, now.saturating_duration_since(t.first_sent));
             let last_error = PublishError::Timeout;
@@ -459,22 +558,36 @@ impl Driver {
 
     /// Sets the timer to the next backoff end or the next deadline of a message not in flight.
     fn arm_timer(&mut self) {
+        while self
+            .expiring
+            .front()
+            .is_some_and(|&(_, token)| !self.current(token))
+        {
+            self.expiring.pop_front(); // answered already
+        }
+        let expiry = self.expiring.front().map(|(at, _)| *at);
         let backoff = self.backoff.peek().map(|Reverse((at, _))| *at);
         let deadline = self
             .by_deadline
             .front()
             .and_then(|ticket| self.tracked.get(ticket))
             .and_then(|t| t.deadline);
-        let next = match (backoff, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [expiry, backoff, deadline].into_iter().flatten().min();
         if next != self.timer_at {
             if let Some(at) = next {
                 self.timer.as_mut().reset(at);
             }
             self.timer_at = next;
         }
+    }
+}
+
+impl Drop for Driver {
+    /// A driver dropped with messages left (its runtime shut down) gives their window slots
+    /// back; their handles resolve to `Aborted` as their replies drop.
+    fn drop(&mut self) {
+        self.released += self.tracked.len();
+        self.release();
     }
 }
 

@@ -86,7 +86,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OnceCell, Semaphore};
 use tokio::time::Instant;
 
 use crate::message::{IdempotencyKey, Message, MessageId};
@@ -227,7 +227,8 @@ impl Producer {
             let Ok(permit) = self.inner.window.clone().acquire_owned().await else {
                 break;
             };
-            handles.push(self.start(msg, permit, Some(claim)));
+            permit.forget(); // the driver gives the slot back when the message is settled
+            handles.push(self.start(msg, Some(claim)));
         }
         Ok(handles)
     }
@@ -266,7 +267,8 @@ impl Producer {
                 })
             }
         };
-        Ok(self.start(msg, permit, claim))
+        permit.forget(); // the driver gives the slot back when the message is settled
+        Ok(self.start(msg, claim))
     }
 
     /// Hands several messages to the producer at once: waits until the window has space for all
@@ -315,11 +317,11 @@ impl Producer {
                 }))
             }
         };
+        permits.forget(); // the driver gives each slot back when its message is settled
         let mut claims = claims.into_iter();
         Ok(msgs
             .into_iter()
-            .zip(one_each(permits))
-            .map(|(msg, permit)| self.start(msg, permit, claims.next()))
+            .map(|msg| self.start(msg, claims.next()))
             .collect())
     }
 
@@ -339,15 +341,11 @@ impl Producer {
         Ok(Vec::new())
     }
 
-    /// Hands `msg` to the driver, which holds `permit` (its window slot) and `claim` (its
-    /// outbox entry) until the message is settled. The driver's queue keeps the order of these
-    /// calls, which is the order the transport sees.
-    fn start(
-        &self,
-        msg: Message,
-        permit: OwnedSemaphorePermit,
-        claim: Option<Claim>,
-    ) -> SendHandle {
+    /// Hands `msg` to the driver, which holds its window slot (taken and forgotten by the
+    /// caller) and `claim` (its outbox entry) until the message is settled, then releases the
+    /// slot. The driver's queue keeps the order of these calls, which is the order the
+    /// transport sees.
+    fn start(&self, msg: Message, claim: Option<Claim>) -> SendHandle {
         let inner = &self.inner;
         let id = msg.id();
         let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -373,7 +371,6 @@ impl Producer {
             ticket,
             msg,
             first_sent: now,
-            permit,
             claim,
             reply,
         };
@@ -381,6 +378,7 @@ impl Producer {
             // The driver is gone only when its runtime shut down; the job (and its reply)
             // dropped with the send error, so the handle resolves to `Aborted`.
             inner.pending.remove(&ticket);
+            inner.window.add_permits(1);
         }
         SendHandle::new(id, rx)
     }
@@ -468,13 +466,4 @@ impl Producer {
             confirm_latency_p99: self.inner.latency.quantile(0.99),
         }
     }
-}
-
-/// Splits `permit` into permits of one slot each, so each message of a batch frees its own.
-fn one_each(mut permit: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
-    let mut out = Vec::with_capacity(permit.num_permits());
-    while let Some(one) = permit.split(1) {
-        out.push(one);
-    }
-    out
 }

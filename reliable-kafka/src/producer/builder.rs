@@ -2,13 +2,14 @@
 //! order and timeouts (how long librdkafka owns a message) and the loudly named opt-outs.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use reliable_core::backoff::BackoffPolicy;
 use reliable_core::producer::{ProducerConfig, SendOrder};
 
+use super::client::{Client, Link};
 use super::KafkaTransport;
 use crate::config::{harden_producer_config_sized, redact, RedactedConfig, Safety};
 use crate::topic::{ensure_topic, TopicSpec};
@@ -124,9 +125,14 @@ impl KafkaTransportBuilder {
                 ensure_topic(&config, spec).await?;
             }
         }
-        let producer = create_producer(&config)?;
+        let link = Link::default();
+        let producer = Client::create(&config, Arc::clone(&link)).map_err(|e| Error::Client {
+            client: "producer",
+            reason: redact(&config, e.to_string()),
+        })?;
         Ok(KafkaTransport::assemble(
             producer,
+            link,
             config,
             self.default_topic,
             timing.core,
@@ -205,11 +211,4 @@ impl Timing {
             },
         }
     }
-}
-
-pub(super) fn create_producer(config: &ClientConfig) -> Result<FutureProducer, Error> {
-    config.create().map_err(|e| Error::Client {
-        client: "producer",
-        reason: redact(config, e.to_string()),
-    })
 }

@@ -89,7 +89,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use reliable_core::pipeline::DeadLetter;
 use reliable_core::producer::{Producer as CoreProducer, ProducerConfig, SendOrder};
@@ -99,18 +99,21 @@ use crate::config::{harden_producer_config, redact, RedactedConfig, Safety};
 use crate::Error;
 
 mod builder;
+mod client;
 mod submit;
 #[cfg(test)]
 mod tests;
 
-use builder::{create_producer, Timing};
+use builder::Timing;
 pub use builder::{KafkaTransportBuilder, DEADLINE_MARGIN};
+use client::{Client, Link};
 
 /// Kafka's default `message.max.bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
-/// The core [`Transport`](reliable_core::Transport) over an rdkafka [`FutureProducer`]; see the module docs. Cheap to
-/// clone (shared).
+/// The core [`Transport`](reliable_core::Transport) over an rdkafka producer whose delivery callback answers each
+/// attempt (or an application's [`FutureProducer`], see [`from_producer`](Self::from_producer)); see the module
+/// docs. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct KafkaTransport {
     inner: Arc<Inner>,
@@ -118,7 +121,9 @@ pub struct KafkaTransport {
 
 struct Inner {
     /// The live producer and its generation (bumped by every rebuild).
-    producer: RwLock<(u64, FutureProducer)>,
+    producer: RwLock<(u64, Client)>,
+    /// How the client's delivery callback finds this transport (also for rebuilt clients).
+    link: Link,
     generations: AtomicU64,
     /// The validated config, to rebuild the producer after a fatal error.
     config: ClientConfig,
@@ -200,11 +205,19 @@ impl KafkaTransport {
             confirm_timeout,
             ProducerConfig::default().deadline,
         );
-        Ok(Self::assemble(producer, checked, None, timing.core))
+        Ok(Self::assemble(
+            Client::Future(producer),
+            Link::default(),
+            checked,
+            None,
+            timing.core,
+        ))
     }
 
+    /// The transport over `producer`, whose callback (if any) reports through `link`.
     fn assemble(
-        producer: FutureProducer,
+        producer: Client,
+        link: Link,
         config: ClientConfig,
         default_topic: Option<String>,
         recommended: ProducerConfig,
@@ -218,9 +231,10 @@ impl KafkaTransport {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(recommended.confirm_timeout);
-        Self {
+        let transport = Self {
             inner: Arc::new(Inner {
                 producer: RwLock::new((0, producer)),
+                link: Arc::clone(&link),
                 generations: AtomicU64::new(0),
                 config,
                 default_topic,
@@ -229,7 +243,10 @@ impl KafkaTransport {
                 // Every queued message has its delivery report by then.
                 flush_timeout: message_timeout + Duration::from_secs(1),
             }),
-        }
+        };
+        // Set once, here: the link is new or belongs to a client created for this transport.
+        let _ = link.set(Arc::downgrade(&transport.inner));
+        transport
     }
 
     /// The core [`ProducerConfig`] that fits this transport's `message.timeout.ms` and order
@@ -302,7 +319,7 @@ impl KafkaTransport {
         }
     }
 
-    fn current(&self) -> (u64, FutureProducer) {
+    fn current(&self) -> (u64, Client) {
         let guard = self
             .inner
             .producer
@@ -322,7 +339,8 @@ impl KafkaTransport {
         if guard.0 != generation {
             return Ok(()); // someone else rebuilt it already
         }
-        let fresh = create_producer(&self.inner.config).map_err(|e| e.to_string())?;
+        let fresh = Client::create(&self.inner.config, Arc::clone(&self.inner.link))
+            .map_err(|e| redact(&self.inner.config, e.to_string()))?;
         let next = self.inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let old = std::mem::replace(&mut *guard, (next, fresh));
         drop(guard);
@@ -339,14 +357,12 @@ impl KafkaTransport {
         Ok(())
     }
 
-    fn classify(&self, generation: u64, err: &KafkaError, size: usize) -> PublishError {
+    /// The class of a refusal whose code alone decides it; `None` when the client's fatal
+    /// state decides it ([`classify`](Self::classify)).
+    fn classify_by_code(&self, err: &KafkaError, size: usize) -> Option<PublishError> {
         let reason = || redact(&self.inner.config, err.to_string());
-        let fatal = || {
-            let (_, producer) = self.current();
-            producer.client().fatal_error()
-        };
         use RDKafkaErrorCode as C;
-        match err.rdkafka_error_code() {
+        Some(match err.rdkafka_error_code() {
             Some(C::QueueFull) => PublishError::Busy { reason: reason() },
             Some(C::MessageTimedOut | C::RequestTimedOut) => PublishError::Timeout,
             Some(C::MessageSizeTooLarge) => PublishError::TooLarge {
@@ -363,6 +379,21 @@ impl KafkaTransport {
                 | C::Authentication
                 | C::InvalidConfig,
             ) => PublishError::Fatal { reason: reason() },
+            _ => return None,
+        })
+    }
+
+    /// Classifies a refusal (see the [module docs](self)); after a fatal idempotence error,
+    /// rebuilds the client first. Blocks briefly on a rebuild: call it off the client's
+    /// polling thread.
+    fn classify(&self, generation: u64, err: &KafkaError, size: usize) -> PublishError {
+        if let Some(class) = self.classify_by_code(err, size) {
+            return class;
+        }
+        let reason = || redact(&self.inner.config, err.to_string());
+        let fatal = || self.current().1.fatal_error();
+        use RDKafkaErrorCode as C;
+        match err.rdkafka_error_code() {
             Some(C::Fatal) => self.after_fatal(generation, reason()),
             _ if fatal().is_some() => self.after_fatal(generation, reason()),
             Some(
@@ -376,7 +407,6 @@ impl KafkaTransport {
         let detail = self
             .current()
             .1
-            .client()
             .fatal_error()
             .map(|(code, text)| redact(&self.inner.config, format!("{code}: {text}")))
             .unwrap_or(reason);
@@ -419,7 +449,7 @@ impl Drop for Inner {
 /// Flushes its producer (a clone that keeps the librdkafka client and its queue alive) when
 /// dropped: on whichever thread drops it, blocking for up to `timeout`.
 struct FlushOnDrop {
-    producer: Option<FutureProducer>,
+    producer: Option<Client>,
     timeout: Duration,
     /// For redacting the client's errors.
     config: ClientConfig,

@@ -1,40 +1,37 @@
 //! The [`Transport`] side of [`KafkaTransport`]: the ordered hand-off to librdkafka (the
-//! submission), the wait for its delivery report (the attempt) and the ordering lane.
+//! submission, answered by the client's delivery callback) and the ordering lane.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{BaseRecord, FutureRecord};
 use reliable_core::transport::{Attempt, Submission};
-use reliable_core::{Message, PublishError, Transport};
+use reliable_core::{Completion, Message, PublishError, Transport};
 use tracing::Instrument;
 
+use super::client::{Client, Delivery};
 use super::KafkaTransport;
 
 #[async_trait]
 impl Transport for KafkaTransport {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
         let span = self.publish_span(msg);
-        async move { self.enqueue(msg)?.await }
-            .instrument(span)
-            .await
+        async move {
+            let (done, answer) = Completion::channel();
+            match self.enqueue(msg, done)? {
+                Attempt::Callback => answer.await,
+                Attempt::Future(delivery) => delivery.await,
+            }
+        }
+        .instrument(span)
+        .await
     }
 
-    /// Enqueues `msg` into librdkafka when first polled (the submission) and returns the wait
-    /// for its delivery report (the attempt); see the [module docs](crate::producer#order).
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        let span = self.publish_span(&msg);
-        let attempt_span = span.clone();
-        Box::pin(
-            async move {
-                let delivery = self.enqueue(&msg)?;
-                let attempt: Attempt = Box::pin(delivery.instrument(attempt_span));
-                Ok(attempt)
-            }
-            .instrument(span),
-        )
+    /// Enqueues `msg` into librdkafka now (the submission; see the
+    /// [module docs](crate::producer#order)); the delivery callback answers `done`.
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
+        Submission::Now(self.enqueue(&msg, done))
     }
 
     /// A stable hash of the message's topic and record key: one key always lands in one
@@ -61,17 +58,16 @@ impl KafkaTransport {
         tracing::debug_span!("reliable.kafka.publish", message_id = %msg.id(), topic)
     }
 
-    /// Hands `msg` to librdkafka now (so the caller's order is librdkafka's enqueue order) and
-    /// returns the wait for its delivery report. Errors are refusals at enqueue.
-    fn enqueue(
-        &self,
-        msg: &Message,
-    ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
-        let topic = self
-            .topic_of(msg)
-            .ok_or_else(|| PublishError::Unroutable {
+    /// Hands `msg` to librdkafka now (so the caller's order is librdkafka's enqueue order).
+    /// Our client answers `done` from its delivery callback; an application's
+    /// `FutureProducer` answers through the returned future. Errors are refusals at enqueue.
+    fn enqueue(&self, msg: &Message, done: Completion) -> Result<Attempt, PublishError> {
+        let Some(topic) = self.topic_of(msg) else {
+            done.dismiss();
+            return Err(PublishError::Unroutable {
                 reason: "the message has no destination and the transport no default topic; set one with Message::with_destination or KafkaTransportBuilder::default_topic".into(),
-            })?;
+            });
+        };
         let headers = msg
             .wire_headers()
             .fold(OwnedHeaders::new(), |h, (key, value)| {
@@ -82,39 +78,57 @@ impl KafkaTransport {
             });
         let payload: &[u8] = msg.payload();
         let size = payload.len();
-        let mut record = FutureRecord::<str, [u8]>::to(topic)
-            .payload(payload)
-            .headers(headers);
-        if let Some(key) = msg.routing_key() {
-            record = record.key(key);
-        }
-        let (generation, producer) = self.current();
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| self.classify(generation, &e, size))?;
-        let this = self.clone();
-        // Cancel safe: dropping the future leaves the message to librdkafka, whose report then
-        // goes nowhere; the core resends with the same id.
-        Ok(async move {
-            match delivery.await {
-                Ok(Ok(report)) => {
-                    tracing::trace!(
-                        partition = report.partition,
-                        offset = report.offset,
-                        "delivered"
-                    );
-                    Ok(())
+        let (generation, client) = self.current();
+        match client {
+            Client::Callback(producer) => {
+                let delivery = Box::new(Delivery {
+                    done,
+                    generation,
+                    size,
+                });
+                let mut record = BaseRecord::with_opaque_to(topic, delivery)
+                    .payload(payload)
+                    .headers(headers);
+                if let Some(key) = msg.routing_key() {
+                    record = record.key(key);
                 }
-                Ok(Err((e, _))) => {
-                    let err = this.classify(generation, &e, size);
-                    tracing::debug!(error = %err, "delivery failed");
-                    Err(err)
+                match producer.send(record) {
+                    Ok(()) => Ok(Attempt::Callback),
+                    Err((e, record)) => {
+                        record.delivery_opaque.done.dismiss();
+                        Err(self.classify(generation, &e, size))
+                    }
                 }
-                Err(_) => Err(PublishError::ConnectionLost {
-                    reason: "the producer was dropped before the delivery report".into(),
-                }),
             }
-        })
+            Client::Future(producer) => {
+                done.dismiss();
+                let mut record = FutureRecord::<str, [u8]>::to(topic)
+                    .payload(payload)
+                    .headers(headers);
+                if let Some(key) = msg.routing_key() {
+                    record = record.key(key);
+                }
+                let delivery = producer
+                    .send_result(record)
+                    .map_err(|(e, _)| self.classify(generation, &e, size))?;
+                let this = self.clone();
+                // Cancel safe: dropping the future leaves the message to librdkafka, whose
+                // report then goes nowhere; the core resends with the same id.
+                Ok(Attempt::Future(Box::pin(async move {
+                    match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => {
+                            let err = this.classify(generation, &e, size);
+                            tracing::debug!(error = %err, "delivery failed");
+                            Err(err)
+                        }
+                        Err(_) => Err(PublishError::ConnectionLost {
+                            reason: "the producer was dropped before the delivery report".into(),
+                        }),
+                    }
+                })))
+            }
+        }
     }
 }
 

@@ -128,14 +128,15 @@ async fn lane_uses_the_default_topic() {
     assert_eq!(t.lane(&Message::new("y")), lane_of("orders", None));
 }
 
-/// The submission enqueues into librdkafka on its first poll, not when it is created: two
-/// submissions polled in the opposite order land in the opposite order. A refusal at
-/// enqueue is the submission's error.
+/// `submit` enqueues into librdkafka before it returns, so records land in call order, and the
+/// delivery callback answers each attempt's completion. A refusal at enqueue is the
+/// submission's error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submission_enqueues_on_first_poll() {
+async fn submit_enqueues_in_call_order_and_the_callback_answers() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
     use rdkafka::{Message as _, Offset, TopicPartitionList};
+    use reliable_core::{Attempt, Completion, Submission};
 
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("order", 1, 1).unwrap();
@@ -146,12 +147,19 @@ async fn submission_enqueues_on_first_poll() {
         )
         .await,
     );
-    let first = t.clone().submit(Arc::new(Message::new("created first")));
-    let second = t.clone().submit(Arc::new(Message::new("created second")));
-    let second = second.await.unwrap();
-    let first = first.await.unwrap();
-    first.await.unwrap();
-    second.await.unwrap();
+    let mut answers = Vec::new();
+    for payload in ["submitted first", "submitted second"] {
+        let (done, answer) = Completion::channel();
+        let submission = t.clone().submit(Arc::new(Message::new(payload)), done);
+        assert!(
+            matches!(submission, Submission::Now(Ok(Attempt::Callback))),
+            "{submission:?}"
+        );
+        answers.push(answer);
+    }
+    for answer in answers {
+        answer.await.unwrap();
+    }
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", mock.bootstrap_servers())
@@ -170,16 +178,15 @@ async fn submission_enqueues_on_first_poll() {
             .unwrap();
         payloads.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
     }
-    assert_eq!(payloads, ["created second", "created first"]);
+    assert_eq!(payloads, ["submitted first", "submitted second"]);
 
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", mock.bootstrap_servers());
     let refused = Arc::new(offline(KafkaTransport::builder_from_config(config)).await);
-    let err = refused
-        .submit(Arc::new(Message::new("x")))
-        .await
-        .err()
-        .unwrap();
+    let (done, _) = Completion::channel();
+    let Submission::Now(Err(err)) = refused.submit(Arc::new(Message::new("x")), done) else {
+        panic!("a message without a topic is refused at submission");
+    };
     assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
     t.close().await;
 }

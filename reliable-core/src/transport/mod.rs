@@ -24,13 +24,48 @@ use futures::future::BoxFuture;
 
 use crate::message::Message;
 
-/// A publish handed to the client, resolving on the broker's confirm or refusal (the second
-/// half of [`Transport::submit`]).
-pub type Attempt = BoxFuture<'static, Result<(), PublishError>>;
+mod completion;
 
-/// The hand-off of one message to the client, resolving to its [`Attempt`] once the client has
-/// the message in its send order (the first half of [`Transport::submit`]).
-pub type Submission = BoxFuture<'static, Result<Attempt, PublishError>>;
+pub(crate) use completion::{Answer, Answers, Token};
+pub use completion::{Answered, Completion};
+
+/// How the broker's answer to a handed-off message comes back (the second half of
+/// [`Transport::submit`]).
+pub enum Attempt {
+    /// The transport answers through the [`Completion`] it was given: no future per message.
+    Callback,
+    /// This future resolves on the broker's confirm or refusal; the transport dismissed the
+    /// [`Completion`]. Must be cancel safe: the producer drops it when the attempt times out.
+    Future(BoxFuture<'static, Result<(), PublishError>>),
+}
+
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Callback => "Attempt::Callback",
+            Self::Future(_) => "Attempt::Future",
+        })
+    }
+}
+
+/// The hand-off of one message to the client (the first half of [`Transport::submit`]).
+pub enum Submission {
+    /// Decided at once: the client has the message in its send order (`Ok`, with how its
+    /// answer comes back) or refused it (a full client queue, a missing topic).
+    Now(Result<Attempt, PublishError>),
+    /// The hand-off is still running (e.g. waiting for a channel): resolves once the client
+    /// has the message, or with the refusal. Must be cancel safe.
+    Later(BoxFuture<'static, Result<Attempt, PublishError>>),
+}
+
+impl fmt::Debug for Submission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Now(result) => f.debug_tuple("Submission::Now").field(result).finish(),
+            Self::Later(_) => f.write_str("Submission::Later"),
+        }
+    }
+}
 
 /// Producer side of a broker adapter: one publish attempt, resolved by the broker's answer.
 ///
@@ -44,25 +79,34 @@ pub type Submission = BoxFuture<'static, Result<Attempt, PublishError>>;
 ///
 /// The producer keeps the order its caller sends in by calling [`submit`](Self::submit) for one
 /// message at a time, in send order, and waiting for each [`Submission`] before it starts the
-/// next; the [`Attempt`]s then run concurrently. A transport keeps that order when a message
+/// next; the attempts then run concurrently. A transport keeps that order when a message
 /// whose submission has resolved reaches the broker before any message submitted after it, in
 /// the same [`lane`](Self::lane) (an AMQP channel; a Kafka partition). Implement `submit` to
-/// hand the message to the client in `submit` itself or in the submission (lapin's
-/// `basic_publish` first poll, rdkafka's `send_result`); the default only starts
+/// hand the message to the client in `submit` itself ([`Submission::Now`], e.g. rdkafka's
+/// `send`) or in a [`Submission::Later`] (lapin's `basic_publish`); the default only starts
 /// [`publish`](Self::publish) in the attempt, which keeps no order.
+///
+/// # Answers without a future per message
+///
+/// `submit` gets a [`Completion`] naming the attempt. A transport that tracks confirms itself
+/// (a delivery callback, a confirm driver) keeps it with the message, returns
+/// [`Attempt::Callback`] and completes it when the broker answers; the producer takes such
+/// answers in bulk and bounds the attempts with one FIFO timer sweep instead of a timer each.
+/// Otherwise the transport dismisses it and returns an [`Attempt::Future`].
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `msg` and waits for the broker's confirm or refusal.
     async fn publish(&self, msg: &Message) -> Result<(), PublishError>;
 
-    /// Hands `msg` to the client and returns the [`Attempt`] that resolves on its confirm: see
-    /// [Order](#order). A refusal known at hand-off (a full client queue, a missing topic) is
-    /// the submission's error. Default: an attempt that runs [`publish`](Self::publish).
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        Box::pin(async move {
-            let attempt: Attempt = Box::pin(async move { self.publish(&msg).await });
-            Ok(attempt)
-        })
+    /// Hands `msg` to the client (see [Order](#order)) and says how its answer comes back:
+    /// through `done` ([`Attempt::Callback`]) or a future ([`Attempt::Future`], `done`
+    /// dismissed). A refusal known at hand-off (a full client queue, a missing topic) is the
+    /// submission's error. Default: an attempt future that runs [`publish`](Self::publish).
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
+        done.dismiss();
+        Submission::Now(Ok(Attempt::Future(Box::pin(async move {
+            self.publish(&msg).await
+        }))))
     }
 
     /// The ordering lane of `msg`: the producer keeps send order among messages of one lane
@@ -95,8 +139,8 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         (**self).publish(msg).await
     }
 
-    fn submit(self: Arc<Self>, msg: Arc<Message>) -> Submission {
-        Arc::clone(&*self).submit(msg)
+    fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
+        Arc::clone(&*self).submit(msg, done)
     }
 
     fn lane(&self, msg: &Message) -> u64 {
