@@ -188,6 +188,22 @@ impl RedbStore {
 }
 
 impl Inner {
+    /// Counts `writes` more completions, and purges a little inside `txn` when that count
+    /// passes a multiple of [`PURGE_EVERY`].
+    fn purge_now_and_then(
+        &self,
+        txn: &WriteTransaction,
+        now: u64,
+        writes: u64,
+    ) -> Result<(), StoreError> {
+        let before = self.writes.fetch_add(writes, Ordering::Relaxed);
+        if before / PURGE_EVERY != (before + writes) / PURGE_EVERY {
+            purge(txn, now, PURGE_LIMIT)?;
+            attempts::purge(txn, now, PURGE_LIMIT)?;
+        }
+        Ok(())
+    }
+
     fn write(&self, durability: Durability) -> Result<WriteTransaction, StoreError> {
         let mut txn = self.db.begin_write().map_err(unavailable)?;
         txn.set_durability(durability).map_err(unavailable)?;
@@ -291,17 +307,7 @@ impl IdempotencyStore for RedbStore {
             let txn = inner.write(Durability::None)?;
             let answer = {
                 let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-                match row(&keys, &key)? {
-                    Some((DONE, until, _)) if until > now => Reservation::Duplicate,
-                    Some((_, until, _)) if until > now => Reservation::InProgress,
-                    _ => {
-                        let token = LeaseToken::generate();
-                        let until = now.saturating_add(millis(inner.config.lease));
-                        keys.insert(key.as_str(), (RESERVED, until, token.as_u128()))
-                            .map_err(unavailable)?;
-                        Reservation::New(token)
-                    }
-                }
+                reserve_in(&mut keys, &key, now, millis(inner.config.lease))?
             };
             txn.commit().map_err(unavailable)?;
             Ok(answer)
@@ -353,39 +359,20 @@ impl IdempotencyStore for RedbStore {
         token: LeaseToken,
     ) -> Result<Completion, StoreError> {
         let key = key.clone();
-        let token = token.as_u128();
         self.blocking("complete", move |inner| {
             let now = now_ms();
-            let until = now.saturating_add(millis(inner.config.ttl));
+            let ttl = millis(inner.config.ttl);
             let txn = inner.write(Durability::Immediate)?;
-            let answer = {
+            let (answer, wrote) = {
                 let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-                let answer = match row(&keys, &key)? {
-                    // Recorded already: by this reservation (a retry) or another one.
-                    Some((DONE, done_until, t)) if done_until > now => {
-                        return Ok(if t == token {
-                            Completion::Recorded
-                        } else {
-                            Completion::Superseded
-                        });
-                    }
-                    Some((RESERVED, held_until, t)) if held_until > now && t != token => {
-                        Completion::Superseded
-                    }
-                    _ => Completion::Recorded,
-                };
                 let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
-                keys.insert(key.as_str(), (DONE, until, token))
-                    .map_err(unavailable)?;
-                expiry
-                    .insert((until, key.as_str()), ())
-                    .map_err(unavailable)?;
-                answer
+                complete_in(&mut keys, &mut expiry, &key, token, now, ttl)?
             };
-            if inner.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-                purge(&txn, now, PURGE_LIMIT)?;
-                attempts::purge(&txn, now, PURGE_LIMIT)?;
+            if !wrote {
+                // Nothing written: no commit, no fsync.
+                return Ok(answer);
             }
+            inner.purge_now_and_then(&txn, now, 1)?;
             txn.commit().map_err(unavailable)?;
             Ok(answer)
         })
@@ -409,6 +396,127 @@ impl IdempotencyStore for RedbStore {
         })
         .await
     }
+
+    /// All keys in one unsynced write transaction, one after the other as
+    /// [`reserve`](IdempotencyStore::reserve) would. A failure drops the transaction, so a
+    /// failed batch reserves nothing.
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = keys.to_vec();
+        self.blocking("reserve_many", move |inner| {
+            let now = now_ms();
+            let lease = millis(inner.config.lease);
+            let txn = inner.write(Durability::None)?;
+            let answers = {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                batch
+                    .iter()
+                    .map(|key| reserve_in(&mut keys, key, now, lease))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(answers)
+        })
+        .await
+    }
+
+    /// All pairs in one write transaction, committed with one fsync, one after the other as
+    /// [`complete`](IdempotencyStore::complete) would.
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = completions.len()))]
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = completions.to_vec();
+        self.blocking("complete_many", move |inner| {
+            let now = now_ms();
+            let ttl = millis(inner.config.ttl);
+            let txn = inner.write(Durability::Immediate)?;
+            let mut written = 0;
+            let answers = {
+                let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+                let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+                let mut answers = Vec::with_capacity(batch.len());
+                for (key, token) in &batch {
+                    let (answer, wrote) =
+                        complete_in(&mut keys, &mut expiry, key, *token, now, ttl)?;
+                    written += u64::from(wrote);
+                    answers.push(answer);
+                }
+                answers
+            };
+            if written == 0 {
+                return Ok(answers);
+            }
+            inner.purge_now_and_then(&txn, now, written)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(answers)
+        })
+        .await
+    }
+}
+
+/// [`reserve`](IdempotencyStore::reserve) of `key` in `keys`, inside the caller's write
+/// transaction; `lease` in ms.
+fn reserve_in(
+    keys: &mut redb::Table<'_, &'static str, Row>,
+    key: &IdempotencyKey,
+    now: u64,
+    lease: u64,
+) -> Result<Reservation, StoreError> {
+    Ok(match row(keys, key)? {
+        Some((DONE, until, _)) if until > now => Reservation::Duplicate,
+        Some((_, until, _)) if until > now => Reservation::InProgress,
+        _ => {
+            let token = LeaseToken::generate();
+            keys.insert(
+                key.as_str(),
+                (RESERVED, now.saturating_add(lease), token.as_u128()),
+            )
+            .map_err(unavailable)?;
+            Reservation::New(token)
+        }
+    })
+}
+
+/// [`complete`](IdempotencyStore::complete) of `key` under `token`, inside the caller's write
+/// transaction; `ttl` in ms. Also answers whether it wrote (a key found completed already is
+/// left as it is).
+fn complete_in(
+    keys: &mut redb::Table<'_, &'static str, Row>,
+    expiry: &mut redb::Table<'_, (u64, &'static str), ()>,
+    key: &IdempotencyKey,
+    token: LeaseToken,
+    now: u64,
+    ttl: u64,
+) -> Result<(Completion, bool), StoreError> {
+    let token = token.as_u128();
+    let answer = match row(keys, key)? {
+        // Recorded already: by this reservation (a retry) or another one.
+        Some((DONE, done_until, t)) if done_until > now => {
+            let answer = if t == token {
+                Completion::Recorded
+            } else {
+                Completion::Superseded
+            };
+            return Ok((answer, false));
+        }
+        Some((RESERVED, held_until, t)) if held_until > now && t != token => Completion::Superseded,
+        _ => Completion::Recorded,
+    };
+    let until = now.saturating_add(ttl);
+    keys.insert(key.as_str(), (DONE, until, token))
+        .map_err(unavailable)?;
+    expiry
+        .insert((until, key.as_str()), ())
+        .map_err(unavailable)?;
+    Ok((answer, true))
 }
 
 #[cfg(test)]

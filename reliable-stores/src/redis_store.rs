@@ -78,6 +78,40 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// [`RESERVE`] for every key of KEYS in turn, in one atomic step. ARGV: lease ms, then the
+/// lease value of each key. Returns one answer per key, as `RESERVE`'s.
+const RESERVE_MANY: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('SET', k, ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
+    out[i] = 0
+  else
+    local v = redis.call('GET', k)
+    if v and string.sub(v, 1, 4) == 'done' then out[i] = 1 else out[i] = 2 end
+  end
+end
+return out
+";
+
+/// [`COMPLETE`] for every key of KEYS in turn, in one atomic step. ARGV: TTL ms, then the lease
+/// value and the done value of each key. Returns one answer per key, as `COMPLETE`'s.
+const COMPLETE_MANY: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  local lease, done = ARGV[2 * i], ARGV[2 * i + 1]
+  local v = redis.call('GET', k)
+  if v == done then
+    out[i] = 1
+  elseif v and string.sub(v, 1, 4) == 'done' then
+    out[i] = 0
+  else
+    redis.call('SET', k, done, 'PX', ARGV[1])
+    if v == false or v == lease then out[i] = 1 else out[i] = 0 end
+  end
+end
+return out
+";
+
 /// Counts one more delivery and (re)arms the count's expiry, in one atomic step, so a count
 /// never exists without a TTL. ARGV: TTL ms. Returns the count.
 const RECORD_ATTEMPT: &str = r"
@@ -165,6 +199,8 @@ pub struct RedisStore {
     complete: Script,
     release: Script,
     record_attempt: Script,
+    reserve_many: Script,
+    complete_many: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -238,6 +274,8 @@ impl RedisStore {
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             record_attempt: Script::new(RECORD_ATTEMPT),
+            reserve_many: Script::new(RESERVE_MANY),
+            complete_many: Script::new(COMPLETE_MANY),
             config,
         };
         // Check the login and the server now, not on the first message.
@@ -265,12 +303,12 @@ impl RedisStore {
 
     /// Runs `script` (built by `args`) within the timeout; a failure or timeout becomes a
     /// scrubbed [`StoreError::Unavailable`] naming `what`.
-    async fn run(
+    async fn run<T: redis::FromRedisValue>(
         &self,
         what: &'static str,
         script: &Script,
         args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
-    ) -> Result<i64, StoreError> {
+    ) -> Result<T, StoreError> {
         let mut c = self.connection.clone();
         let mut invocation = script.prepare_invoke();
         args(&mut invocation);
@@ -293,7 +331,7 @@ impl IdempotencyStore for RedisStore {
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         let token = LeaseToken::generate();
-        let answer = self
+        let answer: i64 = self
             .run("Redis reserve", &self.reserve, |i| {
                 i.key(self.key(key))
                     .arg(lease_value(token))
@@ -309,7 +347,7 @@ impl IdempotencyStore for RedisStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
-        let answer = self
+        let answer: i64 = self
             .run("Redis renew", &self.renew, |i| {
                 i.key(self.key(key))
                     .arg(lease_value(token))
@@ -330,7 +368,7 @@ impl IdempotencyStore for RedisStore {
         key: &IdempotencyKey,
         token: LeaseToken,
     ) -> Result<Completion, StoreError> {
-        let answer = self
+        let answer: i64 = self
             .run("Redis complete", &self.complete, |i| {
                 i.key(self.key(key))
                     .arg(lease_value(token))
@@ -347,12 +385,84 @@ impl IdempotencyStore for RedisStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.run("Redis release", &self.release, |i| {
+        self.run::<i64>("Redis release", &self.release, |i| {
             i.key(self.key(key)).arg(lease_value(token));
         })
         .await
         .map(|_| ())
     }
+
+    /// One Lua script call for the whole batch (the single `reserve` script's step for each
+    /// key in turn): atomic, one round trip, the keys taken in the batch's order (so a key's
+    /// second copy sees its first).
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::generate()).collect();
+        let answers: Vec<i64> = self
+            .run("Redis reserve_many", &self.reserve_many, |i| {
+                i.arg(millis(self.config.lease));
+                for (key, token) in keys.iter().zip(&tokens) {
+                    i.key(self.key(key)).arg(lease_value(*token));
+                }
+            })
+            .await?;
+        check_len("Redis reserve_many", keys.len(), answers.len())?;
+        Ok(answers
+            .into_iter()
+            .zip(tokens)
+            .map(|(answer, token)| match answer {
+                0 => Reservation::New(token),
+                1 => Reservation::Duplicate,
+                _ => Reservation::InProgress,
+            })
+            .collect())
+    }
+
+    /// One Lua script call (`COMPLETE` for each pair in turn) for the whole batch: atomic, one
+    /// round trip.
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = completions.len()))]
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let answers: Vec<i64> = self
+            .run("Redis complete_many", &self.complete_many, |i| {
+                i.arg(millis(self.config.ttl));
+                for (key, token) in completions {
+                    i.key(self.key(key))
+                        .arg(lease_value(*token))
+                        .arg(done_value(*token));
+                }
+            })
+            .await?;
+        check_len("Redis complete_many", completions.len(), answers.len())?;
+        Ok(answers
+            .into_iter()
+            .map(|answer| {
+                if answer == 1 {
+                    Completion::Recorded
+                } else {
+                    Completion::Superseded
+                }
+            })
+            .collect())
+    }
+}
+
+/// Refuses a batch answer that does not hold one answer per key.
+fn check_len(what: &str, asked: usize, answered: usize) -> Result<(), StoreError> {
+    if asked == answered {
+        return Ok(());
+    }
+    Err(StoreError::Unavailable {
+        reason: format!("{what}: {answered} answers to {asked} keys"),
+    })
 }
 
 /// Refuses an attempts prefix that could make a count share a Redis key with an idempotency key.
@@ -379,7 +489,7 @@ fn check_attempts_prefix(config: &RedisStoreConfig) -> Result<(), StoresError> {
 impl AttemptCounter for RedisStore {
     #[tracing::instrument(level = "debug", skip_all, fields(key = %key.as_str()))]
     async fn record_attempt(&self, key: &IdempotencyKey) -> Result<u32, StoreError> {
-        let n = self
+        let n: i64 = self
             .run("Redis record_attempt", &self.record_attempt, |i| {
                 i.key(self.attempts_key(key)).arg(millis(self.config.ttl));
             })

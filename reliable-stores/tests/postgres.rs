@@ -54,6 +54,20 @@ async fn count(store: &PostgresStore, sql: &str) -> i64 {
 }
 
 #[tokio::test]
+async fn postgres_batches_answer_what_the_single_calls_answer() {
+    let url = require!(postgres_url());
+    let config = config();
+    let a = store(&url, config.clone()).await;
+    let b = store(&url, config).await;
+    common::batch::cases(&a).await;
+    let (a, b): (Arc<dyn IdempotencyStore>, Arc<dyn IdempotencyStore>) = (Arc::new(a), Arc::new(b));
+    for seed in 1..=8 {
+        common::batch::matches_singles(a.clone(), seed, 60, 4).await;
+    }
+    common::batch::race(a, b).await;
+}
+
+#[tokio::test]
 async fn postgres_store_follows_the_store_protocol_across_instances() {
     let url = require!(postgres_url());
     let config = config();

@@ -216,3 +216,15 @@ async fn redb_attempt_counts_of_unsettled_messages_are_purged_after_the_ttl() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn redb_batches_answer_what_the_single_calls_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("keys.redb"), RedbStoreConfig::default()).unwrap();
+    common::batch::cases(&store).await;
+    let store: Arc<dyn IdempotencyStore> = Arc::new(store);
+    for seed in 1..=8 {
+        common::batch::matches_singles(store.clone(), seed, 60, 4).await;
+    }
+    common::batch::race(store.clone(), store).await;
+}

@@ -27,6 +27,20 @@ async fn redis_store_follows_the_store_protocol_across_instances() {
 }
 
 #[tokio::test]
+async fn redis_batches_answer_what_the_single_calls_answer() {
+    let url = require!(redis_url());
+    let store = store(&url, RedisStoreConfig::default()).await;
+    common::batch::cases(&store).await;
+    let store: Arc<dyn IdempotencyStore> = Arc::new(store);
+    for seed in 1..=8 {
+        common::batch::matches_singles(store.clone(), seed, 60, 4).await;
+    }
+    let other: Arc<dyn IdempotencyStore> =
+        Arc::new(self::store(&url, RedisStoreConfig::default()).await);
+    common::batch::race(store, other).await;
+}
+
+#[tokio::test]
 async fn redis_store_frees_leases_and_forgets_keys_after_their_ttl() {
     let url = require!(redis_url());
     let short = Duration::from_millis(500);

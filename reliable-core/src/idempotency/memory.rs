@@ -99,6 +99,48 @@ impl InMemoryIdempotencyStore {
         map.get(key).copied().filter(|e| self.live(*e, now))
     }
 
+    /// [`reserve`](IdempotencyStore::reserve) on the locked map.
+    fn reserve_in(
+        &self,
+        map: &mut HashMap<IdempotencyKey, Entry>,
+        key: &IdempotencyKey,
+        now: Instant,
+    ) -> Result<Reservation, StoreError> {
+        match self.live_entry(map, key, now) {
+            Some(Entry::Done { .. }) => return Ok(Reservation::Duplicate),
+            Some(Entry::Reserved { .. }) => return Ok(Reservation::InProgress),
+            None => {}
+        }
+        let token = LeaseToken::generate();
+        let until = now + self.config.lease;
+        self.put(map, key, Entry::Reserved { until, token }, now)?;
+        Ok(Reservation::New(token))
+    }
+
+    /// [`complete`](IdempotencyStore::complete) on the locked map.
+    fn complete_in(
+        &self,
+        map: &mut HashMap<IdempotencyKey, Entry>,
+        key: &IdempotencyKey,
+        token: LeaseToken,
+        now: Instant,
+    ) -> Result<Completion, StoreError> {
+        let answer = match self.live_entry(map, key, now) {
+            Some(Entry::Done { token: t, .. }) => {
+                // Recorded already: by this lease (a retry) or by another one.
+                return Ok(if t == token {
+                    Completion::Recorded
+                } else {
+                    Completion::Superseded
+                });
+            }
+            Some(Entry::Reserved { token: t, .. }) if t != token => Completion::Superseded,
+            Some(Entry::Reserved { .. }) | None => Completion::Recorded,
+        };
+        self.put(map, key, Entry::Done { at: now, token }, now)?;
+        Ok(answer)
+    }
+
     /// Stores `entry` under `key`, making room first when `key` is new.
     fn put(
         &self,
@@ -161,16 +203,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
 
     async fn reserve(&self, key: &IdempotencyKey) -> Result<Reservation, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        match self.live_entry(&map, key, now) {
-            Some(Entry::Done { .. }) => return Ok(Reservation::Duplicate),
-            Some(Entry::Reserved { .. }) => return Ok(Reservation::InProgress),
-            None => {}
-        }
-        let token = LeaseToken::generate();
-        let until = now + self.config.lease;
-        self.put(&mut map, key, Entry::Reserved { until, token }, now)?;
-        Ok(Reservation::New(token))
+        self.reserve_in(&mut self.lock(), key, now)
     }
 
     async fn renew(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<Renewal, StoreError> {
@@ -202,21 +235,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         token: LeaseToken,
     ) -> Result<Completion, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        let answer = match self.live_entry(&map, key, now) {
-            Some(Entry::Done { token: t, .. }) => {
-                // Recorded already: by this lease (a retry) or by another one.
-                return Ok(if t == token {
-                    Completion::Recorded
-                } else {
-                    Completion::Superseded
-                });
-            }
-            Some(Entry::Reserved { token: t, .. }) if t != token => Completion::Superseded,
-            Some(Entry::Reserved { .. }) | None => Completion::Recorded,
-        };
-        self.put(&mut map, key, Entry::Done { at: now, token }, now)?;
-        Ok(answer)
+        self.complete_in(&mut self.lock(), key, token, now)
     }
 
     async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -227,6 +246,42 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             }
         }
         Ok(())
+    }
+
+    /// All keys under one lock, one after the other as [`reserve`](Self::reserve) would; when
+    /// the store turns out full part-way, the keys this batch reserved are freed again before
+    /// the lock is let go, so the failed batch holds nothing.
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.reserve_in(&mut map, key, now) {
+                Ok(answer) => answers.push(answer),
+                Err(error) => {
+                    for (key, answer) in keys.iter().zip(&answers) {
+                        if answer.is_new() {
+                            map.remove(key);
+                        }
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    /// All pairs under one lock, one after the other as [`complete`](Self::complete) would.
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        completions
+            .iter()
+            .map(|(key, token)| self.complete_in(&mut map, key, *token, now))
+            .collect()
     }
 }
 

@@ -21,6 +21,18 @@
 //! holder's reservation; `complete` still records the key (the effect did run) and says, with
 //! [`Completion::Superseded`], that the effect may have run twice.
 //!
+//! # Batches
+//!
+//! A consumer that takes deliveries in batches asks about all their keys at once:
+//! [`reserve_many`](IdempotencyStore::reserve_many) and
+//! [`complete_many`](IdempotencyStore::complete_many) answer per key exactly what the single
+//! calls made one after the other, in the batch's order, would answer (so a key that comes
+//! twice in one batch is [`New`](Reservation::New) at most once), but in one round trip: one
+//! lock for [`InMemoryIdempotencyStore`], one Lua script call for Redis, one multi-row
+//! statement for PostgreSQL, one write transaction for redb. The trait's default loops over
+//! the single calls, so a store without a batch form still answers them. There is no batched
+//! `renew` or `release`: those run per handler, on their own schedule.
+//!
 //! # Durable stores
 //!
 //! The trait is shaped for a database store that records the key **in the same transaction as
@@ -190,6 +202,60 @@ pub trait IdempotencyStore: Send + Sync {
     /// [`Reservation::New`]. Does nothing when `token` no longer holds the key (its lease ran
     /// out and another worker took it, or the key is completed).
     async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Claims each of `keys` and answers, in the same order, exactly what
+    /// [`reserve`](Self::reserve) called on them one after the other would: a key that comes
+    /// twice gets [`Reservation::New`] at most once (its later copies answer
+    /// [`InProgress`](Reservation::InProgress), or [`Duplicate`](Reservation::Duplicate) when
+    /// the key is done). See [Batches](crate::idempotency#batches).
+    ///
+    /// `Err` means no answer is known for any key. The stores of this project undo what the
+    /// batch reserved before it failed (a transaction that is not committed, one atomic
+    /// statement or script, or an explicit release); only a batch whose answer is lost after
+    /// it landed leaves its keys held, until their leases run out, as a single `reserve` whose
+    /// answer is lost does.
+    ///
+    /// The default calls [`reserve`](Self::reserve) once per key, and releases the keys it
+    /// reserved when a later call fails.
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.reserve(key).await {
+                Ok(answer) => answers.push(answer),
+                Err(error) => {
+                    for (key, answer) in keys.iter().zip(&answers) {
+                        if let Reservation::New(token) = answer {
+                            // Best effort: a key not released frees when its lease ends.
+                            let _ = self.release(key, *token).await;
+                        }
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Marks each key's effect as done under its reservation's token and answers, in the same
+    /// order, exactly what [`complete`](Self::complete) called on the pairs one after the other
+    /// would (a key that comes twice is already done for its later copies: they answer
+    /// [`Recorded`](Completion::Recorded) under the same token, and
+    /// [`Superseded`](Completion::Superseded) under another). See [Batches](crate::idempotency#batches).
+    ///
+    /// Idempotent like `complete`: after an `Err` (no answer known for any pair) retry the
+    /// whole batch; pairs that landed answer `Recorded` again.
+    ///
+    /// The default calls [`complete`](Self::complete) once per pair.
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        let mut answers = Vec::with_capacity(completions.len());
+        for (key, token) in completions {
+            answers.push(self.complete(key, *token).await?);
+        }
+        Ok(answers)
+    }
 }
 
 #[async_trait]
@@ -212,6 +278,15 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for std::sync::Arc<S> {
     }
     async fn release(&self, key: &IdempotencyKey, token: LeaseToken) -> Result<(), StoreError> {
         (**self).release(key, token).await
+    }
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        (**self).reserve_many(keys).await
+    }
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        (**self).complete_many(completions).await
     }
 }
 

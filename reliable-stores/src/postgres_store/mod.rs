@@ -303,6 +303,45 @@ impl PostgresStore {
         Ok(total)
     }
 
+    /// Counts `completions` more, and purges expired rows when that count passes a multiple
+    /// of [`PURGE_EVERY`].
+    async fn purge_now_and_then(&self, completions: u64) {
+        let inner = &self.inner;
+        let before = inner.completions.fetch_add(completions, Ordering::Relaxed);
+        if before / PURGE_EVERY == (before + completions) / PURGE_EVERY {
+            return;
+        }
+        for (what, sql) in [
+            ("PostgreSQL purge", &inner.sql.purge),
+            ("PostgreSQL purge attempts", &inner.sql.purge_attempts),
+        ] {
+            if let Err(e) = self.execute(what, sql, &[]).await {
+                tracing::warn!(error = %e, "purging expired rows failed; will retry");
+            }
+        }
+    }
+
+    /// Runs one batch statement `sql` over `keys` and `tokens` (with `millis` as `$2`); answers
+    /// the rows, one per distinct key.
+    async fn batch(
+        &self,
+        what: &'static str,
+        sql: &str,
+        keys: &[&str],
+        millis: i64,
+        tokens: &[String],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let inner = &self.inner;
+        let client = self.client().await?;
+        bounded(inner.config.timeout, what, async {
+            client
+                .query(sql, &[&keys, &millis, &tokens])
+                .await
+                .map_err(|e| inner.scrubber.unavailable(what, e))
+        })
+        .await
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         let inner = &self.inner;
         bounded(inner.config.timeout, "PostgreSQL connection", async {
@@ -413,16 +452,7 @@ impl IdempotencyStore for PostgresStore {
         })
         .await?;
         drop(client);
-        if inner.completions.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-            for (what, sql) in [
-                ("PostgreSQL purge", &inner.sql.purge),
-                ("PostgreSQL purge attempts", &inner.sql.purge_attempts),
-            ] {
-                if let Err(e) = self.execute(what, sql, &[]).await {
-                    tracing::warn!(error = %e, "purging expired rows failed; will retry");
-                }
-            }
-        }
+        self.purge_now_and_then(1).await;
         Ok(if own {
             Completion::Recorded
         } else {
@@ -440,6 +470,130 @@ impl IdempotencyStore for PostgresStore {
         )
         .await
         .map(|_| ())
+    }
+
+    /// One multi-row statement for the whole batch (atomic, one round trip). The statement
+    /// writes each key's first copy; a later copy of a key answers here what `reserve` would
+    /// after the first: [`InProgress`](Reservation::InProgress) when the first took the key,
+    /// the first's answer otherwise.
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn reserve_many(&self, keys: &[IdempotencyKey]) -> Result<Vec<Reservation>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let what = "PostgreSQL reserve_many";
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::generate()).collect();
+        let owners: Vec<String> = tokens.iter().map(ToString::to_string).collect();
+        let names: Vec<&str> = keys.iter().map(IdempotencyKey::as_str).collect();
+        let lease = millis_i64(self.inner.config.lease);
+        let rows = self
+            .batch(what, &self.inner.sql.reserve_many, &names, lease, &owners)
+            .await?;
+        let mut firsts: Vec<Option<Reservation>> = vec![None; keys.len()];
+        for row in rows {
+            let (n, won, done) = row
+                .try_get::<_, i64>(0)
+                .and_then(|n| Ok((n, row.try_get::<_, bool>(1)?, row.try_get::<_, bool>(2)?)))
+                .map_err(|e| self.inner.scrubber.unavailable(what, e))?;
+            let i = position(what, n, keys.len())?;
+            firsts[i] = Some(if won {
+                Reservation::New(tokens[i])
+            } else if done {
+                Reservation::Duplicate
+            } else {
+                // Held by another worker, or it changed under the statement: the next
+                // attempt decides (as `reserve`).
+                Reservation::InProgress
+            });
+        }
+        let mut seen: std::collections::HashMap<&str, Reservation> =
+            std::collections::HashMap::new();
+        let mut answers = Vec::with_capacity(keys.len());
+        for (key, first) in keys.iter().zip(firsts) {
+            let answer = match (seen.get(key.as_str()), first) {
+                (Some(Reservation::New(_)), _) => Reservation::InProgress,
+                (Some(earlier), _) => *earlier,
+                (None, Some(answer)) => answer,
+                (None, None) => return Err(missing(what, key)),
+            };
+            seen.entry(key.as_str()).or_insert(answer);
+            answers.push(answer);
+        }
+        Ok(answers)
+    }
+
+    /// One multi-row statement for the whole batch (atomic, one round trip). The statement
+    /// completes each key's first copy; a later copy of a key finds it done, as `complete`
+    /// would: [`Recorded`](Completion::Recorded) when done under the copy's own token (or by
+    /// the inbox form), [`Superseded`](Completion::Superseded) otherwise.
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = completions.len()))]
+    async fn complete_many(
+        &self,
+        completions: &[(IdempotencyKey, LeaseToken)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let what = "PostgreSQL complete_many";
+        let owners: Vec<String> = completions.iter().map(|(_, t)| t.to_string()).collect();
+        let names: Vec<&str> = completions.iter().map(|(k, _)| k.as_str()).collect();
+        let ttl = millis_i64(self.inner.config.ttl);
+        let rows = self
+            .batch(what, &self.inner.sql.complete_many, &names, ttl, &owners)
+            .await?;
+        let mut firsts: Vec<Option<(bool, Option<String>)>> = vec![None; completions.len()];
+        for row in rows {
+            let (n, own, owner) = row
+                .try_get::<_, i64>(0)
+                .and_then(|n| {
+                    Ok((
+                        n,
+                        row.try_get::<_, bool>(1)?,
+                        row.try_get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .map_err(|e| self.inner.scrubber.unavailable(what, e))?;
+            firsts[position(what, n, completions.len())?] = Some((own, owner));
+        }
+        // The owner each key is done under after the statement.
+        let mut done_under: std::collections::HashMap<&str, Option<String>> =
+            std::collections::HashMap::new();
+        let mut answers = Vec::with_capacity(completions.len());
+        for (((key, _), owner), first) in completions.iter().zip(&owners).zip(firsts) {
+            let own = match (done_under.get(key.as_str()), first) {
+                (Some(after), _) => after.as_ref().is_none_or(|after| after == owner),
+                (None, Some((own, after))) => {
+                    done_under.insert(key.as_str(), after);
+                    own
+                }
+                (None, None) => return Err(missing(what, key)),
+            };
+            answers.push(if own {
+                Completion::Recorded
+            } else {
+                Completion::Superseded
+            });
+        }
+        self.purge_now_and_then(completions.len() as u64).await;
+        Ok(answers)
+    }
+}
+
+/// The 0-based index of the 1-based batch position `n` the statement answered.
+fn position(what: &str, n: i64, len: usize) -> Result<usize, StoreError> {
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_sub(1))
+        .filter(|i| *i < len)
+        .ok_or_else(|| StoreError::Unavailable {
+            reason: format!("{what}: the statement answered position {n} of a batch of {len}"),
+        })
+}
+
+/// The error of a batch statement that gave no answer for `key`.
+fn missing(what: &str, key: &IdempotencyKey) -> StoreError {
+    StoreError::Unavailable {
+        reason: format!("{what}: the statement gave no answer for key {key}"),
     }
 }
 

@@ -22,6 +22,16 @@ pub(super) struct Sql {
     pub(super) claim_done: String,
     /// Deletes up to 1 000 expired rows.
     pub(super) purge: String,
+    /// `reserve` for a batch, in one statement ($1 keys, $2 lease ms, $3 tokens, both arrays in
+    /// the batch's order). Only the first copy of each key is written; answers one row per
+    /// distinct key: its 1-based position in the batch, whether it was taken (New), and
+    /// whether it is done (Duplicate).
+    pub(super) reserve_many: String,
+    /// `complete` for a batch, in one statement ($1 keys, $2 TTL ms, $3 tokens). Only the first
+    /// copy of each key is written; answers one row per distinct key: its 1-based position,
+    /// whether the completion was the token's own doing (as `complete`), and the owner the key
+    /// is done under afterwards (what the key's later copies in the batch are checked against).
+    pub(super) complete_many: String,
     /// Counts one more delivery of a key and answers the count; a count past its expiry starts
     /// over at 1 ($1 key, $2 TTL ms).
     pub(super) record_attempt: String,
@@ -47,6 +57,11 @@ impl Sql {
             )
         };
         let a = attempts_table(t);
+        // The batch's first copy of each key, with its token and 1-based position.
+        let firsts = "firsts AS (\
+             SELECT DISTINCT ON (k) k, o, n \
+             FROM unnest($1::text[], $3::text[]) WITH ORDINALITY AS batch(k, o, n) \
+             ORDER BY k, n)";
         // A live completed row: renewing must leave it as it is.
         let done_live = format!("{t}.done AND {t}.expires_at > now()");
         Self {
@@ -96,6 +111,41 @@ impl Sql {
                 true,
                 "NULL",
                 &format!("WHERE NOT {t}.done OR {t}.expires_at <= now() RETURNING 1"),
+            ),
+            // The batch forms lock rows in key order (`firsts` is sorted by key), so two
+            // batches sharing keys wait for each other instead of deadlocking.
+            reserve_many: format!(
+                "WITH {firsts}, \
+                 prev AS (\
+                   SELECT {t}.key, {t}.done AND {t}.expires_at > now() AS done \
+                   FROM {t} JOIN firsts f ON {t}.key = f.k\
+                 ), won AS (\
+                   INSERT INTO {t} (key, done, owner, expires_at) \
+                   SELECT k, false, o, now() + $2::bigint * interval '1 millisecond' \
+                   FROM firsts ORDER BY k \
+                   ON CONFLICT (key) DO UPDATE SET done = EXCLUDED.done, owner = EXCLUDED.owner, \
+                   expires_at = EXCLUDED.expires_at WHERE {t}.expires_at <= now() RETURNING key\
+                 ) SELECT f.n, w.key IS NOT NULL, COALESCE(p.done, false) \
+                 FROM firsts f LEFT JOIN won w ON w.key = f.k LEFT JOIN prev p ON p.key = f.k"
+            ),
+            // As `complete`, per key. `up` reads `prev`, so each key's row is locked (and its
+            // earlier state read) before the same statement overwrites it.
+            complete_many: format!(
+                "WITH {firsts}, \
+                 prev AS (\
+                   SELECT {t}.key, {t}.owner, {t}.expires_at > now() AS live \
+                   FROM {t} JOIN firsts f ON {t}.key = f.k ORDER BY {t}.key FOR UPDATE OF {t}\
+                 ), up AS (\
+                   INSERT INTO {t} (key, done, owner, expires_at) \
+                   SELECT f.k, true, f.o, now() + $2::bigint * interval '1 millisecond' \
+                   FROM firsts f LEFT JOIN prev p ON p.key = f.k ORDER BY f.k \
+                   ON CONFLICT (key) DO UPDATE SET done = true, owner = EXCLUDED.owner, \
+                   expires_at = EXCLUDED.expires_at WHERE NOT ({done_live}) RETURNING key\
+                 ) SELECT f.n, \
+                   CASE WHEN p.live THEN COALESCE(p.owner = f.o, true) \
+                   ELSE u.key IS NOT NULL END, \
+                   CASE WHEN u.key IS NOT NULL THEN f.o ELSE p.owner END \
+                 FROM firsts f LEFT JOIN prev p ON p.key = f.k LEFT JOIN up u ON u.key = f.k"
             ),
             purge: format!(
                 "DELETE FROM {t} WHERE key IN \

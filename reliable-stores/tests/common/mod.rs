@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod attempts;
+pub mod batch;
 pub mod leases;
 
 use std::sync::Arc;
