@@ -1,21 +1,20 @@
 //! Turning a lapin delivery into the core's [`Delivery`].
 
 use lapin::types::{AMQPValue, FieldTable};
-use reliable_core::{Delivery, Message};
+use reliable_core::{Acker, Delivery, Message};
 
-use super::acker::AmqpAcker;
 use super::key::KeyExtractor;
 
 /// The header a quorum queue sets on a redelivery: how many times the message went back to the
 /// queue before this delivery (absent on the first delivery).
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
-/// The core's delivery for a lapin delivery from `queue`, settled through its own acker.
-/// `quorum`: the queue is a quorum queue, whose redeliveries carry `x-delivery-count`, so a
+/// The core's delivery for a lapin delivery from `queue`, settled through `acker`. `quorum`: the queue is a quorum queue, whose redeliveries carry `x-delivery-count`, so a
 /// first delivery (no header, not redelivered) counts 1. `keys` keys a delivery without the
 /// SDK's identity headers.
 pub(super) fn to_delivery(
     delivery: lapin::message::Delivery,
+    acker: Box<dyn Acker>,
     queue: &str,
     quorum: bool,
     keys: &KeyExtractor,
@@ -46,14 +45,9 @@ pub(super) fn to_delivery(
     .with_destination(delivery.exchange.as_str())
     .with_routing_key(delivery.routing_key.as_str());
     tracing::trace!(message_id = %message.id(), redelivered = delivery.redelivered, delivery_count = ?count, "delivery");
-    let converted = Delivery::new(
-        message,
-        Box::new(AmqpAcker {
-            acker: delivery.acker,
-        }),
-    )
-    .with_redelivered(delivery.redelivered)
-    .with_origin(queue);
+    let converted = Delivery::new(message, acker)
+        .with_redelivered(delivery.redelivered)
+        .with_origin(queue);
     match count {
         Some(n) => converted.with_delivery_count(n),
         None => converted,

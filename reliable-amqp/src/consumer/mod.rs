@@ -3,8 +3,15 @@
 //!
 //! * Manual acks only (auto-ack needs the explicit [`DataLoss::AutoAck`](crate::DataLoss)
 //!   opt-out); nothing is acked by the adapter — each [`Delivery`] is settled through its
-//!   [`Acker`](reliable_core::Acker) by the pipeline, after the handler's outcome is final.
+//!   [`Acker`] by the pipeline, after the handler's outcome is final.
 //! * `basic.qos` bounds the unacked deliveries per channel (the settings' prefetch).
+//! * Acks are coalesced by default ([`AckCoalescing::DEFAULT`]): the acks of a channel go out
+//!   as `basic.ack` frames with `multiple=true`, each covering only a run of deliveries that
+//!   were all acked, within 1 ms or 64 acks; nacks and rejects go out alone, first and in
+//!   order; closing or dropping the consumer writes every ack asked for. An ack resolves once
+//!   the frame that covers it was written. The [`coalesce`] module says how;
+//!   [`AmqpConsumer::with_ack_coalescing`] tunes it or turns it [`Off`](AckCoalescing::Off)
+//!   (one `basic.ack` per delivery).
 //! * The broker's `redelivered` flag is exposed as [`Delivery::redelivered`].
 //! * `nack(false)` / `reject()` hand the message to the queue's dead-letter exchange, if it
 //!   has one. The pipeline's `DeadLetter::BrokerReject` relies on that, so it is accepted only
@@ -41,6 +48,7 @@
 //! ```
 
 mod acker;
+pub mod coalesce;
 mod convert;
 mod key;
 
@@ -52,14 +60,16 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use reliable_core::{ConsumeError, Delivery, DeliverySource};
+use reliable_core::{Acker, ConsumeError, Delivery, DeliverySource};
 use tracing::Instrument;
 
 use crate::connect::{retryable, Link, Source};
 use crate::error::{soft_error, AmqpError};
 use crate::settings::{AmqpSettings, QueueType};
 use crate::topology::{self, DeadLetterRoute, NoDeadLetterRoute, QueueSpec};
-use acker::SETTLE_TIMEOUT;
+use acker::{AmqpAcker, SETTLE_TIMEOUT};
+pub use coalesce::AckCoalescing;
+use coalesce::Coalescer;
 pub use key::{KeyExtractor, KeyFn};
 
 /// A manual-ack RabbitMQ consumer of one queue.
@@ -67,8 +77,10 @@ pub struct AmqpConsumer {
     source: Source,
     settings: AmqpSettings,
     queue: String,
-    current: Option<(Link, lapin::Consumer)>,
+    current: Option<Current>,
     closed: bool,
+    /// How the channels' deliveries are acknowledged on the wire.
+    acks: AckCoalescing,
     /// Where a reject goes, as verified at start (or why it is not known).
     dead_letter: Result<DeadLetterRoute, NoDeadLetterRoute>,
     /// Keys deliveries without the SDK's identity headers.
@@ -81,6 +93,7 @@ impl fmt::Debug for AmqpConsumer {
             .field("source", &self.source)
             .field("queue", &self.queue)
             .field("consuming", &self.current.is_some())
+            .field("acks", &self.acks)
             .field("dead_letter", &self.dead_letter)
             .field("keys", &self.keys)
             .field("settings", &self.settings)
@@ -167,6 +180,7 @@ impl AmqpConsumer {
                 queue: queue.to_owned(),
                 current: None,
                 closed: false,
+                acks: AckCoalescing::default(),
                 dead_letter: Err(NoDeadLetterRoute::Unchecked {
                     queue: queue.to_owned(),
                 }),
@@ -222,6 +236,38 @@ impl AmqpConsumer {
         self
     }
 
+    /// Sets how deliveries are acknowledged on the wire (default [`AckCoalescing::DEFAULT`]:
+    /// coalesced into `multiple=true` acks within 1 ms or 64 acks; see [`coalesce`]).
+    /// Applies to the current channel if it has not delivered anything yet (so call it right
+    /// after connecting), and to every channel opened after a loss.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), reliable_amqp::error::AmqpError> {
+    /// use reliable_amqp::consumer::{AckCoalescing, AmqpConsumer};
+    /// use reliable_amqp::settings::AmqpSettings;
+    ///
+    /// let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// let consumer = AmqpConsumer::connect(url, "orders", AmqpSettings::safe())
+    ///     .await?
+    ///     .with_ack_coalescing(AckCoalescing::Off); // one basic.ack per delivery
+    /// # let _ = consumer;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_ack_coalescing(mut self, acks: AckCoalescing) -> Self {
+        self.acks = acks;
+        if let Some(current) = self.current.as_mut() {
+            if !current.delivered {
+                current.acks = coalescer(&current.link, acks);
+            }
+        }
+        self
+    }
+
+    /// How deliveries are acknowledged on the wire.
+    pub fn ack_coalescing(&self) -> AckCoalescing {
+        self.acks
+    }
+
     /// The queue consumed.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -267,8 +313,14 @@ impl AmqpConsumer {
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue = %self.queue, prefetch = self.settings.prefetch(), channel = link.channel.id(), "AMQP consumer started");
-        self.current = Some((link, consumer));
+        tracing::info!(queue = %self.queue, prefetch = self.settings.prefetch(), channel = link.channel.id(), acks = ?self.acks, "AMQP consumer started");
+        let acks = coalescer(&link, self.acks);
+        self.current = Some(Current {
+            link,
+            consumer,
+            acks,
+            delivered: false,
+        });
         Ok(())
     }
 
@@ -276,6 +328,23 @@ impl AmqpConsumer {
         let link = self.open_link().await?;
         self.consume_on(link).await
     }
+}
+
+/// What the consumer holds of its current channel.
+struct Current {
+    link: Link,
+    consumer: lapin::Consumer,
+    /// The channel's ack coalescer, unless coalescing is off. Dropped with the channel's
+    /// consumer, it writes the acks asked for and stops.
+    acks: Option<Coalescer>,
+    /// Whether a delivery was handed out on this channel.
+    delivered: bool,
+}
+
+/// The ack coalescer of `link`'s channel under `acks`, if any.
+fn coalescer(link: &Link, acks: AckCoalescing) -> Option<Coalescer> {
+    acks.limits()
+        .map(|limits| Coalescer::start(Arc::new(link.channel.clone()), limits))
 }
 
 /// Closes a channel and the connection the adapter owns, each step bounded: after a broker
@@ -314,16 +383,25 @@ impl DeliverySource for AmqpConsumer {
         if self.current.is_none() {
             self.subscribe().await.map_err(|e| consume_error(&e))?;
         }
-        let Some((_, consumer)) = self.current.as_mut() else {
+        let Some(current) = self.current.as_mut() else {
             return Err(ConsumeError::ConnectionLost {
                 reason: "no consumer channel".to_owned(),
             });
         };
-        match consumer.next().await {
+        match current.consumer.next().await {
             Some(Ok(delivery)) => {
                 let quorum = self.settings.queue_type() == QueueType::Quorum;
+                // Registered before it is handed out, so no multiple ack can cover it unsettled.
+                let acker: Box<dyn Acker> = match &current.acks {
+                    Some(acks) => Box::new(acks.register(delivery.delivery_tag)),
+                    None => Box::new(AmqpAcker {
+                        acker: delivery.acker.clone(),
+                    }),
+                };
+                current.delivered = true;
                 Ok(Some(convert::to_delivery(
                     delivery,
+                    acker,
                     &self.queue,
                     quorum,
                     &self.keys,
@@ -349,13 +427,23 @@ impl DeliverySource for AmqpConsumer {
 
     async fn close(&mut self) -> Result<(), ConsumeError> {
         self.closed = true;
-        if let Some((link, consumer)) = self.current.take() {
+        if let Some(current) = self.current.take() {
+            let Current {
+                link,
+                consumer,
+                acks,
+                ..
+            } = current;
             let _ = tokio::time::timeout(
                 SETTLE_TIMEOUT,
                 link.channel
                     .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
             )
             .await;
+            // Every ack asked for goes out before the channel closes.
+            if let Some(acks) = acks {
+                acks.close().await;
+            }
             close_link(link, "consumer closed").await;
         }
         Ok(())
