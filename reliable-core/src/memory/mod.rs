@@ -123,6 +123,9 @@ struct State {
     publish_log: Vec<MessageId>,
     /// Set by [`InMemoryBroker::go_silent`]: publishes are swallowed.
     silent: bool,
+    /// Attempts whose confirm never comes (a dropped confirm, a swallowed publish), answered
+    /// with a connection loss by [`InMemoryBroker::lose_connection`].
+    held: Vec<crate::transport::Completion>,
     next_tag: u64,
     /// Bumped on each consumer crash; unacked deliveries of older sessions are void.
     session: u64,
@@ -221,7 +224,16 @@ impl InMemoryBroker {
     /// [`PublishError::ConnectionLost`] and every consumer session crashes. Ends a
     /// [silence](Self::go_silent).
     pub fn lose_connection(&self) {
-        self.lock().silent = false;
+        let held = {
+            let mut st = self.lock();
+            st.silent = false;
+            std::mem::take(&mut st.held)
+        };
+        for done in held {
+            done.complete(Err(PublishError::ConnectionLost {
+                reason: "connection lost while waiting for the confirm".into(),
+            }));
+        }
         self.inner.connection.send_modify(|epoch| *epoch += 1);
         self.crash_consumers();
     }

@@ -108,22 +108,43 @@ impl Transport for InMemoryTransport {
         confirm(then, connection).await
     }
 
-    /// A message confirmed at once answers through `done` (no future); a confirm that waits
-    /// (a delay, a dropped confirm) is an attempt future.
+    /// Answers through `done`: at once for a confirm; a delayed confirm from a task (failed
+    /// by a connection loss first); a confirm that never comes is held by the broker until a
+    /// connection loss fails it.
     fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
-        let (then, connection) = match self.hand_off(&msg) {
+        let (then, mut connection) = match self.hand_off(&msg) {
             Ok(handed) => handed,
             Err(e) => {
                 done.dismiss();
                 return Submission::Now(Err(e));
             }
         };
-        if let Then::Confirm = then {
-            done.complete(Ok(()));
-            return Submission::Now(Ok(Attempt::Callback));
+        match then {
+            Then::Confirm => done.complete(Ok(())),
+            Then::Fail(e) => done.complete(Err(e)),
+            Then::Never => {
+                let mut st = self.broker.lock();
+                if connection.has_changed().unwrap_or(true) {
+                    drop(st);
+                    done.complete(Err(PublishError::ConnectionLost {
+                        reason: "connection lost while waiting for the confirm".into(),
+                    }));
+                } else {
+                    st.held.push(done);
+                }
+            }
+            Then::ConfirmAfter(delay) => {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => done.complete(Ok(())),
+                        _ = connection.changed() => done.complete(Err(PublishError::ConnectionLost {
+                            reason: "connection lost while waiting for the confirm".into(),
+                        })),
+                    }
+                });
+            }
         }
-        done.dismiss();
-        Submission::Now(Ok(Attempt::Future(Box::pin(confirm(then, connection)))))
+        Submission::Now(Ok(Attempt::Callback))
     }
 
     fn lane(&self, msg: &Message) -> u64 {
