@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use reliable_core::producer::{Producer, ProducerConfig};
@@ -12,18 +12,24 @@ use reliable_kafka::rdkafka::message::{Header, OwnedHeaders};
 use reliable_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use reliable_kafka::rdkafka::ClientConfig;
 use reliable_kafka::{ensure_topic, KafkaTransport, TopicSpec};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::{
-    stamp, through_producer, windowed, with_cpu, BenchArgs, KafkaCase, Report, Round, Sample, Tally,
+    cpu_time_of, stamp, through_producer, windowed, BenchArgs, KafkaCase, Report, Round, Sample,
+    Tally,
 };
 use crate::child::{payload, KAFKA_PARTITIONS, PAYLOAD_BYTES};
 use crate::HarnessError;
 
 const GROUP: &str = "Kafka, acks=all + idempotence, RF 3, min.insync.replicas 2";
 const RAW: &str = "raw rdkafka (FutureProducer)";
-const RAW_HEADERS: &str = "raw rdkafka + the SDK's identity header (as the SDK writes it)";
+const RAW_HEADERS: &str =
+    "raw rdkafka + the SDK's identity header (as the SDK writes it, a fresh id per message)";
 const SDK: &str = "SDK";
-const JAVA: &str = "Java producer (kafka-tools ProducerPerformance 4.3.1)";
+const JAVA: &str = "Java producer (kafka-tools ProducerPerformance 4.3.1; CPU: its reported window, sampled every 20 ms)";
+
+/// How often the Java child's CPU time is sampled, to find it at the start of its window.
+const JAVA_CPU_SAMPLE: Duration = Duration::from_millis(20);
 
 /// librdkafka's defaults for the batching settings the preset leaves alone, given to the Java
 /// producer so both batch alike (Java's own `batch.size` default is 16 KiB).
@@ -42,8 +48,22 @@ fn preset(args: &BenchArgs) -> ClientConfig {
     )
 }
 
-/// Raw rdkafka; with `headers`, each record also carries the two identity headers the SDK
-/// writes (its message id and idempotency key), to tell their cost from the SDK's own.
+/// The identity headers the SDK writes on a message of its own, for a raw record: built from a
+/// fresh [`Message`] each time, so every record carries a distinct id (a UUIDv7 generated for
+/// it), as the SDK's do.
+fn identity_headers() -> OwnedHeaders {
+    Message::new(Vec::new())
+        .wire_headers()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+}
+
+/// Raw rdkafka; with `headers`, each record also carries the identity headers the SDK writes
+/// (see [`identity_headers`]: a distinct id per record), to tell their cost from the SDK's own.
 async fn raw(
     args: &BenchArgs,
     topic: &str,
@@ -54,16 +74,8 @@ async fn raw(
     let send = |seq: u64| {
         let p = payload(seq);
         let producer = producer.clone();
-        let identity = headers.then(|| {
-            let m = Message::new(Vec::new());
-            m.wire_headers()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value),
-                    })
-                })
-        });
+        // Once per message: a fresh id each (resends of the same record below keep it).
+        let identity = headers.then(identity_headers);
         async move {
             loop {
                 let mut record = FutureRecord::<(), [u8]>::to(topic).payload(&p);
@@ -116,6 +128,12 @@ async fn sdk(args: &BenchArgs, topic: &str, messages: u64) -> Result<Sample, Har
 }
 
 /// Kafka's Java producer benchmark with the preset's settings, in a JVM of its own.
+///
+/// Its CPU is counted over the window it reports, not the JVM's start: the child's
+/// `/proc/<pid>/stat` (utime + stime) is sampled every [`JAVA_CPU_SAMPLE`] while it runs and
+/// read again when its summary line arrives (printed after its producer closed, the end of its
+/// window); the window's start is that moment less the elapsed time the summary implies
+/// (records / records per second), and the CPU there is interpolated between samples.
 async fn java(
     args: &BenchArgs,
     libs: &Path,
@@ -124,7 +142,7 @@ async fn java(
 ) -> Result<Sample, HarnessError> {
     let config = preset(args);
     let prop = |k: &str, default: &str| format!("{k}={}", config.get(k).unwrap_or(default));
-    let output = tokio::process::Command::new("java")
+    let mut child = tokio::process::Command::new("java")
         .arg("-Xmx1g")
         .arg("-cp")
         .arg(format!("{}/*", libs.display()))
@@ -151,24 +169,80 @@ async fn java(
             config.get("batch.size").unwrap_or(BATCH_BYTES)
         ))
         .stdin(Stdio::null())
-        .output()
-        .await
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .map_err(|e| HarnessError::Setup(format!("cannot run java: {e}")))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
+    let pid = child.id();
+    let (Some(out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(setup("the Java producer's output is not piped"));
+    };
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text).await;
+        text
+    });
+    let mut lines = BufReader::new(out).lines();
+    let mut stdout = String::new();
+    let mut samples: Vec<(Instant, Duration)> = Vec::new();
+    let mut end: Option<(Instant, Option<Duration>)> = None;
+    let mut tick = tokio::time::interval(JAVA_CPU_SAMPLE);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(line) => {
+                    if end.is_none() && is_summary(&line) {
+                        end = Some((Instant::now(), pid.and_then(cpu_time_of)));
+                    }
+                    stdout.push_str(&line);
+                    stdout.push('\n');
+                }
+                None => break,
+            },
+            _ = tick.tick(), if end.is_none() => {
+                if let Some(cpu) = pid.and_then(cpu_time_of) {
+                    samples.push((Instant::now(), cpu));
+                }
+            }
+        }
+    }
+    let status = child.wait().await?;
+    let stderr = stderr.await.unwrap_or_default();
+    if !status.success() {
         return Err(HarnessError::Setup(format!(
-            "ProducerPerformance failed ({}): {}{}",
-            output.status,
+            "ProducerPerformance failed ({status}): {}{}",
             stdout.lines().last().unwrap_or_default(),
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" / ")
+            stderr.lines().rev().take(5).collect::<Vec<_>>().join(" / ")
         )));
     }
-    parse_java(&stdout, messages)
+    let mut sample = parse_java(&stdout, messages)?;
+    if let Some((ended, Some(cpu_end))) = end {
+        let started = ended.checked_sub(sample.took).unwrap_or(ended);
+        sample.cpu = cpu_at(&samples, started).map(|c| cpu_end.saturating_sub(c));
+    }
+    Ok(sample)
+}
+
+/// Whether `line` is `ProducerPerformance`'s summary (the periodic lines have no percentiles).
+fn is_summary(line: &str) -> bool {
+    line.contains("records sent") && line.contains("50th")
+}
+
+/// The CPU time at `at`, interpolated between the samples around it (the first sample's when
+/// `at` is before it; `None` without samples).
+fn cpu_at(samples: &[(Instant, Duration)], at: Instant) -> Option<Duration> {
+    let after = samples.iter().position(|(t, _)| *t >= at);
+    match after {
+        Some(0) => samples.first().map(|s| s.1),
+        Some(i) => {
+            let ((t0, c0), (t1, c1)) = (samples[i - 1], samples[i]);
+            let span = t1.saturating_duration_since(t0).as_secs_f64();
+            let part = at.saturating_duration_since(t0).as_secs_f64() / span.max(1e-9);
+            Some(c0 + c1.saturating_sub(c0).mul_f64(part.clamp(0.0, 1.0)))
+        }
+        None => samples.last().map(|s| s.1),
+    }
 }
 
 /// Reads the summary line of `ProducerPerformance`: "N records sent, R records/sec (..), A ms
@@ -177,7 +251,7 @@ fn parse_java(stdout: &str, messages: u64) -> Result<Sample, HarnessError> {
     let line = stdout
         .lines()
         .rev()
-        .find(|l| l.contains("records sent") && l.contains("50th"))
+        .find(|l| is_summary(l))
         .ok_or_else(|| {
             HarnessError::Setup(format!(
                 "no summary line from ProducerPerformance in: {stdout}"
@@ -230,21 +304,18 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         for case in round.in_turn(&args.kafka_cases) {
             match case {
                 KafkaCase::Raw => {
-                    let s = with_cpu(raw(args, &topic, args.kafka_messages, false)).await?;
+                    let s = raw(args, &topic, args.kafka_messages, false).await?;
                     raw_t.add(round, s);
                 }
                 KafkaCase::RawHeaders => {
-                    let s = with_cpu(raw(args, &topic, args.kafka_messages, true)).await?;
+                    let s = raw(args, &topic, args.kafka_messages, true).await?;
                     headers_t.add(round, s);
                 }
                 KafkaCase::Sdk => {
-                    sdk_t.add(
-                        round,
-                        with_cpu(sdk(args, &topic, args.kafka_messages)).await?,
-                    );
+                    sdk_t.add(round, sdk(args, &topic, args.kafka_messages).await?);
                 }
                 KafkaCase::Java => {
-                    let s = with_cpu(java(args, java_libs()?, &topic, args.kafka_messages)).await?;
+                    let s = java(args, java_libs()?, &topic, args.kafka_messages).await?;
                     java_t.add(round, s);
                 }
             }
@@ -263,10 +334,15 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
     report.push(sdk_t.result(GROUP, SDK, w));
     report.push(java_t.result(GROUP, JAVA, None));
     report.target(
-        "Kafka: SDK / raw rdkafka",
+        "Kafka: SDK / raw rdkafka carrying the SDK's identity header",
+        (GROUP, SDK, w),
+        (GROUP, RAW_HEADERS, w),
+        0.95,
+    );
+    report.context(
+        "Kafka: SDK / raw rdkafka without the identity header",
         (GROUP, SDK, w),
         (GROUP, RAW, w),
-        0.95,
     );
     report.target(
         "Kafka: SDK / Java producer",
@@ -275,7 +351,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         1.0,
     );
     report.notes.push(format!(
-        "Kafka: {} messages per case to a {KAFKA_PARTITIONS}-partition topic; every client with the SDK's producer preset (acks=all, enable.idempotence=true, max.in.flight 5, unbounded retries), linger.ms {LINGER_MS} and batch.size {BATCH_BYTES} (librdkafka's defaults, passed to Java); raw and SDK keep at most {} unconfirmed; Java's latencies are its own report",
+        "Kafka: {} messages per case to a {KAFKA_PARTITIONS}-partition topic; every client with the SDK's producer preset (acks=all, enable.idempotence=true, max.in.flight 5, unbounded retries), linger.ms {LINGER_MS} and batch.size {BATCH_BYTES} (librdkafka's defaults, passed to Java); raw and SDK keep at most {} unconfirmed; Java's latencies are its own report; client CPU is the measured window's (for Java, its child process over the window it reports)",
         args.kafka_messages, args.kafka_window
     ));
     Ok(())
@@ -293,5 +369,30 @@ mod tests {
         assert!((s.rate() - 98765.4).abs() < 1.0, "rate {}", s.rate());
         assert_eq!(s.reported_ms, Some((7.0, 45.0)));
         assert!(parse_java("nothing here", 1).is_err());
+    }
+
+    #[test]
+    fn every_raw_record_carries_an_id_of_its_own() {
+        let id = |h: &OwnedHeaders| {
+            use reliable_kafka::rdkafka::message::Headers;
+            h.iter()
+                .find(|h| h.key == reliable_core::message::headers::MESSAGE_ID)
+                .and_then(|h| h.value)
+                .map(<[u8]>::to_vec)
+        };
+        let (a, b) = (identity_headers(), identity_headers());
+        assert!(id(&a).is_some());
+        assert_ne!(id(&a), id(&b));
+    }
+
+    #[test]
+    fn the_cpu_at_a_moment_is_interpolated_between_samples() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let samples = [(t, ms(100)), (t + ms(20), ms(140))];
+        assert_eq!(cpu_at(&samples, t + ms(10)), Some(ms(120)));
+        assert_eq!(cpu_at(&samples, t), Some(ms(100)));
+        assert_eq!(cpu_at(&samples, t + ms(50)), Some(ms(140)));
+        assert_eq!(cpu_at(&[], t), None);
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! | part | cases | ratio reported |
 //! |---|---|---|
-//! | `amqp` | raw lapin with a confirm window, the SDK with the same window (16 … 4096), the SDK in transaction mode (one commit per message, and per batch), raw lapin waiting for each confirm; classic and quorum queues | SDK / raw at each window; confirms / transactions per message |
-//! | `kafka` | raw rdkafka, the SDK, Kafka's own Java producer (`ProducerPerformance`) | SDK / raw, SDK / Java |
-//! | `consume` | raw auto-commit (Kafka) and auto-ack (RabbitMQ) consumers against the SDK's manual-commit / manual-ack consumer under the pipeline with in-memory dedupe | SDK / raw |
+//! | `amqp` | raw lapin with a confirm window, the SDK with the same window (16 … 4096), raw lapin carrying the SDK's identity (a fresh id per message) at the headline window, the SDK in transaction mode (one commit per message, and per batch), raw lapin waiting for each confirm; classic and quorum queues | SDK / raw carrying the identity (target), SDK / bare raw (context); confirms / transactions per message |
+//! | `kafka` | raw rdkafka bare and carrying the SDK's identity header (a fresh id per record), the SDK, Kafka's own Java producer (`ProducerPerformance`) | SDK / raw carrying the header (target), SDK / bare raw (context), SDK / Java |
+//! | `consume` | raw consumers that commit (Kafka) or ack (RabbitMQ) per handled message and decode each message's id, and the bare auto-commit / auto-ack ones, against the SDK's manual-commit / manual-ack consumer under the pipeline with in-memory dedupe | SDK / raw doing the same work (target), SDK / bare raw (context) |
 //! | `memory` | resident bytes per unconfirmed message at 100k pending (a fresh child process) | — |
 //! | `order` | the SDK with `SendOrder::Preserved` against `Relaxed`, one sender under injected faults (in-memory broker) | Preserved / Relaxed, median of paired rounds |
 //!
@@ -14,7 +14,10 @@
 //! of one comparison run in ABBA order round by round ([`Round`]), so drift on the machine hits
 //! them alike. Each case's row is its median round, each target the median of the per-round
 //! paired ratios, and every round's figure is kept in the JSON. Latency is from the send call (including any wait for
-//! window space) to the confirm. Results: `bench.json`, `bench.md` and `window.png` in `--out`.
+//! window space) to the confirm. Client CPU is counted over the measured window only
+//! ([`Mark`]): not the connection set-up, topic checks, warm-up publish or close around it.
+//! What is still not alike between the cases is listed in `FAIRNESS.md` next to this file.
+//! Results: `bench.json`, `bench.md` and `window.png` in `--out`.
 
 mod amqp;
 mod consume;
@@ -99,8 +102,10 @@ pub struct BenchArgs {
     /// Messages unconfirmed at once for raw rdkafka and the SDK (Kafka).
     #[arg(long, default_value_t = 8192)]
     pub kafka_window: usize,
-    /// Messages per consumer case and round.
-    #[arg(long, default_value_t = 100_000)]
+    /// Kafka messages per consumer case and round: enough that librdkafka's prefetch (up to
+    /// 64 MiB queued per consumer) is a small part of the run. The RabbitMQ consumer cases use
+    /// `--amqp-messages` (a prefetch of 200 is small against it).
+    #[arg(long, default_value_t = 1_000_000)]
     pub consume_messages: u64,
     /// Which Kafka producer cases to run (for profiling one alone).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [KafkaCase::Raw, KafkaCase::RawHeaders, KafkaCase::Sdk, KafkaCase::Java])]
@@ -140,29 +145,44 @@ pub struct Sample {
     /// p50 and p99 in milliseconds as reported by a client that measures its own (the Java
     /// producer), instead of `latencies_us`.
     pub reported_ms: Option<(f64, f64)>,
-    /// CPU time the client used in the case (set by [`with_cpu`]).
+    /// CPU time the client used in the measured window (see [`Mark`]).
     pub cpu: Option<Duration>,
 }
 
-/// Runs a case, noting the CPU time this process (and any client process it waited for) used.
-pub async fn with_cpu(
-    case: impl Future<Output = Result<Sample, HarnessError>>,
-) -> Result<Sample, HarnessError> {
-    let before = cpu_time();
-    let mut sample = case.await?;
-    sample.cpu = Some(cpu_time().saturating_sub(before));
-    Ok(sample)
+/// One end of a case's measured window: the wall clock and this process's CPU time, read
+/// together. A case takes one when its clock starts (after connecting, topic checks and the
+/// warm-up publish) and one when it stops, so client CPU counts the measured work only.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    at: Instant,
+    cpu: Duration,
+}
+
+impl Mark {
+    /// Reads the clock and this process's CPU time now.
+    pub fn now() -> Self {
+        let cpu = cpu_time();
+        Self {
+            at: Instant::now(),
+            cpu,
+        }
+    }
+
+    /// The sample of the window from this mark to now.
+    pub fn sample(self, messages: u64, latencies_us: Vec<u64>) -> Sample {
+        Sample::between(self, Mark::now(), messages, latencies_us)
+    }
 }
 
 impl Sample {
-    /// A run measured here (latencies from the collector, CPU added by [`with_cpu`]).
-    pub fn measured(messages: u64, took: Duration, latencies_us: Vec<u64>) -> Self {
+    /// A run measured here between `start` and `end`: wall time and CPU time of that window.
+    pub fn between(start: Mark, end: Mark, messages: u64, latencies_us: Vec<u64>) -> Self {
         Self {
             messages,
-            took,
+            took: end.at.saturating_duration_since(start.at),
             latencies_us,
             reported_ms: None,
-            cpu: None,
+            cpu: Some(end.cpu.saturating_sub(start.cpu)),
         }
     }
 
@@ -201,7 +221,7 @@ pub struct CaseResult {
     pub p50_ms: Option<f64>,
     /// The median round's 99th percentile latency.
     pub p99_ms: Option<f64>,
-    /// Client CPU time per message in the median round (microseconds, whole case).
+    /// Client CPU time per message in the median round (microseconds, measured window only).
     pub cpu_us_per_msg: Option<f64>,
     /// Every round's throughput.
     pub rounds: Vec<f64>,
@@ -220,6 +240,15 @@ pub struct Target {
     pub met: bool,
 }
 
+/// A ratio between two cases of the same run, reported without a target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// What is compared.
+    pub what: String,
+    /// The ratio measured.
+    pub ratio: f64,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -227,6 +256,9 @@ pub struct Report {
     pub cases: Vec<CaseResult>,
     /// Target ratios.
     pub targets: Vec<Target>,
+    /// Ratios reported for context, without a target (e.g. against a raw client that does less
+    /// work than the SDK).
+    pub context: Vec<Ratio>,
     /// Memory per pending message.
     pub memory: Option<memory::MemoryResult>,
     /// Notes on the run (settings used, versions).
@@ -247,8 +279,25 @@ impl Report {
             .find(|c| c.group == group && c.case == case && c.window == window)
     }
 
-    /// Records the ratio `num / den` of two cases' throughput as a target: the median of the
-    /// per-round paired ratios (the ratio of the median rounds when the cases' rounds differ).
+    /// The ratio `num / den` of two cases' throughput: the median of the per-round paired
+    /// ratios (the ratio of the median rounds when the cases' rounds differ); `None` when
+    /// either case did not run.
+    fn ratio(
+        &self,
+        num: (&str, &str, Option<usize>),
+        den: (&str, &str, Option<usize>),
+    ) -> Option<f64> {
+        let n = self.find(num.0, num.1, num.2)?;
+        let d = self.find(den.0, den.1, den.2)?;
+        Some(round2(
+            paired_ratio(&n.rounds, &d.rounds)
+                .unwrap_or_else(|| n.msgs_per_s / d.msgs_per_s.max(1e-9)),
+        ))
+    }
+
+    /// Records the ratio `num / den` of two cases' throughput as a target (see [`ratio`]).
+    ///
+    /// [`ratio`]: Self::ratio
     pub fn target(
         &mut self,
         what: &str,
@@ -256,22 +305,29 @@ impl Report {
         den: (&str, &str, Option<usize>),
         at_least: f64,
     ) {
-        let (Some(n), Some(d)) = (
-            self.find(num.0, num.1, num.2),
-            self.find(den.0, den.1, den.2),
-        ) else {
-            return;
-        };
-        let ratio = round2(
-            paired_ratio(&n.rounds, &d.rounds)
-                .unwrap_or_else(|| n.msgs_per_s / d.msgs_per_s.max(1e-9)),
-        );
-        self.targets.push(Target {
-            what: what.to_owned(),
-            ratio,
-            at_least,
-            met: ratio >= at_least,
-        });
+        if let Some(ratio) = self.ratio(num, den) {
+            self.targets.push(Target {
+                what: what.to_owned(),
+                ratio,
+                at_least,
+                met: ratio >= at_least,
+            });
+        }
+    }
+
+    /// Records the ratio `num / den` for context, without a target.
+    pub fn context(
+        &mut self,
+        what: &str,
+        num: (&str, &str, Option<usize>),
+        den: (&str, &str, Option<usize>),
+    ) {
+        if let Some(ratio) = self.ratio(num, den) {
+            self.context.push(Ratio {
+                what: what.to_owned(),
+                ratio,
+            });
+        }
     }
 }
 
@@ -334,7 +390,7 @@ where
         .map_err(|e| HarnessError::Setup(format!("the warm-up publish failed: {e}")))?;
     let permits = Arc::new(Semaphore::new(window));
     let collector = Collector::new(messages);
-    let started = Instant::now();
+    let started = Mark::now();
     for seq in 0..messages {
         let sent = Instant::now();
         let permit = permits
@@ -345,7 +401,7 @@ where
         collector.push(sent, send(seq, Some(permit)).await?)?;
     }
     let latencies_us = collector.finish().await?;
-    Ok(Sample::measured(messages, started.elapsed(), latencies_us))
+    Ok(started.sample(messages, latencies_us))
 }
 
 /// Sends `messages` through the SDK producer (its own window bounds them), after one confirmed
@@ -357,7 +413,7 @@ pub async fn through_producer(
 ) -> Result<Sample, HarnessError> {
     producer.send(message(u64::MAX)).await?.await?;
     let collector = Collector::new(messages);
-    let started = Instant::now();
+    let started = Mark::now();
     for seq in 0..messages {
         let sent = Instant::now();
         let handle = producer.send(message(seq)).await?;
@@ -367,29 +423,38 @@ pub async fn through_producer(
         )?;
     }
     let latencies_us = collector.finish().await?;
-    let took = started.elapsed();
+    let sample = started.sample(messages, latencies_us);
     producer.close().await;
-    Ok(Sample::measured(messages, took, latencies_us))
+    Ok(sample)
 }
 
-/// CPU time this process and its waited-for children have used so far (user + system).
+/// CPU time (user + system, every thread) this process has used so far, at the kernel's
+/// 10 ms tick; zero when `/proc` cannot be read.
 pub fn cpu_time() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name (which may hold spaces) start at the last ')'.
-            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
-            let f: Vec<u64> = rest
-                .split_whitespace()
-                .skip(11)
-                .take(4)
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            Some(f.iter().sum::<u64>())
-        })
-        .unwrap_or_default();
+    proc_cpu("/proc/self/stat").unwrap_or_default()
+}
+
+/// CPU time (user + system, every thread) process `pid` has used so far; `None` once it is
+/// gone (or where there is no `/proc`).
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    proc_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// `utime + stime` of a `/proc/<pid>/stat` file (children it waited for are not counted).
+fn proc_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat_cpu(&stat)
+}
+
+fn stat_cpu(stat: &str) -> Option<Duration> {
+    // Fields after the command name (which may hold spaces) start at the last ')'; utime and
+    // stime are the 12th and 13th of them.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
     // USER_HZ is 100 on every Linux the project runs on.
-    Duration::from_millis(ticks * 10)
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 /// A name unique to this run.
@@ -456,6 +521,13 @@ fn markdown(report: &Report) -> String {
                 t.at_least,
                 if t.met { "yes" } else { "**no**" }
             ));
+        }
+        md.push('\n');
+    }
+    if !report.context.is_empty() {
+        md.push_str("| for context (no target) | ratio |\n|---|---:|\n");
+        for r in &report.context {
+            md.push_str(&format!("| {} | {:.2} |\n", r.what, r.ratio));
         }
         md.push('\n');
     }
@@ -541,5 +613,28 @@ mod tests {
         assert!(report.targets[0].met && report.targets[0].ratio == 10.0);
         assert!(!report.targets[1].met && report.targets[1].ratio == 0.1);
         assert!(markdown(&report).contains("| slow / fast | 0.10 | 0.95 | **no** |"));
+        report.context("for scale", ("g", "fast", None), ("g", "slow", None));
+        report.context("missing", ("g", "not run", None), ("g", "fast", None));
+        assert_eq!(report.context.len(), 1);
+        assert!(markdown(&report).contains("| for scale | 10.00 |"));
+    }
+
+    #[test]
+    fn cpu_is_utime_plus_stime_of_the_process_not_its_children() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime cstime ...
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 10 0 0 0 150 50 7000 9000 20 0 4";
+        assert_eq!(stat_cpu(stat), Some(Duration::from_millis(2_000)));
+        assert_eq!(stat_cpu("42 (x) S 1"), None);
+    }
+
+    #[test]
+    fn a_sample_counts_the_cpu_between_its_marks() {
+        let start = Mark::now();
+        let mut end = Mark::now();
+        end.cpu = start.cpu + Duration::from_millis(30);
+        let s = Sample::between(start, end, 10, Vec::new());
+        assert_eq!(s.cpu, Some(Duration::from_millis(30)));
+        assert!(s.took < Duration::from_secs(1));
     }
 }
