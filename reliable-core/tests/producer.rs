@@ -182,7 +182,7 @@ async fn the_window_bounds_messages_in_flight() -> TestResult {
         "third send got a slot while two were in flight"
     );
     assert_eq!(producer.stats().in_flight, 2);
-    let old = producer.unconfirmed(Duration::from_millis(500));
+    let old = producer.unconfirmed(Duration::from_millis(500)).await;
     assert_eq!(old.len(), 2);
     assert!(old.iter().all(|u| u.attempts == 1));
     let h3 = third.await?;

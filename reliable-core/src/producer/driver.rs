@@ -48,8 +48,19 @@ use crate::transport::{Answer, Answers, Attempt, PublishError, Submission, Token
 
 use super::handle::{Claim, Outcome};
 use super::lanes::Lanes;
-use super::stats::ResendCause;
+use super::stats::{ResendCause, Unconfirmed};
 use super::{Confirmed, Inner, SendError, SendOrder};
+
+/// What the producer's handles ask of the driver, in the order they ask.
+pub(super) enum Command {
+    /// Deliver a message.
+    Send(Job),
+    /// List the messages unconfirmed for at least `older_than`.
+    Unconfirmed {
+        older_than: Duration,
+        reply: oneshot::Sender<Vec<Unconfirmed>>,
+    },
+}
 
 /// A message accepted by `send`, on its way to the driver.
 pub(super) struct Job {
@@ -77,6 +88,8 @@ struct Tracked {
     msg: Arc<Message>,
     lane: u64,
     first_sent: Instant,
+    /// When the latest attempt was submitted.
+    last_sent: Instant,
     /// `None`: a deadline too far away to represent is no deadline.
     deadline: Option<Instant>,
     attempts: u32,
@@ -99,14 +112,14 @@ enum Event {
     Answered,
     Submitted(u64, Result<Attempt, PublishError>),
     Decided(u64, Result<(), PublishError>),
-    Accepted(Option<Job>),
+    Accepted(Option<Command>),
     Tick,
 }
 
 /// The driver's state; [`Driver::run`] is its task.
 pub(super) struct Driver {
     inner: Arc<Inner>,
-    queue: mpsc::UnboundedReceiver<Job>,
+    queue: mpsc::UnboundedReceiver<Command>,
     /// `false` once every producer handle is gone: the driver ends when nothing is left.
     open: bool,
     tracked: HashMap<u64, Tracked, rustc_hash::FxBuildHasher>,
@@ -135,7 +148,7 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    pub(super) fn new(inner: Arc<Inner>, queue: mpsc::UnboundedReceiver<Job>) -> Self {
+    pub(super) fn new(inner: Arc<Inner>, queue: mpsc::UnboundedReceiver<Command>) -> Self {
         Self {
             inner,
             queue,
@@ -168,12 +181,12 @@ impl Driver {
             self.arm_timer();
             match poll_fn(|cx| self.poll_event(cx)).await {
                 Event::Answered => self.answered(),
-                Event::Submitted(ticket, result) => self.submitted(ticket, result),
+                Event::Submitted(ticket, result) => self.submitted(ticket, result, Instant::now()),
                 Event::Decided(ticket, result) => self.decided(ticket, result),
-                Event::Accepted(Some(job)) => {
-                    self.accept(job);
-                    while let Ok(job) = self.queue.try_recv() {
-                        self.accept(job);
+                Event::Accepted(Some(command)) => {
+                    self.command(command);
+                    while let Ok(command) = self.queue.try_recv() {
+                        self.command(command);
                     }
                 }
                 Event::Accepted(None) => self.open = false,
@@ -210,6 +223,34 @@ impl Driver {
         Poll::Pending
     }
 
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Send(job) => self.accept(job),
+            Command::Unconfirmed { older_than, reply } => {
+                let _ = reply.send(self.unconfirmed(older_than));
+            }
+        }
+    }
+
+    /// The messages unconfirmed for at least `older_than`, oldest first.
+    fn unconfirmed(&self, older_than: Duration) -> Vec<Unconfirmed> {
+        let now = Instant::now();
+        let mut out: Vec<Unconfirmed> = self
+            .tracked
+            .values()
+            .filter(|t| now.saturating_duration_since(t.first_sent) >= older_than)
+            .map(|t| Unconfirmed {
+                id: t.msg.id(),
+                idempotency_key: t.msg.idempotency_key().clone(),
+                attempts: t.attempts.max(1),
+                first_sent: t.first_sent,
+                last_sent: t.last_sent,
+            })
+            .collect();
+        out.sort_by_key(|u| (u.first_sent, u.id));
+        out
+    }
+
     fn accept(&mut self, job: Job) {
         let lane = self.inner.transport.lane(&job.msg);
         let span = tracing::info_span!(
@@ -226,6 +267,7 @@ impl Driver {
                 msg: Arc::new(job.msg),
                 lane,
                 first_sent: job.first_sent,
+                last_sent: job.first_sent,
                 deadline,
                 attempts: 0,
                 stage: Stage::Waiting,
@@ -295,13 +337,8 @@ impl Driver {
         let now = Instant::now();
         t.attempts += 1;
         t.stage = Stage::InFlight;
+        t.last_sent = now;
         self.inner.counters.attempts.fetch_add(1, Ordering::Relaxed);
-        if t.attempts > 1 {
-            if let Some(mut e) = self.inner.pending.get_mut(&ticket) {
-                e.attempts = t.attempts;
-                e.last_sent = now;
-            }
-        }
         let token = Token {
             ticket,
             attempt: t.attempts,
@@ -312,7 +349,7 @@ impl Driver {
             Arc::clone(&self.inner.transport).submit(t.msg.clone(), done)
         };
         match submission {
-            Submission::Now(result) => self.submitted(ticket, result),
+            Submission::Now(result) => self.submitted(ticket, result, now),
             Submission::Later(submission) => {
                 let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
                 let submission = bounded(ticket, ends, submission).instrument(t.span.clone());
@@ -321,7 +358,8 @@ impl Driver {
         }
     }
 
-    fn submitted(&mut self, ticket: u64, result: Result<Attempt, PublishError>) {
+    /// The submission of `ticket` (started at `now` or earlier) resolved.
+    fn submitted(&mut self, ticket: u64, result: Result<Attempt, PublishError>, now: Instant) {
         let attempt = match result {
             Ok(attempt) => attempt,
             Err(e) => return self.decided(ticket, Err(e)),
@@ -329,7 +367,6 @@ impl Driver {
         let Some(t) = self.tracked.get_mut(&ticket) else {
             return;
         };
-        let now = Instant::now();
         match attempt {
             Attempt::Callback => {
                 t.callback = true;
@@ -496,8 +533,7 @@ impl Driver {
                 t.claim
             }
         };
-        // Leave the pending map before the window so `flush` sees an empty map.
-        self.inner.pending.remove(&ticket);
+        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.released += 1;
         if let Err(outcome) = t.reply.send(Outcome { result, claim }) {
             outcome.unreceived(id);

@@ -1,8 +1,8 @@
 //! The reliable producer: confirm tracking, resend and a bounded in-flight window over any
 //! [`Transport`] (loss-matrix rows L1, L2 and L7; invariants 1, 2, 3, 6 and 10).
 //!
-//! Every message given to [`Producer::send`] is recorded in a pending map until its fate is
-//! final. Each attempt is bounded by [`ProducerConfig::confirm_timeout`]; a timeout, a nack, a
+//! Every message given to [`Producer::send`] is held by the producer's driver until its fate
+//! is final. Each attempt is bounded by [`ProducerConfig::confirm_timeout`]; a timeout, a nack, a
 //! lost connection or a busy client triggers a resend of the *same* message (same id, same
 //! idempotency key) after an exponential backoff with jitter. Unroutable, too-large and fatal
 //! refusals are final at once. Every message is settled in bounded time: by
@@ -85,11 +85,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, OnceCell, Semaphore};
 use tokio::time::Instant;
 
-use crate::message::{IdempotencyKey, Message, MessageId};
+use crate::message::Message;
 use crate::stats::LatencyHistogram;
 use crate::transport::Transport;
 
@@ -116,7 +115,7 @@ pub struct Producer {
 /// driver finishes what it holds, then stops) when the last producer handle is dropped.
 #[derive(Default)]
 struct Feed {
-    queue: std::sync::OnceLock<mpsc::UnboundedSender<driver::Job>>,
+    queue: std::sync::OnceLock<mpsc::UnboundedSender<driver::Command>>,
 }
 
 struct Inner {
@@ -124,7 +123,8 @@ struct Inner {
     config: ProducerConfig,
     window: Arc<Semaphore>,
     window_size: u32,
-    pending: DashMap<u64, PendingEntry, rustc_hash::FxBuildHasher>,
+    /// Messages accepted and not yet settled.
+    in_flight: AtomicU64,
     next_ticket: AtomicU64,
     closed: AtomicBool,
     /// Set once the transport's close has run (or given up), so it runs once.
@@ -135,19 +135,11 @@ struct Inner {
     outbox: Option<crate::outbox::Outbox>,
 }
 
-struct PendingEntry {
-    id: MessageId,
-    key: IdempotencyKey,
-    attempts: u32,
-    first_sent: Instant,
-    last_sent: Instant,
-}
-
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
             .field("config", &self.inner.config)
-            .field("in_flight", &self.inner.pending.len())
+            .field("in_flight", &self.inner.in_flight.load(Ordering::Relaxed))
             .field("closed", &self.inner.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -174,7 +166,7 @@ impl Producer {
                 window: Arc::new(Semaphore::new(window_size as usize)),
                 window_size,
                 config,
-                pending: DashMap::with_hasher(rustc_hash::FxBuildHasher),
+                in_flight: AtomicU64::new(0),
                 next_ticket: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 transport_closed: OnceCell::new(),
@@ -350,16 +342,7 @@ impl Producer {
         let id = msg.id();
         let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        inner.pending.insert(
-            ticket,
-            PendingEntry {
-                id,
-                key: msg.idempotency_key().clone(),
-                attempts: 1,
-                first_sent: now,
-                last_sent: now,
-            },
-        );
+        inner.in_flight.fetch_add(1, Ordering::Relaxed);
         inner.counters.sent.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         let queue = self.feed.queue.get_or_init(|| {
@@ -374,33 +357,27 @@ impl Producer {
             claim,
             reply,
         };
-        if queue.send(job).is_err() {
+        if queue.send(driver::Command::Send(job)).is_err() {
             // The driver is gone only when its runtime shut down; the job (and its reply)
             // dropped with the send error, so the handle resolves to `Aborted`.
-            inner.pending.remove(&ticket);
+            inner.in_flight.fetch_sub(1, Ordering::Relaxed);
             inner.window.add_permits(1);
         }
         SendHandle::new(id, rx)
     }
 
-    /// Messages unconfirmed for at least `older_than` since their first send.
-    pub fn unconfirmed(&self, older_than: Duration) -> Vec<Unconfirmed> {
-        let now = Instant::now();
-        let mut out: Vec<Unconfirmed> = self
-            .inner
-            .pending
-            .iter()
-            .filter(|e| now.saturating_duration_since(e.first_sent) >= older_than)
-            .map(|e| Unconfirmed {
-                id: e.id,
-                idempotency_key: e.key.clone(),
-                attempts: e.attempts,
-                first_sent: e.first_sent,
-                last_sent: e.last_sent,
-            })
-            .collect();
-        out.sort_by_key(|u| (u.first_sent, u.id));
-        out
+    /// Messages unconfirmed for at least `older_than` since their first send, oldest first:
+    /// asked of the producer's driver, which holds them (none before the first send).
+    pub async fn unconfirmed(&self, older_than: Duration) -> Vec<Unconfirmed> {
+        let Some(queue) = self.feed.queue.get() else {
+            return Vec::new();
+        };
+        let (reply, listed) = oneshot::channel();
+        let ask = driver::Command::Unconfirmed { older_than, reply };
+        if queue.send(ask).is_err() {
+            return Vec::new();
+        }
+        listed.await.unwrap_or_default()
     }
 
     /// Waits until every message sent so far is settled (confirmed or handed back). Bounded by
@@ -461,7 +438,7 @@ impl Producer {
                 busy: load(&c.resent_busy),
             },
             failed: load(&c.failed),
-            in_flight: self.inner.pending.len() as u64,
+            in_flight: self.inner.in_flight.load(Ordering::Relaxed),
             confirm_latency_p50: self.inner.latency.quantile(0.50),
             confirm_latency_p99: self.inner.latency.quantile(0.99),
         }

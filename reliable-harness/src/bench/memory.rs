@@ -3,9 +3,9 @@
 //!
 //! The child sends messages through the SDK producer over a transport that never confirms, so
 //! every message stays pending with all the state the producer keeps for it (the message for
-//! resending, its entry in the pending map, its place in the producer's driver, its timer and
-//! handle). Resident memory (`VmRSS`) is read before and after `--pending` such sends; the
-//! payload's bytes are subtracted. For reference, the same number of bare [`Message`]s is
+//! resending, its entry in the producer's driver, its completion and its handle). Resident
+//! memory (`VmRSS`) is read before and after `--pending` such sends; the payload's bytes are
+//! subtracted. For reference, the same number of bare [`Message`]s is
 //! measured the same way.
 
 use std::process::Stdio;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
-use reliable_core::{Message, PublishError, Transport};
+use reliable_core::{Attempt, Completion, Message, PublishError, Submission, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::BenchArgs;
@@ -48,19 +48,36 @@ impl MemoryResult {
     /// The markdown table of the result.
     pub fn markdown(&self) -> String {
         format!(
-            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer (message, pending entry, driver entry, timer, handle) | {:.0} |\n| of which the bare message (id, idempotency key, headers) | {:.0} |\n",
+            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer (message, driver entry, completion, handle) | {:.0} |\n| of which the bare message (id, idempotency key, headers) | {:.0} |\n",
             self.pending, self.payload_bytes, self.bytes_per_pending, self.bytes_per_bare_message
         )
     }
 }
 
-/// A broker that never confirms.
-struct Held;
+/// A broker that never confirms. Like the Kafka transport's client, it keeps each attempt's
+/// [`Completion`] until the broker answers (here: never), so the figure includes what a
+/// callback transport holds per message.
+#[derive(Default)]
+struct Held {
+    attempts: std::sync::Mutex<Vec<Completion>>,
+}
 
 #[async_trait]
 impl Transport for Held {
     async fn publish(&self, _msg: &Message) -> Result<(), PublishError> {
         std::future::pending().await
+    }
+
+    fn submit(
+        self: std::sync::Arc<Self>,
+        _msg: std::sync::Arc<Message>,
+        done: Completion,
+    ) -> Submission {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done);
+        Submission::Now(Ok(Attempt::Callback))
     }
 }
 
@@ -86,7 +103,7 @@ async fn settle() {
 pub async fn child(args: MemoryArgs) -> Result<(), HarnessError> {
     let n = args.pending;
     let producer = Producer::new(
-        Held,
+        Held::default(),
         ProducerConfig {
             max_in_flight: (n as usize + 2_000).max(1),
             confirm_timeout: Duration::from_secs(3600),
