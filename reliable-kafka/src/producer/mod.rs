@@ -5,9 +5,12 @@
 //! message's topic ([`Message::destination`](reliable_core::Message::destination), or the transport's default topic), its key
 //! ([`Message::routing_key`](reliable_core::Message::routing_key), which picks the partition through librdkafka's consistent
 //! partitioner, so every resend lands in the same partition) and every wire header (message id,
-//! idempotency key, user headers). The submission enqueues the record into librdkafka
-//! (`send_result`) when it is first polled, so librdkafka's partition queues hold the records in
-//! submission order; its attempt resolves `Ok` on the delivery report under `acks=all`.
+//! idempotency key, user headers). `submit` enqueues the record into librdkafka before it
+//! returns, so librdkafka's partition queues hold the records in submission order; the
+//! client's delivery callback answers the attempt's [`Completion`](reliable_core::Completion)
+//! (`Ok` on the delivery report under `acks=all`), with no future or channel per message (a
+//! `FutureProducer` wrapped with [`KafkaTransport::from_producer`] answers through its
+//! delivery future instead).
 //! Failures are classified for the core [`Producer`](reliable_core::producer::Producer), which
 //! resends with the same id and key (a refusal at enqueue, such as `QueueFull`, is the
 //! submission's error):
