@@ -400,6 +400,26 @@ impl DeliverySource for InMemoryConsumer {
         }
     }
 
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
+        let Some(first) = self.next().await? else {
+            return Ok(Vec::new());
+        };
+        let mut batch = Vec::with_capacity(max.clamp(1, 1024));
+        batch.push(first);
+        // What is ready now, without waiting: no await point past the first delivery, so a
+        // cancelled call loses nothing.
+        while batch.len() < max {
+            match self.try_take() {
+                Some(Some(d)) => batch.push(d),
+                _ => break,
+            }
+        }
+        if batch.len() > 1 {
+            self.broker.inner.changed.notify_waiters();
+        }
+        Ok(batch)
+    }
+
     async fn close(&mut self) -> Result<(), ConsumeError> {
         self.closed = true;
         Ok(())

@@ -9,7 +9,8 @@
 //!   with the refusal classified as a [`PublishError`] so the [`Producer`](crate::producer::Producer)
 //!   knows whether to resend. The producer adds timeouts, resends and the in-flight window: a
 //!   transport does one attempt and does not retry on its own.
-//! * [`DeliverySource::next`]: hand the pipeline the next [`Delivery`], each carrying an [`Acker`]
+//! * [`DeliverySource::next`] (and [`DeliverySource::next_batch`] for several at once): hand the
+//!   pipeline the next [`Delivery`], each carrying an [`Acker`]
 //!   that settles it (ack / nack / reject). Offset-based transports settle by marking the offset
 //!   finished in an [`OffsetTracker`](crate::offsets::OffsetTracker) and commit its watermark.
 //!
@@ -419,6 +420,20 @@ pub trait DeliverySource: Send {
     /// the pipeline drops this future when it shuts down, and no delivery may be lost then
     /// (an unsettled delivery is redelivered by the broker).
     async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError>;
+
+    /// Up to `max` deliveries (at least one, `max` taken as 1 when 0); an empty `Vec` when the
+    /// source has ended for good. Waits only for the first delivery: the rest are what the
+    /// source already has ready. Must be cancel safe like [`next`](Self::next).
+    ///
+    /// A source whose deliveries must be handled in an order (a Kafka consumer in an ordered
+    /// mode) puts into one batch only deliveries that may be handled at the same time: the
+    /// pipeline handles the deliveries of a batch concurrently.
+    ///
+    /// The default returns what one call to [`next`](Self::next) returns.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
+        let _ = max;
+        Ok(self.next().await?.into_iter().collect())
+    }
 
     /// Called once after the pipeline has drained and settled every delivery: stop consuming and
     /// make the final commit (offset-based transports commit their watermark here).

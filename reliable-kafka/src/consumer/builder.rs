@@ -172,6 +172,7 @@ impl KafkaConsumerBuilder {
             shared,
             periodic,
             max_held: self.max_held,
+            deferred: None,
         })
     }
 }

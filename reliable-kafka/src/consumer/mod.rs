@@ -177,6 +177,9 @@ pub struct KafkaConsumer {
     consumer: Arc<RawConsumer>,
     shared: Arc<Shared>,
     max_held: usize,
+    /// A fatal client error met while a batch was being filled, returned by the next call
+    /// so the deliveries already taken are handed out first.
+    deferred: Option<ConsumeError>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -331,6 +334,9 @@ impl KafkaConsumer {
 #[async_trait]
 impl DeliverySource for KafkaConsumer {
     async fn next(&mut self) -> Result<Option<Delivery>, ConsumeError> {
+        if let Some(fatal) = self.deferred.take() {
+            return Err(fatal);
+        }
         // Records kept in memory live in `self.shared`, so a cancelled call loses none; each
         // await point below is cancel safe (`recv` takes a record only when it returns it).
         if self.shared.ordering == Ordering::Unordered {
@@ -387,6 +393,62 @@ impl DeliverySource for KafkaConsumer {
         }
     }
 
+    /// Waits for the first delivery as [`next`](DeliverySource::next) does, then adds what is
+    /// ready without waiting: records handed back or freed in the consumer's memory first,
+    /// then records librdkafka has already fetched (at most `max` of them are polled per
+    /// call). In an ordered mode every record still passes the gate, so a batch holds at most
+    /// one record per partition (or key), and a later record of a busy partition stays held
+    /// until the earlier one is settled: the batch's deliveries may run concurrently.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
+        let Some(first) = self.next().await? else {
+            return Ok(Vec::new());
+        };
+        let mut batch = Vec::with_capacity(max.clamp(1, 1024));
+        batch.push(first);
+        let unordered = self.shared.ordering == Ordering::Unordered;
+        let mut polled = 0usize;
+        // No await point from here on: a cancelled call loses nothing.
+        while batch.len() < max {
+            let kept = if unordered {
+                self.take_requeued()
+            } else {
+                self.take_ready()
+            };
+            if let Some(delivery) = kept {
+                batch.push(delivery);
+                continue;
+            }
+            if polled >= max || (!unordered && lock(&self.shared.gate).held >= self.max_held) {
+                break;
+            }
+            let Some(polled_now) = ready_now(self.consumer.recv()) else {
+                break;
+            };
+            polled += 1;
+            let record = match polled_now {
+                Ok(record) => record,
+                Err(e) => {
+                    if let Err(fatal) = self.client_error(&e) {
+                        self.deferred = Some(fatal);
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if !self.admit(&record) {
+                continue;
+            }
+            if unordered {
+                let tp = TopicPartition::new(record.topic(), record.partition());
+                let message = decode(&record);
+                batch.push(self.delivery(tp, record.offset(), message, false, None));
+            } else if let Some(delivery) = self.gate(&record) {
+                batch.push(delivery);
+            }
+        }
+        Ok(batch)
+    }
+
     async fn close(&mut self) -> Result<(), ConsumeError> {
         // The periodic task finishes a commit it has started; only then is the final
         // watermark committed, so it is the last commit of this consumer.
@@ -399,5 +461,16 @@ impl DeliverySource for KafkaConsumer {
     /// Kafka has no dead letter: a reject only moves the offset past the record.
     fn rejects_to_dead_letter(&self) -> bool {
         false
+    }
+}
+
+/// The output of `future` if it is ready at its first poll; the future is dropped otherwise.
+/// Used on `recv`, which takes a record only when it returns it (dropping it loses nothing).
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }

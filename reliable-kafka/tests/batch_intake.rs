@@ -1,0 +1,117 @@
+//! Batch intake (`DeliverySource::next_batch`): an ordered consumer never puts a later record of
+//! a partition into a batch while an earlier one is unsettled, and the records of each
+//! partition come out in log order; an unordered consumer hands out what is ready in batches.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use reliable_core::producer::Producer;
+use reliable_core::{Delivery, DeliverySource, Message};
+use reliable_kafka::{KafkaConsumer, KafkaTransport, Ordering, TopicSpec};
+use reliable_test_support::{kafka, require, unique_name};
+
+const RECORDS: usize = 120;
+
+async fn filled_topic(bootstrap: &str, prefix: &str) -> TopicSpec {
+    let topic = unique_name(prefix);
+    let spec = TopicSpec::new(&topic).partitions(2);
+    let t = KafkaTransport::builder(bootstrap)
+        .confirm_timeout(Duration::from_secs(10))
+        .topic(spec.clone())
+        .build()
+        .await
+        .unwrap();
+    let producer = Producer::new(t.clone(), t.recommended_producer_config());
+    let mut handles = Vec::new();
+    for i in 0..RECORDS {
+        let m = Message::new(format!("b{i}"))
+            .with_destination(&topic)
+            .with_routing_key(format!("key-{}", i % 7));
+        handles.push(producer.send(m).await.unwrap());
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    producer.close().await;
+    t.close().await;
+    spec
+}
+
+async fn batch(source: &mut KafkaConsumer, max: usize) -> Vec<Delivery> {
+    tokio::time::timeout(Duration::from_secs(30), source.next_batch(max))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn partition_of(d: &Delivery) -> i32 {
+    d.position().unwrap().partition.partition
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_batches_hold_one_record_per_partition_in_log_order() {
+    let cluster = require!(kafka(3));
+    let spec = filled_topic(&cluster.bootstrap, "rk-batch-o").await;
+    let mut source = KafkaConsumer::builder(&cluster.bootstrap, &unique_name("rk-batch-o-g"))
+        .subscribe(spec)
+        .ordering(Ordering::PerPartition)
+        .build()
+        .await
+        .unwrap();
+    let mut seen: HashMap<i32, Vec<i64>> = HashMap::new();
+    let mut taken = 0;
+    while taken < RECORDS {
+        let deliveries = batch(&mut source, 64).await;
+        assert!(!deliveries.is_empty());
+        let partitions: HashSet<i32> = deliveries.iter().map(partition_of).collect();
+        assert_eq!(
+            partitions.len(),
+            deliveries.len(),
+            "a batch held two records of one partition in ordered mode"
+        );
+        for d in deliveries {
+            seen.entry(partition_of(&d))
+                .or_default()
+                .push(d.position().unwrap().offset);
+            taken += 1;
+            d.ack().await.unwrap();
+        }
+    }
+    for (partition, offsets) in seen {
+        assert!(
+            offsets.windows(2).all(|w| w[0] + 1 == w[1]),
+            "partition {partition} out of log order: {offsets:?}"
+        );
+    }
+    source.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_batches_take_what_is_ready_and_lose_nothing() {
+    let cluster = require!(kafka(3));
+    let spec = filled_topic(&cluster.bootstrap, "rk-batch-u").await;
+    let mut source = KafkaConsumer::builder(&cluster.bootstrap, &unique_name("rk-batch-u-g"))
+        .subscribe(spec)
+        .ordering(Ordering::Unordered)
+        .build()
+        .await
+        .unwrap();
+    let mut seen: HashSet<(i32, i64)> = HashSet::new();
+    let mut largest = 0;
+    while seen.len() < RECORDS {
+        let deliveries = batch(&mut source, 32).await;
+        assert!(!deliveries.is_empty() && deliveries.len() <= 32);
+        largest = largest.max(deliveries.len());
+        for d in deliveries {
+            assert!(
+                seen.insert((partition_of(&d), d.position().unwrap().offset)),
+                "a record was handed out twice"
+            );
+            d.ack().await.unwrap();
+        }
+    }
+    assert!(largest > 1, "no batch held more than one record");
+    source.close().await.unwrap();
+}
