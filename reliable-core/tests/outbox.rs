@@ -398,3 +398,30 @@ fn reopen_raw(path: &Path) -> redb::Database {
         }
     }
 }
+
+/// A batch handle keeps the outbox entries of its handed-back messages until it yields them:
+/// dropped unawaited, they stay for the next replay; awaited, they leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handles_handed_back_messages_leave_the_outbox_only_when_it_yields_them(
+) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(dir.path().join("o"))?;
+    let producer = Producer::with_outbox(Refuser, ProducerConfig::default(), outbox.clone());
+
+    let dropped = producer.send_many((0..10).map(msg).collect()).await?;
+    producer.flush().await;
+    drop(dropped);
+    assert_eq!(outbox.len()?, 10, "handed back but never received: kept");
+
+    let kept = 10;
+    let outcome = producer.send_many((10..15).map(msg).collect()).await?.await;
+    assert_eq!(outcome.confirmed, 0);
+    assert_eq!(outcome.handed_back.len(), 5);
+    assert!(outcome.handed_back.iter().all(|e| e.message().is_some()));
+    let until = Instant::now() + Duration::from_secs(10);
+    while outbox.len()? != kept && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outbox.len()?, kept, "received by the caller: removed");
+    Ok(())
+}

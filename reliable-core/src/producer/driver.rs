@@ -46,6 +46,7 @@ use tracing::Instrument;
 use crate::message::Message;
 use crate::transport::{Answer, Answers, Attempt, PublishError, Submission, Token};
 
+use super::batch::BatchReply;
 use super::handle::{Claim, Outcome};
 use super::lanes::Lanes;
 use super::stats::{ResendCause, Unconfirmed};
@@ -69,7 +70,14 @@ pub(super) struct Job {
     pub(super) first_sent: Instant,
     /// Its outbox entry (feature `outbox`).
     pub(super) claim: Option<Claim>,
-    pub(super) reply: oneshot::Sender<Outcome>,
+    pub(super) reply: Reply,
+}
+
+/// Where a message's outcome goes: its own [`SendHandle`](super::SendHandle), or its batch's
+/// [`BatchHandle`](super::BatchHandle).
+pub(super) enum Reply {
+    One(oneshot::Sender<Outcome>),
+    Batch(BatchReply),
 }
 
 /// Where a message stands.
@@ -100,7 +108,7 @@ struct Tracked {
     cause: Option<ResendCause>,
     delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
     claim: Option<Claim>,
-    reply: oneshot::Sender<Outcome>,
+    reply: Reply,
     span: tracing::Span,
 }
 
@@ -535,8 +543,14 @@ impl Driver {
         };
         self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.released += 1;
-        if let Err(outcome) = t.reply.send(Outcome { result, claim }) {
-            outcome.unreceived(id);
+        let outcome = Outcome { result, claim };
+        match t.reply {
+            Reply::One(reply) => {
+                if let Err(outcome) = reply.send(outcome) {
+                    outcome.unreceived(id);
+                }
+            }
+            Reply::Batch(reply) => reply.send(id, outcome),
         }
     }
 
