@@ -23,9 +23,11 @@
 //!   in the order they were asked for, before any ack is computed; while one waits, its slot
 //!   (settling, not acked) ends the run, so no multiple ack can cover it before it is written.
 //!   Once written the broker has settled it, so a later multiple ack above it is harmless.
-//! * **When the run goes out.** One driver task per channel writes the frames. It flushes the
-//!   run as soon as it holds `max_batch` acks, and otherwise at most `max_delay` after the
-//!   oldest ack waiting was asked for. An ack stuck behind an open slot (a slower handler
+//! * **When the run goes out.** One driver task per channel writes the frames. By default
+//!   (`max_delay` zero) it writes the run whenever it is free: acks asked for while a frame is
+//!   being written share the next frame, and no ack waits for company. With a `max_delay`, it
+//!   flushes the run as soon as it holds `max_batch` acks, and otherwise at most `max_delay`
+//!   after the oldest ack waiting was asked for. An ack stuck behind an open slot (a slower handler
 //!   before it) cannot join a run: once it has waited `max_delay` it is written alone
 //!   (`multiple=false`), so no ack waits longer than that for a slow neighbour.
 //! * **Acks resolve when written.** Each [`Acker::ack`] waits until the frame that covers it
@@ -56,7 +58,7 @@ use super::acker::SETTLE_TIMEOUT;
 use crate::connect::retryable;
 
 /// How a consumer acknowledges its deliveries on the wire. The default is
-/// [`AckCoalescing::DEFAULT`]: coalesced, at most 1 ms or 64 acks per frame.
+/// [`AckCoalescing::DEFAULT`]: coalesced, each run written as soon as the writer is free.
 ///
 /// ```
 /// use std::time::Duration;
@@ -75,7 +77,8 @@ pub enum AckCoalescing {
     /// are always written alone, first and in order.
     Multiple {
         /// The longest an ack waits to be written; also how long an ack stuck behind an
-        /// unsettled delivery waits before it is written alone. Zero counts as 1 ms.
+        /// unsettled delivery waits before it is written alone. Zero: written as soon as the
+        /// channel's writer is free (the default).
         max_delay: Duration,
         /// A run of this many acks is written at once, without waiting. Zero counts as 1.
         max_batch: u16,
@@ -83,9 +86,13 @@ pub enum AckCoalescing {
 }
 
 impl AckCoalescing {
-    /// The default: coalesced, flushed within 1 ms or at 64 acks, whichever comes first.
+    /// The default: coalesced without waiting. The run of acks goes out as soon as the
+    /// channel's writer is free, so acks asked for while a frame is being written share the
+    /// next one; an ack behind an unsettled delivery goes out alone at once. No ack waits for
+    /// company, so a pipeline whose concurrency is smaller than a batch never stalls on a
+    /// timer.
     pub const DEFAULT: Self = Self::Multiple {
-        max_delay: Duration::from_millis(1),
+        max_delay: Duration::ZERO,
         max_batch: 64,
     };
 
@@ -97,7 +104,7 @@ impl AckCoalescing {
                 max_delay,
                 max_batch,
             } => Some(Limits {
-                max_delay: max_delay.max(Duration::from_millis(1)),
+                max_delay,
                 max_batch: usize::from(max_batch.max(1)),
             }),
         }
@@ -317,8 +324,11 @@ impl CoalescedAcker {
                         state.oldest = Some(Instant::now());
                     }
                     // The driver sleeps until the oldest ack's deadline: wake it for the
-                    // first ack (to arm it) and whenever a full batch may be ready.
-                    state.acked == 1 || state.acked.is_multiple_of(self.shared.limits.max_batch)
+                    // first ack (to arm it), whenever a full batch may be ready, and for every
+                    // ack when acks do not wait.
+                    self.shared.limits.max_delay.is_zero()
+                        || state.acked == 1
+                        || state.acked.is_multiple_of(self.shared.limits.max_batch)
                 }
                 Some(requeue) => {
                     *slot = Slot::Settling;

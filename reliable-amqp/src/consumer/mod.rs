@@ -7,7 +7,8 @@
 //! * `basic.qos` bounds the unacked deliveries per channel (the settings' prefetch).
 //! * Acks are coalesced by default ([`AckCoalescing::DEFAULT`]): the acks of a channel go out
 //!   as `basic.ack` frames with `multiple=true`, each covering only a run of deliveries that
-//!   were all acked, within 1 ms or 64 acks; nacks and rejects go out alone, first and in
+//!   were all acked, written as soon as the channel's writer is free (acks asked for during a
+//!   write share the next frame); nacks and rejects go out alone, first and in
 //!   order; closing or dropping the consumer writes every ack asked for. An ack resolves once
 //!   the frame that covers it was written. The [`coalesce`] module says how;
 //!   [`AmqpConsumer::with_ack_coalescing`] tunes it or turns it [`Off`](AckCoalescing::Off)
@@ -237,7 +238,8 @@ impl AmqpConsumer {
     }
 
     /// Sets how deliveries are acknowledged on the wire (default [`AckCoalescing::DEFAULT`]:
-    /// coalesced into `multiple=true` acks within 1 ms or 64 acks; see [`coalesce`]).
+    /// coalesced into `multiple=true` acks, written as soon as the writer is free; see
+    /// [`coalesce`]).
     /// Applies to the current channel if it has not delivered anything yet (so call it right
     /// after connecting), and to every channel opened after a loss.
     ///
