@@ -392,3 +392,21 @@ async fn random_settles_never_cover_an_unsettled_delivery() {
         assert_eq!(m.outstanding, held, "seed {seed}: {:?}", m.frames);
     }
 }
+
+/// The default writes an ack as soon as the writer is free: a pipeline that holds fewer
+/// deliveries than a batch (each waiting for its ack before taking the next) never waits for a
+/// timer, so sixteen acks in sequence take no time at all (paused clock).
+#[tokio::test(start_paused = true)]
+async fn by_default_acks_in_sequence_wait_for_no_timer() {
+    let wire = Recorder::default();
+    let limits = AckCoalescing::DEFAULT.limits().unwrap();
+    let coalescer = Coalescer::start(Arc::new(wire.clone()), limits);
+    let started = tokio::time::Instant::now();
+    for tag in 1..=16 {
+        wire.model().outstanding.insert(tag);
+        wire.model().asked_ack.insert(tag);
+        coalescer.register(tag).ack().await.unwrap();
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(wire.model().acked.len(), 16);
+}
