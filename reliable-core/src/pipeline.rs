@@ -86,6 +86,7 @@ use crate::backoff::BackoffPolicy;
 use crate::producer::Producer;
 use crate::transport::{ConsumeError, DeliverySource};
 
+mod batch;
 mod dedupe;
 mod handler;
 mod poison;
@@ -97,8 +98,8 @@ pub use handler::{
     RetryLayer, RetryPolicy, Timeout, TimeoutLayer,
 };
 
+use batch::Batch;
 use poison::Poison;
-use process::{process, Hold, Task};
 
 /// Where messages go when their handler fails for good.
 #[derive(Clone, Debug)]
@@ -167,11 +168,16 @@ pub struct PipelineConfig {
     /// neither, nothing counts across a crash and a message that crashes its consumer is
     /// redelivered for ever.
     pub max_deliveries: u32,
+    /// Deliveries taken from the source at once ([`DeliverySource::next_batch`]) and handled
+    /// together in one task (at least 1; capped by the free share of
+    /// [`concurrency`](Self::concurrency)). Default 64.
+    pub batch_size: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
+            batch_size: 64,
             concurrency: 16,
             reconnect_backoff: BackoffPolicy::default(),
             requeue_delay: Duration::from_secs(30),
@@ -335,7 +341,7 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
             while let Some(done) = tasks.try_join_next() {
                 log_join(done);
             }
-            let permit = tokio::select! {
+            let mut permit = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 p = slots.clone().acquire_owned() => match p {
@@ -343,44 +349,47 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                     Err(_) => break,
                 },
             };
+            // Only this loop takes slots, so the free ones stay free until taken below.
+            let want = self
+                .config
+                .batch_size
+                .max(1)
+                .min(slots.available_permits().saturating_add(1));
             let next = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                n = self.source.next() => n,
+                n = self.source.next_batch(want) => n,
             };
             match next {
-                Ok(Some(delivery)) => {
+                Ok(batch) if batch.is_empty() => break,
+                Ok(batch) => {
                     reconnect = None;
-                    self.counters.received.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::info_span!(
-                        "reliable.consume",
-                        message_id = %delivery.message().id(),
-                        redelivered = delivery.redelivered(),
-                        delivery_count = delivery.delivery_count(),
-                        attempts = tracing::field::Empty,
-                    );
-                    let handler = self.handler.clone();
-                    let dead_letter = self.dead_letter.clone();
-                    let hold = Hold {
+                    self.counters
+                        .received
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let more = u32::try_from(batch.len().saturating_sub(1)).unwrap_or(u32::MAX);
+                    if more > 0 {
+                        // A source handing out more than asked still gets its deliveries
+                        // handled; the slots then come free as they finish.
+                        match slots.clone().try_acquire_many_owned(more) {
+                            Ok(extra) => permit.merge(extra),
+                            Err(_) => tracing::debug!(
+                                deliveries = batch.len(),
+                                "source returned more deliveries than free slots"
+                            ),
+                        }
+                    }
+                    let span = tracing::info_span!("reliable.consume", deliveries = batch.len());
+                    let run = Batch {
+                        handler: self.handler.clone(),
+                        dead_letter: self.dead_letter.clone(),
+                        counters: self.counters.clone(),
+                        poison: poison.clone(),
                         window: self.config.requeue_delay,
                         draining: drain_signal.clone(),
                     };
-                    let counters = self.counters.clone();
-                    let poison = poison.clone();
-                    tasks.spawn(
-                        async move {
-                            let task = Task {
-                                dead_letter: &dead_letter,
-                                poison: &poison,
-                                counters: &counters,
-                            };
-                            process(&*handler, task, hold, delivery).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
+                    tasks.spawn(run.run(batch, permit).instrument(span));
                 }
-                Ok(None) => break,
                 Err(e) if e.is_retryable() => {
                     let delays = reconnect
                         .get_or_insert_with(|| Box::new(self.config.reconnect_backoff.delays()));

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use super::poison::{send_dead_letter, Counted, DeadLettered, Poison};
 use super::{Counters, DeadLetter, ErrorKind, Handler, HandlerError};
@@ -99,9 +100,6 @@ async fn attempt<H: Handler + ?Sized>(
         None => match poison.count(delivery).await {
             Ok(count) => {
                 *counted = Some(count);
-                if let Some(c) = count {
-                    tracing::Span::current().record("attempts", c.attempts());
-                }
                 count
             }
             Err(e) => {
@@ -117,12 +115,76 @@ async fn attempt<H: Handler + ?Sized>(
     run_handler(handler, delivery).await
 }
 
-/// Handles one delivery and settles it once its outcome is final.
+/// How far a delivery got before [`process`] takes it over: counted or not, and the outcome
+/// of its first handler attempt, if its batch ran one.
+#[derive(Default)]
+pub(super) struct Started {
+    /// `Some` once the delivery was counted (see [`Poison::count`]).
+    pub(super) counted: Option<Option<Counted>>,
+    /// The outcome of the first attempt; `None` to run it here.
+    pub(super) outcome: Option<Result<(), HandlerError>>,
+}
+
+/// Handles one delivery and settles it once its outcome is final. A delivery that comes with
+/// the outcome of its batch's attempt ([`Started::outcome`]) is not handled again unless that
+/// outcome was [`ErrorKind::Unavailable`] (then it is held and retried in place, one message
+/// at a time).
 pub(super) async fn process<H: Handler + ?Sized>(
     handler: &H,
     task: Task<'_>,
     hold: Hold,
     delivery: Delivery,
+    started: Started,
+) {
+    let Started {
+        mut counted,
+        outcome,
+    } = started;
+    let outcome = match outcome {
+        Some(outcome) => outcome,
+        None => attempt(handler, task.poison, &delivery, &mut counted).await,
+    };
+    if outcome.is_ok() {
+        // The common case, without a span of its own: the batch's span covers it.
+        task.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+        let counted = counted.flatten();
+        let forget = counted.map(|_| {
+            let message = delivery.message();
+            (message.id(), message.idempotency_key().clone())
+        });
+        let id = delivery.message().id();
+        let settled = delivery.ack().await;
+        if let Some((id, key)) = forget {
+            task.poison.settled(id, &key, counted, false).await;
+        }
+        if let Err(e) = settled {
+            task.counters
+                .settle_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, message_id = %id, "could not settle delivery");
+        }
+        return;
+    }
+    let span = tracing::info_span!(
+        "reliable.consume",
+        message_id = %delivery.message().id(),
+        redelivered = delivery.redelivered(),
+        delivery_count = delivery.delivery_count(),
+        attempts = tracing::field::Empty,
+    );
+    settle_failed(handler, task, hold, delivery, counted, outcome)
+        .instrument(span)
+        .await;
+}
+
+/// The rest of [`process`] for a delivery whose first attempt failed.
+async fn settle_failed<H: Handler + ?Sized>(
+    handler: &H,
+    task: Task<'_>,
+    hold: Hold,
+    delivery: Delivery,
+    mut counted: Option<Option<Counted>>,
+    mut outcome: Result<(), HandlerError>,
 ) {
     let Task {
         dead_letter,
@@ -135,15 +197,20 @@ pub(super) async fn process<H: Handler + ?Sized>(
     );
     let window = hold.window;
     let mut hold = Some(hold);
-    let mut counted = None;
-    let mut outcome = attempt(handler, poison, &delivery, &mut counted).await;
+    if let Some(Some(c)) = counted {
+        tracing::Span::current().record("attempts", c.attempts());
+    }
     if unavailable(&outcome) {
         if let (Some(h), Err(err)) = (hold.take(), &outcome) {
             counters.held.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %err, hold = ?window, "handler dependency unavailable; holding the delivery and retrying in place (not acked, not dead-lettered)");
             let mut holding = h.start();
             while unavailable(&outcome) && holding.wait().await {
+                let was_counted = counted.is_some();
                 outcome = attempt(handler, poison, &delivery, &mut counted).await;
+                if let (false, Some(Some(c))) = (was_counted, counted) {
+                    tracing::Span::current().record("attempts", c.attempts());
+                }
             }
             if !unavailable(&outcome) {
                 tracing::info!("handler dependency available again; settling without a requeue");
