@@ -573,7 +573,7 @@ async fn a_poison_message_through_the_core_pipeline_is_dead_lettered_after_n_att
     let props = &got.delivery.properties;
     assert_eq!(
         props.message_id().as_ref().map(|s| s.to_string()),
-        Some(poison.id_text().to_owned())
+        Some(poison.id_text().to_string())
     );
     assert!(props
         .headers()

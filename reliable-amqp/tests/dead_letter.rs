@@ -293,7 +293,7 @@ async fn a_poison_message_on_a_checked_quorum_queue_ends_in_the_dead_letter_queu
         dead.push(id.expect("message id"));
     }
     dead.sort();
-    let mut expected = vec![poison.id_text().to_owned(), panics.id_text().to_owned()];
+    let mut expected = vec![poison.id_text().to_string(), panics.id_text().to_string()];
     expected.sort();
     assert_eq!(dead, expected);
     assert_eq!(common::wait_for_count(&conn, &queue, 0).await, 0);
@@ -354,7 +354,7 @@ async fn a_checked_consumer_binds_the_named_dead_letter_queue_before_consuming()
             .message_id()
             .as_ref()
             .map(|s| s.to_string()),
-        Some(poison.id_text().to_owned())
+        Some(poison.id_text().to_string())
     );
     common::delete(&conn, &[&queue, &dlq]).await;
     delete_exchange(&conn, &dlx).await;

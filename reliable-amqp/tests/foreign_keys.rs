@@ -79,13 +79,13 @@ async fn a_message_without_message_id_keeps_its_key_across_a_redelivery() {
         .await
         .expect("consumer");
     let first = next(&mut consumer).await;
-    let key = first.message().idempotency_key().clone();
+    let key = first.message().idempotency_key();
     first.nack(true).await.expect("requeue");
     let again = next(&mut consumer).await;
     assert!(again.redelivered(), "the second delivery is the redelivery");
     assert_eq!(
         again.message().idempotency_key(),
-        &key,
+        key,
         "a redelivery keeps the key"
     );
     assert!(

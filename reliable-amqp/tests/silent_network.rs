@@ -86,7 +86,7 @@ async fn a_blackholed_link_loses_nothing_and_costs_few_extra_copies() {
             for seq in 0..total {
                 tick.tick().await;
                 let msg = Message::new(seq.to_string().into_bytes()).with_routing_key(&queue);
-                let id = msg.id_text().to_owned();
+                let id = msg.id_text().to_string();
                 let handle = producer.send(msg).await.expect("producer open");
                 sent.lock().await.push((seq, id, handle));
             }

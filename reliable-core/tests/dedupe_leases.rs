@@ -295,7 +295,7 @@ async fn a_complete_that_never_lands_is_acked_counted_and_its_lease_still_holds_
     assert!(store.completes.load(Ordering::SeqCst) >= 3, "retried");
     assert_eq!(layer.unrecorded(), 1);
     assert_eq!(
-        store.reserve(msg.idempotency_key()).await,
+        store.reserve(&msg.idempotency_key()).await,
         Ok(Reservation::InProgress),
         "the unrecorded key stays held until its lease ends"
     );
@@ -356,7 +356,7 @@ async fn a_lost_lease_lets_the_handler_finish_records_the_key_and_is_counted() {
     assert_eq!(effects.load(Ordering::SeqCst), 1, "not cancelled half-way");
     assert_eq!(layer.leases_lost(), 1);
     assert_eq!(
-        store.reserve(msg.idempotency_key()).await,
+        store.reserve(&msg.idempotency_key()).await,
         Ok(Reservation::Duplicate),
         "the effect ran, so the key is recorded"
     );
@@ -367,7 +367,7 @@ async fn giving_up_on_a_held_key_is_an_unavailable_error_that_names_the_key() {
     let effects = Arc::new(AtomicUsize::new(0));
     let s = store(Duration::from_secs(300));
     let msg = Message::new("order-1");
-    assert!(s.reserve(msg.idempotency_key()).await.map(|r| r.is_new()) == Ok(true));
+    assert!(s.reserve(&msg.idempotency_key()).await.map(|r| r.is_new()) == Ok(true));
     let handler = HandlerBuilder::new(slow_effect(effects.clone(), Duration::ZERO))
         .layer(DedupeLayer::new(s).with_in_progress_wait(Duration::from_secs(1)))
         .build();

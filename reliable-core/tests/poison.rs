@@ -263,7 +263,7 @@ async fn a_durable_attempt_counter_stops_it_where_the_broker_does_not_count() {
     let counter = Arc::new(InMemoryAttemptCounter::default());
     let o = scenario(false, Some(counter.clone()), 10).await;
     assert_stopped_with_origin(&o);
-    let key = o.dead_letters[0].idempotency_key().clone();
+    let key = o.dead_letters[0].idempotency_key();
     assert_eq!(
         counter.count(&key),
         0,

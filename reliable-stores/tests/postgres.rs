@@ -345,7 +345,7 @@ async fn complete_in_under_a_dedupe_layer_is_not_taken_for_a_lost_lease() {
         move |msg: Message| {
             let (s, effects, applied) = (s.clone(), effects.clone(), applied.clone());
             async move {
-                let key = msg.idempotency_key().clone();
+                let key = msg.idempotency_key();
                 let mut client = s.pool().get().await.map_err(HandlerError::transient)?;
                 let tx = client
                     .transaction()
@@ -379,7 +379,7 @@ async fn complete_in_under_a_dedupe_layer_is_not_taken_for_a_lost_lease() {
         "the key the handler recorded itself is not a lost lease"
     );
     assert_eq!(
-        s.reserve(msg.idempotency_key()).await.unwrap(),
+        s.reserve(&msg.idempotency_key()).await.unwrap(),
         Reservation::Duplicate
     );
     assert_eq!(

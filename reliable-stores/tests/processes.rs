@@ -441,7 +441,7 @@ async fn worker(args: &[String]) -> Result<(), String> {
                     let key = msg.idempotency_key().as_str().to_owned();
                     let pid = std::process::id() as i32;
                     let applied = shared
-                        .apply_once(msg.idempotency_key(), |tx| {
+                        .apply_once(&msg.idempotency_key(), |tx| {
                             let key = key.clone();
                             Box::pin(async move {
                                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -383,7 +383,7 @@ impl AmqpPublisher {
 
     fn properties(&self, msg: &Message) -> BasicProperties {
         let mut table = FieldTable::default();
-        for (name, value) in msg.wire_headers() {
+        for (name, value) in &msg.wire_headers() {
             table.insert(
                 ShortString::from(name),
                 AMQPValue::LongString(LongString::from(value.as_bytes())),
@@ -395,7 +395,7 @@ impl AmqpPublisher {
             1
         };
         BasicProperties::default()
-            .with_message_id(ShortString::from(msg.id_text()))
+            .with_message_id(ShortString::from(msg.id_text().as_str()))
             .with_delivery_mode(mode)
             .with_headers(table)
     }

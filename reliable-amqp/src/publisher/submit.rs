@@ -58,7 +58,7 @@ impl AmqpPublisher {
     /// dropped after [`SUSPECT_AFTER`].
     async fn hand_off_confirmed(&self, msg: &Message) -> Result<Attempt, PublishError> {
         let target = Target::new(
-            msg.id_text(),
+            &msg.id_text(),
             msg.destination().unwrap_or(&self.inner.exchange),
             msg.routing_key().unwrap_or_default(),
             msg.payload().len(),

@@ -83,7 +83,7 @@ impl AmqpPublisher {
                 returned.into_iter().for_each(|r| returns.add(r));
                 Ok(batch
                     .iter()
-                    .map(|msg| match returns.take(msg.id_text()) {
+                    .map(|msg| match returns.take(&msg.id_text()) {
                         Some(r) => Err(unroutable(&r)),
                         None => Ok(()),
                     })

@@ -39,21 +39,38 @@
 //!     .with_routing_key("eu")
 //!     .with_idempotency_key("order-42-paid")?
 //!     .with_header("content-type", "text/plain");
-//! let wire: Vec<(&str, &str)> = msg.wire_headers().collect();
-//! assert!(wire.contains(&(headers::IDEMPOTENCY_KEY, "order-42-paid")));
+//! let wire = msg.wire_headers();
+//! assert!(wire.iter().any(|h| h == (headers::IDEMPOTENCY_KEY, "order-42-paid")));
 //!
-//! let back = Message::from_wire(msg.payload().clone(), wire.iter().map(|(k, v)| (*k, *v)))?;
+//! let back = Message::from_wire(msg.payload().clone(), &wire)?;
 //! assert_eq!(back.id(), msg.id());
 //! assert_eq!(back.idempotency_key(), msg.idempotency_key());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+//!
+//! # Memory
+//!
+//! A [`Message`] is 88 bytes inline and, with the default key and no user headers, allocates
+//! nothing beyond its payload: the id is its 128 bits (its text is written on the stack when
+//! the headers are, see [`WireHeaders`]), the default key is "the message id", destination and
+//! routing key are shared strings (`Arc<str>`: give many messages one [`Arc<str>`](SharedStr)
+//! and they share it), and the rare fields (a business key, user headers) live in one box made
+//! only when one of them is set.
+
+mod id;
+mod key;
+mod wire;
+
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+pub use id::{IdText, MessageId};
+pub use key::{IdempotencyKey, SharedStr};
+pub use wire::{WireHeaders, WireIter};
 
 /// Header names the SDK writes and reads. Values are UTF-8 strings; see the module docs.
 pub mod headers {
@@ -77,171 +94,67 @@ pub mod headers {
     pub const DELIVERY_ATTEMPTS: &str = "x-delivery-attempts";
 }
 
-/// A unique, time-ordered message id (UUIDv7).
-///
-/// Ids generated later in the same process compare greater; ids from different processes are
-/// ordered by their millisecond timestamp. Displayed and parsed as the lower-case hyphenated UUID.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId(uuid::Uuid);
-
-impl MessageId {
-    /// A fresh id: UUIDv7, unique and ordered by creation time.
-    pub fn new() -> Self {
-        Self(uuid::Uuid::now_v7())
-    }
-
-    /// The id as a UUID.
-    pub fn as_uuid(&self) -> uuid::Uuid {
-        self.0
-    }
-}
-
-impl Default for MessageId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl From<uuid::Uuid> for MessageId {
-    fn from(value: uuid::Uuid) -> Self {
-        Self(value)
-    }
-}
-
-impl fmt::Display for MessageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
-    }
-}
-
-impl fmt::Debug for MessageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MessageId({})", self.0.hyphenated())
-    }
-}
-
-impl FromStr for MessageId {
-    type Err = MessageFormatError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        uuid::Uuid::parse_str(s)
-            .map(Self)
-            .map_err(|_| MessageFormatError::InvalidMessageId {
-                value: s.chars().take(64).collect(),
-            })
-    }
-}
-
-/// The key consumers deduplicate on; defaults to the message id's text.
-///
-/// Cheap to clone (shared string).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdempotencyKey(Arc<str>);
-
-impl IdempotencyKey {
-    /// Longest accepted key, in bytes (fits AMQP short strings and common database key columns).
-    pub const MAX_LEN: usize = 255;
-
-    /// A key from a business identifier. Fails when the key is empty or longer than
-    /// [`IdempotencyKey::MAX_LEN`] bytes.
-    pub fn new(key: impl Into<String>) -> Result<Self, MessageFormatError> {
-        let key: String = key.into();
-        if key.is_empty() {
-            return Err(MessageFormatError::EmptyIdempotencyKey);
-        }
-        if key.len() > Self::MAX_LEN {
-            return Err(MessageFormatError::IdempotencyKeyTooLong { len: key.len() });
-        }
-        Ok(Self(Arc::from(key)))
-    }
-
-    /// The key's text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<MessageId> for IdempotencyKey {
-    fn from(id: MessageId) -> Self {
-        Self(id_text(id))
-    }
-}
-
-fn id_text(id: MessageId) -> Arc<str> {
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    Arc::from(&*id.0.hyphenated().encode_lower(&mut buf))
-}
-
-impl fmt::Display for IdempotencyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for IdempotencyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdempotencyKey({:?})", &*self.0)
-    }
-}
-
 /// A message's headers, apart from the SDK's reserved ones (which live in typed fields).
 pub type Headers = BTreeMap<String, String>;
 
+/// The headers of a message without user headers.
+static NO_HEADERS: Headers = BTreeMap::new();
+
 /// A message the SDK delivers: payload, headers, destination, routing key and identities.
 ///
-/// Cloning is cheap for the payload ([`Bytes`] is reference counted).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Cloning is cheap for the payload ([`Bytes`] is reference counted) and the shared strings;
+/// user headers are copied. See the [module docs](self#memory) for its layout.
+#[derive(Clone)]
 pub struct Message {
     id: MessageId,
-    /// The id's header text, shared with the default idempotency key (one allocation for both).
-    id_text: Arc<str>,
-    idempotency_key: IdempotencyKey,
     payload: Bytes,
+    destination: Option<Arc<str>>,
+    routing_key: Option<Arc<str>>,
+    /// A business key or user headers; `None` when neither is set (never an empty box).
+    rare: Option<Box<Rare>>,
+}
+
+/// The fields most messages leave unset.
+#[derive(Clone, Default)]
+struct Rare {
+    /// The business key; `None`: the key is the message id. Never the id's own text.
+    key: Option<Arc<str>>,
     headers: Headers,
-    destination: Option<String>,
-    routing_key: Option<String>,
 }
 
 impl Message {
     /// A message with a fresh [`MessageId`] and the idempotency key defaulting to that id.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        let id = MessageId::new();
-        let id_text = id_text(id);
         Self {
-            id,
-            idempotency_key: IdempotencyKey(id_text.clone()),
-            id_text,
+            id: MessageId::new(),
             payload: payload.into(),
-            headers: Headers::new(),
             destination: None,
             routing_key: None,
+            rare: None,
         }
     }
 
     /// Replaces the message id. When the idempotency key was still the default (the old id), it
     /// follows the new id.
     pub fn with_id(mut self, id: MessageId) -> Self {
-        let text = id_text(id);
-        if *self.idempotency_key.0 == *self.id_text {
-            self.idempotency_key = IdempotencyKey(text.clone());
-        }
         self.id = id;
-        self.id_text = text;
+        let key = self.rare.as_mut().and_then(|r| r.key.take());
+        self.set_key(key);
         self
     }
 
     /// Sets the idempotency key from a business key. Fails when it is empty or too long.
-    pub fn with_idempotency_key(
-        mut self,
-        key: impl Into<String>,
-    ) -> Result<Self, MessageFormatError> {
-        self.idempotency_key = IdempotencyKey::new(key)?;
-        Ok(self)
+    pub fn with_idempotency_key(self, key: impl Into<String>) -> Result<Self, MessageFormatError> {
+        Ok(self.with_key(IdempotencyKey::new(key)?))
     }
 
     /// Sets an already validated idempotency key.
     pub fn with_key(mut self, key: IdempotencyKey) -> Self {
-        self.idempotency_key = key;
+        let shared = match key.as_shared() {
+            Some(text) => Arc::clone(text),
+            None => Arc::from(key.as_str()),
+        };
+        self.set_key(Some(shared));
         self
     }
 
@@ -254,14 +167,18 @@ impl Message {
 
     /// Sets where the message goes: the AMQP exchange or the Kafka topic. `None` (the default)
     /// means the transport's configured default destination.
-    pub fn with_destination(mut self, destination: impl Into<String>) -> Self {
-        self.destination = Some(destination.into());
+    ///
+    /// Takes any [`SharedStr`] (`&str`, `String`, `Arc<str>`, ...); pass one `Arc<str>` to many
+    /// messages to share it instead of copying the name into each.
+    pub fn with_destination(mut self, destination: impl SharedStr) -> Self {
+        self.destination = Some(destination.into_shared());
         self
     }
 
-    /// Sets the AMQP routing key or the Kafka partition key.
-    pub fn with_routing_key(mut self, key: impl Into<String>) -> Self {
-        self.routing_key = Some(key.into());
+    /// Sets the AMQP routing key or the Kafka partition key. Takes any [`SharedStr`], like
+    /// [`with_destination`](Self::with_destination).
+    pub fn with_routing_key(mut self, key: impl SharedStr) -> Self {
+        self.routing_key = Some(key.into_shared());
         self
     }
 
@@ -269,7 +186,10 @@ impl Message {
     pub fn set_header(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let name = name.into();
         if !is_reserved(&name) {
-            self.headers.insert(name, value.into());
+            self.rare
+                .get_or_insert_with(Box::default)
+                .headers
+                .insert(name, value.into());
         }
     }
 
@@ -279,8 +199,18 @@ impl Message {
     }
 
     /// The idempotency key consumers deduplicate on.
-    pub fn idempotency_key(&self) -> &IdempotencyKey {
-        &self.idempotency_key
+    ///
+    /// Returned by value (since the compact message, which keeps no key text for the default
+    /// key): the default key is the id's text made on the stack, a business key a shared
+    /// string; neither allocates. Pass `&msg.idempotency_key()` where a `&IdempotencyKey` is
+    /// wanted.
+    pub fn idempotency_key(&self) -> IdempotencyKey {
+        IdempotencyKey::of(self.id, self.business_key())
+    }
+
+    /// Whether the idempotency key is the message id (the default: no key header is written).
+    pub fn key_is_id(&self) -> bool {
+        self.business_key().is_none()
     }
 
     /// The payload.
@@ -290,12 +220,12 @@ impl Message {
 
     /// The user headers (without the SDK's reserved ones).
     pub fn headers(&self) -> &Headers {
-        &self.headers
+        self.rare.as_ref().map_or(&NO_HEADERS, |r| &r.headers)
     }
 
     /// One user header.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers().get(name).map(String::as_str)
     }
 
     /// The destination (exchange or topic), if set.
@@ -311,27 +241,42 @@ impl Message {
     /// Every header to put on the wire: the SDK's identity headers first (the key only when it
     /// is not the message id), then the user headers.
     ///
+    /// Returns [`WireHeaders`], which holds the id's text on the stack (nothing is allocated);
+    /// iterate it by reference. (Before the compact message this returned the iterator itself:
+    /// write `msg.wire_headers().iter()` or `for (name, value) in &msg.wire_headers()`.)
+    ///
     /// ```
     /// use reliable_core::message::{headers, Message};
     ///
     /// let plain = Message::new("x");
-    /// let names: Vec<&str> = plain.wire_headers().map(|(k, _)| k).collect();
+    /// let wire = plain.wire_headers();
+    /// let names: Vec<&str> = wire.iter().map(|(k, _)| k).collect();
     /// assert_eq!(names, [headers::MESSAGE_ID]);
     ///
     /// let keyed = Message::new("x").with_idempotency_key("order-42")?;
-    /// assert!(keyed.wire_headers().any(|h| h == (headers::IDEMPOTENCY_KEY, "order-42")));
+    /// for (name, value) in &keyed.wire_headers() {
+    ///     assert!(name != headers::IDEMPOTENCY_KEY || value == "order-42");
+    /// }
     /// # Ok::<(), reliable_core::message::MessageFormatError>(())
     /// ```
-    pub fn wire_headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        let key = self.idempotency_key.as_str();
-        std::iter::once((headers::MESSAGE_ID, &*self.id_text))
-            .chain((key != &*self.id_text).then_some((headers::IDEMPOTENCY_KEY, key)))
-            .chain(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    pub fn wire_headers(&self) -> WireHeaders<'_> {
+        WireHeaders::new(
+            self.id.text(),
+            self.business_key().map(|k| &**k),
+            self.rare
+                .as_ref()
+                .map(|r| &r.headers)
+                .filter(|h| !h.is_empty()),
+        )
     }
 
     /// The message id as header text (the `x-message-id` value).
-    pub fn id_text(&self) -> &str {
-        &self.id_text
+    ///
+    /// Returned by value (since the compact message, which keeps no id text): [`IdText`] holds
+    /// the 36 bytes inline and dereferences to `str`; use `.as_str()` or `&*` where a `&str` is
+    /// wanted.
+    pub fn id_text(&self) -> IdText {
+        self.id.text()
     }
 
     /// Rebuilds a message from what a transport received: the payload and every header. The
@@ -348,7 +293,7 @@ impl Message {
         for (name, value) in wire_headers {
             match name {
                 headers::MESSAGE_ID => id = Some(value.parse::<MessageId>()?),
-                headers::IDEMPOTENCY_KEY => key = Some(IdempotencyKey::new(value)?),
+                headers::IDEMPOTENCY_KEY => key = Some(IdempotencyKey::shared(value)?),
                 _ if is_reserved(name) => {}
                 _ => {
                     user.insert(name.to_owned(), value.to_owned());
@@ -358,17 +303,71 @@ impl Message {
         let id: MessageId = id.ok_or(MessageFormatError::MissingHeader {
             header: headers::MESSAGE_ID,
         })?;
-        let id_text = id_text(id);
-        let idempotency_key = key.unwrap_or_else(|| IdempotencyKey(id_text.clone()));
-        Ok(Self {
+        let mut msg = Self {
             id,
-            id_text,
-            idempotency_key,
             payload: payload.into(),
-            headers: user,
             destination: None,
             routing_key: None,
-        })
+            rare: (!user.is_empty()).then(|| {
+                Box::new(Rare {
+                    key: None,
+                    headers: user,
+                })
+            }),
+        };
+        msg.set_key(key.and_then(|k| k.as_shared().cloned()));
+        Ok(msg)
+    }
+
+    fn business_key(&self) -> Option<&Arc<str>> {
+        self.rare.as_ref().and_then(|r| r.key.as_ref())
+    }
+
+    /// Sets the business key; the id's own text (or `None`) means the default key. Keeps the
+    /// invariants: no key equal to the id's text, no empty box.
+    fn set_key(&mut self, key: Option<Arc<str>>) {
+        let key = key.filter(|k| **k != *self.id.text());
+        match (&mut self.rare, key) {
+            (Some(rare), key) => {
+                rare.key = key;
+                if rare.key.is_none() && rare.headers.is_empty() {
+                    self.rare = None;
+                }
+            }
+            (None, Some(key)) => {
+                self.rare = Some(Box::new(Rare {
+                    key: Some(key),
+                    headers: Headers::new(),
+                }))
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.payload == other.payload
+            && self.destination == other.destination
+            && self.routing_key == other.routing_key
+            && self.business_key() == other.business_key()
+            && self.headers() == other.headers()
+    }
+}
+
+impl Eq for Message {}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("idempotency_key", &self.idempotency_key())
+            .field("payload", &self.payload)
+            .field("headers", self.headers())
+            .field("destination", &self.destination())
+            .field("routing_key", &self.routing_key())
+            .finish()
     }
 }
 
@@ -407,56 +406,4 @@ pub enum MessageFormatError {
 }
 
 #[cfg(test)]
-mod wire_tests {
-    use super::*;
-
-    fn round_trip(msg: &Message) -> Message {
-        let wire: Vec<(String, String)> = msg
-            .wire_headers()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Message::from_wire(
-            msg.payload().clone(),
-            wire.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-        .expect("decodes")
-    }
-
-    #[test]
-    fn the_key_header_travels_only_when_it_is_not_the_message_id() {
-        let plain = Message::new("x").with_header("trace", "t1");
-        let names: Vec<&str> = plain.wire_headers().map(|(k, _)| k).collect();
-        assert_eq!(names, [headers::MESSAGE_ID, "trace"]);
-        let back = round_trip(&plain);
-        assert_eq!(back.id(), plain.id());
-        assert_eq!(back.idempotency_key(), plain.idempotency_key());
-        assert_eq!(back.idempotency_key().as_str(), plain.id_text());
-
-        let keyed = Message::new("x")
-            .with_idempotency_key("order-42")
-            .expect("valid key");
-        assert_eq!(keyed.wire_headers().count(), 2);
-        assert_eq!(round_trip(&keyed).idempotency_key().as_str(), "order-42");
-    }
-
-    #[test]
-    fn messages_written_with_both_identity_headers_read_back_the_same() {
-        let id = MessageId::new().to_string();
-        let msg = Message::from_wire(
-            &b"x"[..],
-            [
-                (headers::MESSAGE_ID, id.as_str()),
-                (headers::IDEMPOTENCY_KEY, id.as_str()),
-            ],
-        )
-        .expect("decodes");
-        assert_eq!(msg.id_text(), id);
-        assert_eq!(msg.idempotency_key().as_str(), id);
-        assert!(matches!(
-            Message::from_wire(&b"x"[..], [(headers::IDEMPOTENCY_KEY, "k")]),
-            Err(MessageFormatError::MissingHeader {
-                header: headers::MESSAGE_ID
-            })
-        ));
-    }
-}
+mod tests;

@@ -27,9 +27,9 @@ fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
 pub(super) fn encode(msg: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(msg.payload().len() + 128);
     out.push(VERSION);
-    let headers: Vec<_> = msg.wire_headers().collect();
+    let headers = msg.wire_headers();
     out.extend_from_slice(&(headers.len() as u64).to_le_bytes());
-    for (k, v) in headers {
+    for (k, v) in &headers {
         put_bytes(&mut out, k.as_bytes());
         put_bytes(&mut out, v.as_bytes());
     }

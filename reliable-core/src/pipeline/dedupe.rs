@@ -189,7 +189,7 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
     async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
         let key = msg.idempotency_key();
         let span = tracing::info_span!("reliable.dedupe", key = %key);
-        self.dedupe(msg, key).instrument(span).await
+        self.dedupe(msg, &key).instrument(span).await
     }
 }
 

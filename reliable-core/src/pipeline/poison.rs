@@ -73,7 +73,7 @@ impl Poison {
     pub(super) async fn count(&self, delivery: &Delivery) -> Result<Option<Counted>, StoreError> {
         if let Some(counter) = &self.counter {
             let n = counter
-                .record_attempt(delivery.message().idempotency_key())
+                .record_attempt(&delivery.message().idempotency_key())
                 .await?;
             return Ok(Some(Counted::Counter(n)));
         }

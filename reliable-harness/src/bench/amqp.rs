@@ -74,14 +74,14 @@ fn properties(identity: bool) -> BasicProperties {
     }
     let message = Message::new(Vec::new());
     let mut table = FieldTable::default();
-    for (name, value) in message.wire_headers() {
+    for (name, value) in &message.wire_headers() {
         table.insert(
             ShortString::from(name),
             AMQPValue::LongString(LongString::from(value.as_bytes())),
         );
     }
     properties
-        .with_message_id(ShortString::from(message.id_text()))
+        .with_message_id(ShortString::from(message.id_text().as_str()))
         .with_headers(table)
 }
 

@@ -54,6 +54,7 @@ fn preset(args: &BenchArgs) -> ClientConfig {
 fn identity_headers() -> OwnedHeaders {
     Message::new(Vec::new())
         .wire_headers()
+        .iter()
         .fold(OwnedHeaders::new(), |h, (key, value)| {
             h.insert(Header {
                 key,

@@ -70,6 +70,7 @@ impl KafkaTransport {
         };
         let headers = msg
             .wire_headers()
+            .iter()
             .fold(OwnedHeaders::new(), |h, (key, value)| {
                 h.insert(Header {
                     key,

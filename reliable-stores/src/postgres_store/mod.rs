@@ -103,7 +103,7 @@ impl Default for PostgresStoreConfig {
 /// .await?;
 /// let order = String::from_utf8_lossy(msg.payload()).into_owned();
 /// let applied = store
-///     .apply_once(msg.idempotency_key(), |tx| {
+///     .apply_once(&msg.idempotency_key(), |tx| {
 ///         Box::pin(async move {
 ///             tx.execute("INSERT INTO orders (body) VALUES ($1)", &[&order]).await
 ///         })
