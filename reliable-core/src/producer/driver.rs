@@ -109,7 +109,19 @@ struct Tracked {
     delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
     claim: Option<Claim>,
     reply: Reply,
-    span: tracing::Span,
+}
+
+impl Tracked {
+    /// The message's span, made where it is needed rather than kept per message (a span
+    /// costs nothing to make while its level is disabled, and 40 bytes to keep).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "reliable.publish",
+            message_id = %self.msg.id(),
+            idempotency_key = %self.msg.idempotency_key(),
+            attempt = self.attempts,
+        )
+    }
 }
 
 type Submitting = BoxFuture<'static, (u64, Result<Attempt, PublishError>)>;
@@ -261,11 +273,6 @@ impl Driver {
 
     fn accept(&mut self, job: Job) {
         let lane = self.inner.transport.lane(&job.msg);
-        let span = tracing::info_span!(
-            "reliable.publish",
-            message_id = %job.msg.id(),
-            idempotency_key = %job.msg.idempotency_key(),
-        );
         let deadline = job.first_sent.checked_add(self.inner.config.deadline);
         self.fresh.push_back(job.ticket);
         self.by_deadline.push_back(job.ticket);
@@ -284,7 +291,6 @@ impl Driver {
                 delays: None,
                 claim: job.claim,
                 reply: job.reply,
-                span,
             },
         );
     }
@@ -353,14 +359,14 @@ impl Driver {
         };
         let done = self.answers.completion(token);
         let submission = {
-            let _entered = t.span.enter();
+            let _entered = t.span().entered();
             Arc::clone(&self.inner.transport).submit(t.msg.clone(), done)
         };
         match submission {
             Submission::Now(result) => self.submitted(ticket, result, now),
             Submission::Later(submission) => {
                 let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
-                let submission = bounded(ticket, ends, submission).instrument(t.span.clone());
+                let submission = bounded(ticket, ends, submission).instrument(t.span());
                 self.submitting = Some(Box::pin(submission));
             }
         }
@@ -389,7 +395,7 @@ impl Driver {
             Attempt::Future(attempt) => {
                 t.callback = false;
                 let ends = step_end(self.inner.config.confirm_timeout, t.deadline, now);
-                let deciding = bounded(ticket, ends, attempt).instrument(t.span.clone());
+                let deciding = bounded(ticket, ends, attempt).instrument(t.span());
                 self.attempts.push(Box::pin(deciding));
             }
         }
@@ -427,7 +433,7 @@ impl Driver {
         let Some(t) = self.tracked.get_mut(&ticket) else {
             return;
         };
-        let _entered = t.span.clone().entered();
+        let _entered = t.span().entered();
         let attempts = t.attempts;
         let err = match result {
             Ok(()) => {
@@ -594,7 +600,7 @@ impl Driver {
             }
             let (attempts, elapsed) = (t.attempts, now.saturating_duration_since(t.first_sent));
             let last_error = PublishError::Timeout;
-            tracing::warn!(parent: &t.span, attempts, "publish deadline exceeded while waiting for its turn");
+            tracing::warn!(parent: &t.span(), attempts, "publish deadline exceeded while waiting for its turn");
             self.settle(ticket, |message| {
                 Err(SendError::DeadlineExceeded {
                     message,

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reliable_core::producer::{Producer, ProducerConfig, SendHandle};
+use reliable_core::producer::{BatchHandle, Producer, ProducerConfig, SendHandle};
 use reliable_core::{Attempt, Completion, Message, PublishError, Submission, Transport};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,9 @@ pub struct MemoryArgs {
     /// Messages to keep pending.
     #[arg(long, default_value_t = 100_000)]
     pub pending: u64,
+    /// Send in batches of 1,000 with `send_many` (one handle per batch) instead of `send`.
+    #[arg(long)]
+    pub batched: bool,
 }
 
 /// What the child measured.
@@ -39,6 +42,9 @@ pub struct MemoryResult {
     pub resident_delta_bytes: u64,
     /// Resident bytes per pending message, payload excluded.
     pub bytes_per_pending: f64,
+    /// The same, sent in batches of 1,000 with `send_many` (one handle per batch).
+    #[serde(default)]
+    pub bytes_per_pending_batched: Option<f64>,
     /// Resident bytes per bare `Message` (id, key, headers), payload excluded: the part of the
     /// above that is the message itself.
     pub bytes_per_bare_message: f64,
@@ -48,8 +54,12 @@ impl MemoryResult {
     /// The markdown table of the result.
     pub fn markdown(&self) -> String {
         format!(
-            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer (message, driver entry, completion, handle) | {:.0} |\n| of which the bare message (id, idempotency key, headers) | {:.0} |\n",
-            self.pending, self.payload_bytes, self.bytes_per_pending, self.bytes_per_bare_message
+            "**Memory, SDK producer, {} pending messages ({}-byte payloads, excluded)**\n\n| | resident bytes per message |\n|---|---:|\n| pending in the SDK producer, `send` (message, driver entry, completion, handle) | {:.0} |\n| pending in the SDK producer, `send_many` of 1,000 (one handle per batch) | {} |\n| a bare message (id, idempotency key, headers) | {:.0} |\n",
+            self.pending,
+            self.payload_bytes,
+            self.bytes_per_pending,
+            self.bytes_per_pending_batched.map_or("–".to_owned(), |b| format!("{b:.0}")),
+            self.bytes_per_bare_message
         )
     }
 }
@@ -112,14 +122,25 @@ pub async fn child(args: MemoryArgs) -> Result<(), HarnessError> {
         },
     );
     let mut handles: Vec<SendHandle> = Vec::with_capacity(n as usize + 1_000);
+    let mut batches: Vec<BatchHandle> = Vec::with_capacity(n as usize / 1_000 + 2);
     // Warm-up: the runtime's and the producer's first allocations are not the messages'.
     for seq in 0..1_000 {
         handles.push(producer.send(Message::new(payload(seq))).await?);
     }
     settle().await;
     let before = resident_bytes()?;
-    for seq in 0..n {
-        handles.push(producer.send(Message::new(payload(seq))).await?);
+    if args.batched {
+        let mut seq = 0;
+        while seq < n {
+            let end = (seq + 1_000).min(n);
+            let batch = (seq..end).map(|s| Message::new(payload(s))).collect();
+            batches.push(producer.send_many(batch).await.map_err(|e| e.error)?);
+            seq = end;
+        }
+    } else {
+        for seq in 0..n {
+            handles.push(producer.send(Message::new(payload(seq))).await?);
+        }
     }
     settle().await;
     let after = resident_bytes()?;
@@ -133,12 +154,14 @@ pub async fn child(args: MemoryArgs) -> Result<(), HarnessError> {
         payload_bytes: PAYLOAD_BYTES as u64,
         resident_delta_bytes: after.saturating_sub(before),
         bytes_per_pending: per(after.saturating_sub(before)),
+        bytes_per_pending_batched: None,
         bytes_per_bare_message: per(bare_after.saturating_sub(bare_before)),
     };
     tracing::info!(
         ?pending,
         bare = bare.len(),
         handles = handles.len(),
+        batches = batches.len(),
         "measured"
     );
     println!(
@@ -149,11 +172,22 @@ pub async fn child(args: MemoryArgs) -> Result<(), HarnessError> {
     std::process::exit(0)
 }
 
-/// Runs the child and reads its result.
+/// Runs the child, per message and batched, and reads its results.
 pub async fn measure(args: &BenchArgs) -> Result<MemoryResult, HarnessError> {
+    let mut result = run_child(args, false).await?;
+    result.bytes_per_pending_batched = Some(run_child(args, true).await?.bytes_per_pending);
+    Ok(result)
+}
+
+async fn run_child(args: &BenchArgs, batched: bool) -> Result<MemoryResult, HarnessError> {
     let exe = std::env::current_exe()?;
+    let pending = args.pending.to_string();
+    let mut child_args = vec!["bench-memory", "--pending", pending.as_str()];
+    if batched {
+        child_args.push("--batched");
+    }
     let output = tokio::process::Command::new(exe)
-        .args(["bench-memory", "--pending", &args.pending.to_string()])
+        .args(child_args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
