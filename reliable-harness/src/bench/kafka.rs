@@ -349,7 +349,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> Result<(), HarnessErr
         "Kafka: SDK / Java producer",
         (GROUP, SDK, w),
         (GROUP, JAVA, None),
-        1.0,
+        1.10,
     );
     report.notes.push(format!(
         "Kafka: {} messages per case to a {KAFKA_PARTITIONS}-partition topic; every client with the SDK's producer preset (acks=all, enable.idempotence=true, max.in.flight 5, unbounded retries), linger.ms {LINGER_MS} and batch.size {BATCH_BYTES} (librdkafka's defaults, passed to Java); raw and SDK keep at most {} unconfirmed; Java's latencies are its own report; client CPU is the measured window's (for Java, its child process over the window it reports)",
