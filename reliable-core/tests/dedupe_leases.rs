@@ -175,6 +175,9 @@ async fn a_copy_that_gives_up_on_a_held_key_is_requeued_not_dead_lettered() -> T
     )
     .with_config(PipelineConfig {
         concurrency: 2,
+        // One delivery per batch: the two copies run side by side as separate deliveries, as
+        // on two consumers (copies within one batch: tests/pipeline_batches.rs).
+        batch_size: 1,
         requeue_delay: Duration::from_millis(100),
         ..PipelineConfig::default()
     })

@@ -1,12 +1,14 @@
 //! [`DedupeLayer`]: runs the handler at most once per idempotency key (loss-matrix row L8), and
 //! keeps the key's lease alive while the handler runs and until the key is recorded (row L11).
 
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -191,6 +193,26 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Handler for Dedupe<H, S> {
         let span = tracing::info_span!("reliable.dedupe", key = %key);
         self.dedupe(msg, &key).instrument(span).await
     }
+
+    /// The batch form of the four steps above: one [`reserve_many`](IdempotencyStore::reserve_many)
+    /// for the batch, the inner handler's [`handle_batch`](Handler::handle_batch) over the
+    /// messages reserved (their leases renewed while it runs), one
+    /// [`complete_many`](IdempotencyStore::complete_many) for the ones that succeeded (retried
+    /// as a whole, leases kept, like `complete`), and a release per failure. Duplicates are
+    /// skipped (`Ok`); a key held elsewhere, or twice in the batch, is then handled on its
+    /// own as [`handle`](Handler::handle) does (waiting for the holder). A store that fails the
+    /// reservation fails every message as unavailable. If the inner handler panics, the keys it
+    /// held are released before the panic goes on.
+    async fn handle_batch(&self, msgs: &[&Message]) -> Vec<Result<(), HandlerError>> {
+        if msgs.len() <= 1 {
+            let mut out = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                out.push(self.handle(msg).await);
+            }
+            return out;
+        }
+        self.dedupe_batch(msgs).await
+    }
 }
 
 impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
@@ -223,6 +245,176 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
                 self.count_lost(&lease);
                 Err(err)
             }
+        }
+    }
+
+    async fn dedupe_batch(&self, msgs: &[&Message]) -> Vec<Result<(), HandlerError>> {
+        let store = &*self.layer.store;
+        let keys: Vec<IdempotencyKey> = msgs.iter().map(|m| m.idempotency_key().clone()).collect();
+        let answers = match store.reserve_many(&keys).await {
+            Ok(answers) if answers.len() == keys.len() => answers,
+            Ok(answers) => {
+                // A store that answers the wrong number of keys: release what it reserved.
+                for (key, answer) in keys.iter().zip(&answers) {
+                    if let Reservation::New(token) = answer {
+                        let _ = store.release(key, *token).await;
+                    }
+                }
+                return keys
+                    .iter()
+                    .map(|_| {
+                        Err(HandlerError::unavailable(format!(
+                            "the idempotency store answered {} of {} keys",
+                            answers.len(),
+                            keys.len()
+                        )))
+                    })
+                    .collect();
+            }
+            // The store being down says nothing about the messages: requeue, never
+            // dead-letter (ErrorKind::Unavailable).
+            Err(e) => {
+                return keys
+                    .iter()
+                    .map(|_| Err(HandlerError::unavailable(e.clone())))
+                    .collect()
+            }
+        };
+        let mut out: Vec<Option<Result<(), HandlerError>>> = keys.iter().map(|_| None).collect();
+        let mut run = Vec::new();
+        let mut alone = Vec::new();
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Reservation::New(token) => run.push((i, token)),
+                Reservation::Duplicate => {
+                    self.layer
+                        .counters
+                        .duplicates
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(key = %keys[i], "duplicate skipped");
+                    out[i] = Some(Ok(()));
+                }
+                Reservation::InProgress => alone.push(i),
+            }
+        }
+        // Copies whose key is held (elsewhere, or by an earlier copy in this batch) wait for
+        // it alongside the batch, as concurrent deliveries do one by one.
+        let waiting = futures::future::join_all(alone.iter().map(|&i| {
+            let key = &keys[i];
+            let span = tracing::info_span!("reliable.dedupe", key = %key);
+            self.dedupe(msgs[i], key).instrument(span)
+        }));
+        let (ran, waited) = tokio::join!(self.run_reserved(msgs, &keys, &run), waiting);
+        for (i, outcome) in ran.into_iter().chain(alone.into_iter().zip(waited)) {
+            out[i] = Some(outcome);
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Err(HandlerError::permanent("message left without an outcome")))
+            })
+            .collect()
+    }
+
+    /// Runs the inner batch handler over the messages at `run` (index, token), their leases
+    /// renewed meanwhile; completes the keys of the successes, releases the others.
+    async fn run_reserved(
+        &self,
+        msgs: &[&Message],
+        keys: &[IdempotencyKey],
+        run: &[(usize, LeaseToken)],
+    ) -> Vec<(usize, Result<(), HandlerError>)> {
+        if run.is_empty() {
+            return Vec::new();
+        }
+        let store = &*self.layer.store;
+        let mut leases: Vec<Lease<'_, S>> = run
+            .iter()
+            .map(|&(i, token)| Lease::new(store, &keys[i], token))
+            .collect();
+        let run_msgs: Vec<&Message> = run.iter().map(|&(i, _)| msgs[i]).collect();
+        let outcomes = {
+            let handler = pin!(AssertUnwindSafe(self.inner.handle_batch(&run_msgs)).catch_unwind());
+            tokio::select! {
+                outcome = handler => outcome,
+                never = keep_all(&mut leases) => match never {},
+            }
+        };
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(panic) => {
+                for lease in &leases {
+                    let _ = store.release(lease.key, lease.token).await;
+                }
+                std::panic::resume_unwind(panic);
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut kept = Vec::with_capacity(leases.len());
+        let mut out = Vec::with_capacity(leases.len());
+        for (lease, &(i, _)) in leases.into_iter().zip(run) {
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Err(HandlerError::permanent(
+                    "Handler::handle_batch answered fewer outcomes than messages",
+                ))
+            });
+            if let Err(err) = &outcome {
+                if let Err(e) = store.release(lease.key, lease.token).await {
+                    tracing::warn!(key = %lease.key, error = %e, handler_error = %err, "could not release the key; it frees when its lease ends");
+                }
+                self.count_lost(&lease);
+            } else {
+                kept.push(lease);
+            }
+            out.push((i, outcome));
+        }
+        if !kept.is_empty() {
+            self.complete_batch(&mut kept).await;
+        }
+        out
+    }
+
+    /// [`complete`](Self::complete) for the keys of a batch whose handlers succeeded: one
+    /// `complete_many`, retried as a whole with the leases kept.
+    async fn complete_batch(&self, leases: &mut [Lease<'_, S>]) {
+        let store = &self.layer.store;
+        let pairs: Vec<(IdempotencyKey, LeaseToken)> =
+            leases.iter().map(|l| (l.key.clone(), l.token)).collect();
+        let limit = self.layer.complete_retry_for;
+        let give_up = Instant::now().checked_add(limit);
+        let mut delays = COMPLETE_RETRY.delays();
+        let mut attempt = 1u32;
+        loop {
+            match store.complete_many(&pairs).await {
+                Ok(answers) => {
+                    for (lease, answer) in leases.iter_mut().zip(answers) {
+                        if answer == Completion::Superseded {
+                            lease.lost = true;
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(COMPLETE_RETRY.max_delay);
+                    if give_up.is_some_and(|g| Instant::now() + delay > g) {
+                        self.layer
+                            .counters
+                            .unrecorded
+                            .fetch_add(pairs.len() as u64, Ordering::Relaxed);
+                        tracing::error!(error = %e, keys = pairs.len(), attempts = attempt, ?limit, "effects applied but the keys could not be recorded; acknowledging (a requeue would run them again), a duplicate arriving after the lease ends will apply them again");
+                        break;
+                    }
+                    tracing::warn!(error = %e, keys = pairs.len(), attempt, ?delay, "recording the keys failed; retrying while keeping the leases");
+                    let sleep = pin!(tokio::time::sleep(delay));
+                    tokio::select! {
+                        () = sleep => {}
+                        never = keep_all(leases) => match never {},
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+        for lease in leases.iter() {
+            self.count_lost(lease);
         }
     }
 
@@ -307,6 +499,15 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
             tracing::error!("the key's lease was lost while its handler ran (another worker took the key over): the effect may have been applied twice; lengthen the store's lease or look at why renewals failed");
         }
     }
+}
+
+/// Keeps every lease of `leases` renewed, for as long as it is polled; never returns.
+async fn keep_all<S: IdempotencyStore + ?Sized>(
+    leases: &mut [Lease<'_, S>],
+) -> std::convert::Infallible {
+    // Returns only for an empty slice.
+    let _ = futures::future::join_all(leases.iter_mut().map(|l| l.keep())).await;
+    std::future::pending().await
 }
 
 /// The caller's lease on one key, renewed by [`keep`](Self::keep).

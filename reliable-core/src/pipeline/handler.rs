@@ -5,10 +5,12 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 
 use crate::backoff::BackoffPolicy;
 use crate::message::Message;
@@ -19,6 +21,34 @@ pub trait Handler: Send + Sync {
     /// Applies the message's effect. Must be idempotent per key unless wrapped in a
     /// [`DedupeLayer`](super::DedupeLayer).
     async fn handle(&self, msg: &Message) -> Result<(), HandlerError>;
+
+    /// Applies the effects of several messages (the deliveries the pipeline took in one batch)
+    /// and answers one outcome per message, in the same order. Each outcome is settled as
+    /// [`handle`](Self::handle)'s would be; a message answered with
+    /// [`ErrorKind::Unavailable`] is then held and retried on its own through `handle`.
+    ///
+    /// Override it where a batch is cheaper than its messages one by one (one database
+    /// transaction, one store round trip: [`DedupeLayer`](super::DedupeLayer) does). Answer
+    /// every message: a missing outcome counts as a permanent failure. A panic fails no
+    /// neighbour: the pipeline then handles the batch's messages one at a time through
+    /// `handle`.
+    ///
+    /// The default runs [`handle`](Self::handle) on every message concurrently; a panic in one
+    /// becomes that message's permanent failure.
+    async fn handle_batch(&self, msgs: &[&Message]) -> Vec<Result<(), HandlerError>> {
+        futures::future::join_all(msgs.iter().map(|msg| handle_caught(self, msg))).await
+    }
+}
+
+/// `handler.handle(msg)`, a panic turned into a permanent failure.
+pub(super) async fn handle_caught<H: Handler + ?Sized>(
+    handler: &H,
+    msg: &Message,
+) -> Result<(), HandlerError> {
+    AssertUnwindSafe(handler.handle(msg))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")))
 }
 
 #[async_trait]
@@ -26,12 +56,20 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
     async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
         (**self).handle(msg).await
     }
+
+    async fn handle_batch(&self, msgs: &[&Message]) -> Vec<Result<(), HandlerError>> {
+        (**self).handle_batch(msgs).await
+    }
 }
 
 #[async_trait]
 impl<H: Handler + ?Sized> Handler for Box<H> {
     async fn handle(&self, msg: &Message) -> Result<(), HandlerError> {
         (**self).handle(msg).await
+    }
+
+    async fn handle_batch(&self, msgs: &[&Message]) -> Vec<Result<(), HandlerError>> {
+        (**self).handle_batch(msgs).await
     }
 }
 
