@@ -115,3 +115,67 @@ async fn unordered_batches_take_what_is_ready_and_lose_nothing() {
     assert!(largest > 1, "no batch held more than one record");
     source.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_record_is_decoded_with_its_headers_and_a_position_key() {
+    use reliable_kafka::rdkafka::message::{Header, OwnedHeaders};
+    use reliable_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    use reliable_kafka::rdkafka::ClientConfig;
+
+    let cluster = require!(kafka(3));
+    let spec = filled_topic(&cluster.bootstrap, "rk-batch-f").await;
+    let topic = spec.name.clone();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.bootstrap)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "trace",
+            value: Some("t-1"),
+        })
+        .insert(Header {
+            key: "binary",
+            value: Some(&[0xff_u8, 0xfe][..]),
+        });
+    let delivered = producer
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key("order-7")
+                .payload("foreign payload")
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let (partition, offset) = (delivered.partition, delivered.offset);
+    let mut source = KafkaConsumer::builder(&cluster.bootstrap, &unique_name("rk-batch-f-g"))
+        .subscribe(spec)
+        .ordering(Ordering::Unordered)
+        .build()
+        .await
+        .unwrap();
+    let mut found = None;
+    while found.is_none() {
+        for d in batch(&mut source, 64).await {
+            let p = d.position().unwrap();
+            if p.partition.partition == partition && p.offset == offset {
+                found = Some(d.message().clone());
+            }
+            d.ack().await.unwrap();
+        }
+    }
+    let m = found.unwrap();
+    assert_eq!(m.payload().as_ref(), b"foreign payload");
+    assert_eq!(m.header("trace"), Some("t-1"));
+    assert_eq!(m.header("binary"), Some("\u{fffd}\u{fffd}"));
+    assert_eq!(m.destination(), Some(topic.as_str()));
+    assert_eq!(m.routing_key(), Some("order-7"));
+    assert_eq!(
+        m.idempotency_key().as_str(),
+        format!("kafka:{topic}/{partition}/{offset}")
+    );
+    source.close().await.unwrap();
+}

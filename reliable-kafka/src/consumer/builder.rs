@@ -173,6 +173,7 @@ impl KafkaConsumerBuilder {
             periodic,
             max_held: self.max_held,
             deferred: None,
+            topic: None,
         })
     }
 }

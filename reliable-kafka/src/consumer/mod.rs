@@ -180,6 +180,8 @@ pub struct KafkaConsumer {
     /// A fatal client error met while a batch was being filled, returned by the next call
     /// so the deliveries already taken are handed out first.
     deferred: Option<ConsumeError>,
+    /// The name of the topic of the last record, shared by the records that follow it.
+    topic: Option<Arc<str>>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -228,18 +230,17 @@ impl KafkaConsumer {
     /// Records the receipt of `record` and tracks it as unfinished; false for a record at or
     /// below one received before from its partition (librdkafka went back, e.g. after an
     /// offset reset): that one is in flight or finished already and is not handed out again.
-    fn admit(&self, record: &BorrowedMessage<'_>) -> bool {
-        let tp = TopicPartition::new(record.topic(), record.partition());
+    fn admit(&self, tp: &TopicPartition, record: &BorrowedMessage<'_>) -> bool {
         let offset = record.offset();
         {
             let mut next = lock(&self.shared.next);
-            if next.get(&tp).is_some_and(|&n| offset < n) {
+            if next.get(tp).is_some_and(|&n| offset < n) {
                 tracing::debug!(partition = %tp, offset, "record received again; it was handed out before, skipping it");
                 return false;
             }
             next.insert(tp.clone(), offset.saturating_add(1));
         }
-        self.shared.tracker.track(&tp, offset);
+        self.shared.tracker.track(tp, offset);
         true
     }
 
@@ -285,8 +286,7 @@ impl KafkaConsumer {
     }
 
     /// In an ordered mode, hands `record` out if its partition (or key) is free, else holds it.
-    fn gate(&self, record: &BorrowedMessage<'_>) -> Option<Delivery> {
-        let partition = TopicPartition::new(record.topic(), record.partition());
+    fn gate(&self, partition: TopicPartition, record: &BorrowedMessage<'_>) -> Option<Delivery> {
         let offset = record.offset();
         let key = GateKey {
             partition: partition.clone(),
@@ -295,7 +295,7 @@ impl KafkaConsumer {
                 _ => None,
             },
         };
-        let message = decode(record);
+        let message = decode(record, &partition.topic);
         let mut gate = lock(&self.shared.gate);
         if gate.must_wait(&key) {
             tracing::trace!(%partition, offset, "held until its partition or key is free");
@@ -354,9 +354,9 @@ impl DeliverySource for KafkaConsumer {
                     },
                     () = self.shared.settled.notified() => continue,
                 };
-                if self.admit(&record) {
-                    let tp = TopicPartition::new(record.topic(), record.partition());
-                    let message = decode(&record);
+                let tp = partition_of(&mut self.topic, &record);
+                if self.admit(&tp, &record) {
+                    let message = decode(&record, &tp.topic);
                     return Ok(Some(self.delivery(
                         tp,
                         record.offset(),
@@ -385,8 +385,9 @@ impl DeliverySource for KafkaConsumer {
                 },
                 () = self.shared.settled.notified() => continue,
             };
-            if self.admit(&record) {
-                if let Some(delivery) = self.gate(&record) {
+            let tp = partition_of(&mut self.topic, &record);
+            if self.admit(&tp, &record) {
+                if let Some(delivery) = self.gate(tp, &record) {
                     return Ok(Some(delivery));
                 }
             }
@@ -435,14 +436,14 @@ impl DeliverySource for KafkaConsumer {
                     continue;
                 }
             };
-            if !self.admit(&record) {
+            let tp = partition_of(&mut self.topic, &record);
+            if !self.admit(&tp, &record) {
                 continue;
             }
             if unordered {
-                let tp = TopicPartition::new(record.topic(), record.partition());
-                let message = decode(&record);
+                let message = decode(&record, &tp.topic);
                 batch.push(self.delivery(tp, record.offset(), message, false, None));
-            } else if let Some(delivery) = self.gate(&record) {
+            } else if let Some(delivery) = self.gate(tp, &record) {
                 batch.push(delivery);
             }
         }
@@ -473,4 +474,19 @@ fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
         std::task::Poll::Ready(out) => Some(out),
         std::task::Poll::Pending => None,
     }
+}
+
+/// The partition of `record`, its topic name shared with the records before it when it is the
+/// same (one allocation per topic change, not per record).
+fn partition_of(cache: &mut Option<Arc<str>>, record: &BorrowedMessage<'_>) -> TopicPartition {
+    let name = record.topic();
+    let topic = match cache {
+        Some(topic) if **topic == *name => topic.clone(),
+        _ => {
+            let topic: Arc<str> = Arc::from(name);
+            *cache = Some(topic.clone());
+            topic
+        }
+    };
+    TopicPartition::new(topic, record.partition())
 }

@@ -1,6 +1,9 @@
 //! From librdkafka to the SDK: a record becomes a [`Message`], a client error a
 //! [`ConsumeError`].
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::ClientConfig;
@@ -11,18 +14,21 @@ use crate::config::redact;
 /// Rebuilds the SDK message from a record. Records produced without the SDK's identity
 /// headers get a fresh id and an idempotency key derived from their position, so their
 /// redeliveries still deduplicate.
-pub(super) fn decode(record: &BorrowedMessage<'_>) -> Message {
-    let payload = record.payload().unwrap_or_default().to_vec();
-    let headers: Vec<(&str, String)> = record
+pub(super) fn decode(record: &BorrowedMessage<'_>, topic: &Arc<str>) -> Message {
+    let payload = record.payload().unwrap_or_default();
+    // Header values are borrowed from the record; only a value that is not UTF-8 is copied
+    // (lossily).
+    let headers: Vec<(&str, Cow<'_, str>)> = record
         .headers()
         .map(|h| {
             h.iter()
-                .filter_map(|h| Some((h.key, String::from_utf8_lossy(h.value?).into_owned())))
+                .filter_map(|h| Some((h.key, String::from_utf8_lossy(h.value?))))
                 .collect()
         })
         .unwrap_or_default();
-    let wire = headers.iter().map(|(k, v)| (*k, v.as_str()));
-    let message = match Message::from_wire(payload.clone(), wire) {
+    let wire = headers.iter().map(|(k, v)| (*k, v.as_ref()));
+    // The payload is copied once, into the message.
+    let message = match Message::from_wire(payload.to_vec(), wire) {
         Ok(message) => message,
         Err(e) => {
             tracing::warn!(topic = record.topic(), partition = record.partition(), offset = record.offset(), error = %e, "record without SDK identity headers; deriving its idempotency key from its position");
@@ -32,14 +38,14 @@ pub(super) fn decode(record: &BorrowedMessage<'_>) -> Message {
                 record.partition(),
                 record.offset()
             );
-            let mut m = Message::new(payload);
+            let mut m = Message::new(payload.to_vec());
             for (k, v) in &headers {
-                m.set_header(*k, v.clone());
+                m.set_header(*k, v.as_ref());
             }
             m.clone().with_idempotency_key(position_key).unwrap_or(m)
         }
     };
-    let message = message.with_destination(record.topic());
+    let message = message.with_destination(topic);
     match record.key() {
         Some(key) => message.with_routing_key(String::from_utf8_lossy(key)),
         None => message,
