@@ -142,7 +142,8 @@ pub(super) async fn process<H: Handler + ?Sized>(
     } = started;
     let outcome = match outcome {
         Some(outcome) => outcome,
-        None => attempt(handler, task.poison, &delivery, &mut counted).await,
+        // Boxed too: after a batch attempt, only a panicking batch handler gets here.
+        None => Box::pin(attempt(handler, task.poison, &delivery, &mut counted)).await,
     };
     if outcome.is_ok() {
         // The common case, without a span of its own: the batch's span covers it.
@@ -172,9 +173,8 @@ pub(super) async fn process<H: Handler + ?Sized>(
         delivery_count = delivery.delivery_count(),
         attempts = tracing::field::Empty,
     );
-    settle_failed(handler, task, hold, delivery, counted, outcome)
-        .instrument(span)
-        .await;
+    // Boxed: the rare path's state stays out of every delivery's future.
+    Box::pin(settle_failed(handler, task, hold, delivery, counted, outcome).instrument(span)).await;
 }
 
 /// The rest of [`process`] for a delivery whose first attempt failed.
