@@ -36,6 +36,15 @@ impl<S: DeliverySource> DeliverySource for Journaled<S> {
         next
     }
 
+    /// The inner source's batch, each delivery journaled in the order it was taken.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
+        let batch = self.inner.next_batch(max).await?;
+        for delivery in &batch {
+            arrived(&self.journal, delivery);
+        }
+        Ok(batch)
+    }
+
     async fn close(&mut self) -> Result<(), ConsumeError> {
         self.inner.close().await
     }
