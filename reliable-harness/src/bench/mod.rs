@@ -16,7 +16,7 @@
 //! paired ratios, and every round's figure is kept in the JSON. Latency is from the send call (including any wait for
 //! window space) to the confirm. Client CPU is counted over the measured window only
 //! ([`Mark`]): not the connection set-up, topic checks, warm-up publish or close around it.
-//! What is still not alike between the cases is listed in `FAIRNESS.md` next to this file.
+//! What is still not alike between the cases is listed in the README (Performance).
 //! Results: `bench.json`, `bench.md` and `window.png` in `--out`.
 
 mod amqp;
