@@ -453,41 +453,9 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
 
     /// Records the key after a successful handler: retried with backoff, the lease renewed in
     /// between, for up to the layer's complete-retry time. Never fails the message: the effect
-    /// has run (see step 3 of the [`DedupeLayer`] docs).
+    /// has run (see step 3 of the [`DedupeLayer`] docs). A batch of one.
     async fn complete(&self, lease: &mut Lease<'_, S>) {
-        let (store, key, token) = (&self.layer.store, lease.key, lease.token);
-        let limit = self.layer.complete_retry_for;
-        let give_up = Instant::now().checked_add(limit);
-        let mut delays = COMPLETE_RETRY.delays();
-        let mut attempt = 1u32;
-        loop {
-            match store.complete(key, token).await {
-                Ok(Completion::Recorded) => break,
-                Ok(Completion::Superseded) => {
-                    lease.lost = true;
-                    break;
-                }
-                Err(e) => {
-                    let delay = delays.next().unwrap_or(COMPLETE_RETRY.max_delay);
-                    if give_up.is_some_and(|g| Instant::now() + delay > g) {
-                        self.layer
-                            .counters
-                            .unrecorded
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, attempts = attempt, ?limit, "effect applied but the key could not be recorded; acknowledging (a requeue would run it again), a duplicate arriving after the lease ends will apply it again");
-                        break;
-                    }
-                    tracing::warn!(error = %e, attempt, ?delay, "recording the key failed; retrying while keeping the lease");
-                    let sleep = pin!(tokio::time::sleep(delay));
-                    tokio::select! {
-                        () = sleep => {}
-                        never = lease.keep() => match never {},
-                    }
-                    attempt += 1;
-                }
-            }
-        }
-        self.count_lost(lease);
+        self.complete_batch(std::slice::from_mut(lease)).await;
     }
 
     fn count_lost(&self, lease: &Lease<'_, S>) {
