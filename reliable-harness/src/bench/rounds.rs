@@ -1,7 +1,8 @@
 //! How a comparison's rounds run and count: a discarded warm-up, cases in ABBA order, the median
 //! round per case and the median of per-round paired ratios per target.
 
-use super::{round2, CaseResult, Sample};
+use super::report::round2;
+use super::{CaseResult, Sample};
 
 /// One round of a comparison. Round 0 warms the brokers and clients up and is discarded; the
 /// measured rounds run the comparison's cases in ABBA order ([`in_turn`](Self::in_turn)), so

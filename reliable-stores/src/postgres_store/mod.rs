@@ -10,8 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use reliable_core::idempotency::{
-    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError, DEFAULT_LEASE,
-    DEFAULT_TTL,
+    Completion, IdempotencyStore, LeaseToken, Renewal, Reservation, StoreError,
 };
 use reliable_core::message::IdempotencyKey;
 use reliable_core::redact::{redact_url, Scrubber};
@@ -21,9 +20,11 @@ use crate::error::StoresError;
 use crate::util::{bounded, millis_i64, positive, ScrubbedError};
 
 mod attempts;
+mod config;
 mod inbox;
 mod sql;
 
+pub use config::PostgresStoreConfig;
 pub use inbox::{Applied, ApplyError, TxFuture};
 use sql::Sql;
 
@@ -32,49 +33,6 @@ pub const DEFAULT_TABLE: &str = "reliable_idempotency";
 
 /// Expired keys are purged on every this many completions, at most 1 000 at a time.
 const PURGE_EVERY: u64 = 256;
-
-/// Settings of a [`PostgresStore`].
-///
-/// ```
-/// use reliable_stores::PostgresStoreConfig;
-///
-/// let config = PostgresStoreConfig { table: "orders_inbox".into(), ..Default::default() };
-/// assert_eq!(config.pool_size, 16);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PostgresStoreConfig {
-    /// How long a completed key is remembered: the deduplication window. Default 24 h. Also
-    /// how long an attempt count lives after its last delivery
-    /// ([`AttemptCounter`](reliable_core::attempts::AttemptCounter)), so the counts of messages
-    /// that are never settled are purged like expired keys.
-    pub ttl: Duration,
-    /// How long a reservation lasts unless renewed, completed or released: the longest a
-    /// crashed consumer blocks a message. The pipeline's `DedupeLayer` renews it every third of
-    /// this while the handler runs, so it must exceed a few renewal round trips (and
-    /// [`timeout`](Self::timeout)), not the handler's run. Default 5 min.
-    pub lease: Duration,
-    /// The table, a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), created
-    /// if missing, with the attempt counts in `<table>_attempts` beside it. Default
-    /// [`DEFAULT_TABLE`].
-    pub table: String,
-    /// The longest any one call waits (for a pooled connection and for the server) before it
-    /// answers [`StoreError::Unavailable`]. Default 5 s.
-    pub timeout: Duration,
-    /// Most connections the store's pool opens. Default 16.
-    pub pool_size: usize,
-}
-
-impl Default for PostgresStoreConfig {
-    fn default() -> Self {
-        Self {
-            ttl: DEFAULT_TTL,
-            lease: DEFAULT_LEASE,
-            table: DEFAULT_TABLE.to_owned(),
-            timeout: Duration::from_secs(5),
-            pool_size: 16,
-        }
-    }
-}
 
 /// An [`IdempotencyStore`] in a PostgreSQL table, shared by every process that uses the same
 /// database and table. Its clock is the server's (`now()`), so consumers on machines with
@@ -598,58 +556,4 @@ fn missing(what: &str, key: &IdempotencyKey) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::util::leak_check::{leaks, PASSWORDS};
-
-    #[test]
-    fn table_names_must_be_plain_identifiers() {
-        assert!(valid_table("reliable_idempotency"));
-        assert!(valid_table("_inbox2"));
-        assert!(!valid_table(""));
-        assert!(!valid_table("2inbox"));
-        assert!(!valid_table("Inbox"));
-        assert!(!valid_table("public.inbox"));
-        assert!(!valid_table("inbox; DROP TABLE x"));
-        assert!(!valid_table(&"a".repeat(49)));
-    }
-
-    /// The error of connecting to `url` (a closed port: nothing answers), Display and Debug.
-    async fn connect_error(url: String) -> (String, String) {
-        let config = PostgresStoreConfig {
-            timeout: Duration::from_secs(1),
-            ..Default::default()
-        };
-        match PostgresStore::connect(&url, config).await {
-            Ok(_) => panic!("something answered at {url}"),
-            Err(e) => (url, format!("{e} | {e:?}")),
-        }
-    }
-
-    #[tokio::test]
-    async fn connect_errors_never_show_a_url_password_holding_delimiters() {
-        let mut urls = vec!["postgres://app:pa/ss@127.0.0.1:1/shop".to_owned()];
-        for password in PASSWORDS {
-            urls.extend([
-                format!("postgres://app:{password}@127.0.0.1:1/shop"),
-                format!("postgresql://app:{password}@127.0.0.1:1/shop"),
-                format!("postgres://app@127.0.0.1:1/shop?sslmode=disable&password={password}"),
-            ]);
-        }
-        let shown = leaks(urls, &["pa/ss", "Xq7", "Zk9"], connect_error).await;
-        assert_eq!(shown, "");
-    }
-
-    #[tokio::test]
-    async fn connect_errors_never_show_a_key_value_password() {
-        let strings = [
-            "host=127.0.0.1 port=1 user=app password='Xq7 Zk9' dbname=shop",
-            "host=127.0.0.1 port=1 user=app password = Xq7/Zk9 dbname=shop",
-            r"host=127.0.0.1 port=1 user=app password='Xq7\' Zk9' dbname=shop",
-            r"host=127.0.0.1 port=1 user=app password=Xq7\ Zk9 dbname=shop",
-            "host=127.0.0.1 port=1 user=app password='Xq7/?#@:%Zk9' dbname=shop",
-        ];
-        let strings = strings.map(String::from).to_vec();
-        assert_eq!(leaks(strings, &["Xq7", "Zk9"], connect_error).await, "");
-    }
-}
+mod tests;
