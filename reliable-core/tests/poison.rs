@@ -266,9 +266,69 @@ async fn a_durable_attempt_counter_stops_it_where_the_broker_does_not_count() {
     let key = o.dead_letters[0].idempotency_key();
     assert_eq!(
         counter.count(&key),
-        0,
-        "cleared once the message was settled"
+        4,
+        "a message stopped past the limit keeps its count"
     );
+}
+
+/// On Kafka a settled delivery is only an offset marked for the next commit: an unrelated crash
+/// before that commit delivers the stopped poison message again. Its count must still stop it,
+/// without running the handler (a fourth crash) and with a second dead-letter copy at most.
+#[tokio::test]
+async fn a_stopped_poison_message_delivered_again_before_its_commit_is_stopped_again() {
+    let counter = Arc::new(InMemoryAttemptCounter::default());
+    let o = scenario(false, Some(counter.clone()), 10).await;
+    assert_stopped_with_origin(&o);
+    let poison = o
+        .broker
+        .lock()
+        .acked
+        .iter()
+        .find(|m| m.payload().as_ref() == b"poison")
+        .cloned()
+        .expect("the poison message was settled");
+    o.broker.lock().ready.push_back((poison, 0));
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let runs = runs.clone();
+        handler_fn(move |_msg: Message| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let dl_broker = InMemoryBroker::new();
+    dl_broker.declare_queue("dlq");
+    let dead_letter = DeadLetter::publish(
+        Producer::new(dl_broker.transport(), ProducerConfig::default()),
+        "dlq",
+    );
+    Pipeline::new(
+        Source {
+            broker: o.broker.clone(),
+            counts: false,
+        },
+        handler,
+        dead_letter,
+    )
+    .with_config(PipelineConfig {
+        concurrency: 1,
+        max_deliveries: 3,
+        ..PipelineConfig::default()
+    })
+    .with_attempt_counter(counter)
+    .run()
+    .await
+    .expect("pipeline run");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the handler did not run again"
+    );
+    assert_eq!(dl_broker.messages("dlq").len(), 1, "dead-lettered again");
 }
 
 #[tokio::test]

@@ -123,7 +123,11 @@ impl Poison {
                     map.remove(&id);
                 }
             }
-            Some(Counted::Counter(n)) if !(requeued && n > self.max_deliveries) => {
+            // Past the limit the count stays (until the store's TTL), whatever the outcome: a
+            // settle may not be durable yet (a Kafka offset waits for the next commit), and a
+            // crash before it delivers the message again, which must be stopped again rather
+            // than run with a fresh count.
+            Some(Counted::Counter(n)) if n <= self.max_deliveries => {
                 if let Some(counter) = &self.counter {
                     if let Err(e) = counter.clear(key).await {
                         // The count stays one too high: the message is stopped one delivery
