@@ -12,7 +12,10 @@
 //!   [`record_attempt`](AttemptCounter::record_attempt) **before** the handler runs, so a crash
 //!   in the handler has already been counted, and [`clear`](AttemptCounter::clear) once the
 //!   pipeline settled the message (acked, dead-lettered, or deliberately requeued), so what
-//!   the counter holds is the run of deliveries that ended without an outcome.
+//!   the counter holds is the run of deliveries that ended without an outcome. A message
+//!   stopped past `max_deliveries` keeps its count (until the store's TTL): its settle may not
+//!   be durable yet (a Kafka offset waits for the next commit), and a delivery after a crash
+//!   must be stopped again, not run with a fresh count.
 //!
 //! The counter must survive the consumer process: [`InMemoryAttemptCounter`] serves tests and
 //! single-process setups only; `reliable-stores` has durable ones (redb, Redis, PostgreSQL).
