@@ -265,30 +265,10 @@ impl Producer {
     /// Fails at once with [`SendError::Closed`] after [`close`](Self::close), also when the
     /// close began while this send waited for window space.
     pub async fn send(&self, msg: Message) -> Result<SendHandle, SendError> {
-        let closed = |message| SendError::Closed {
-            message: Box::new(message),
-        };
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(closed(msg));
+        match self.admit(std::slice::from_ref(&msg)).await {
+            Ok(mut claims) => Ok(self.start_one(msg, claims.pop())),
+            Err(refusal) => Err(refusal.hand_back(vec![msg]).error),
         }
-        let Ok(permit) = self.inner.window.clone().acquire_owned().await else {
-            return Err(closed(msg));
-        };
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(closed(msg));
-        }
-        let claim = self.spool(std::slice::from_ref(&msg)).await;
-        let claim = match claim {
-            Ok(mut claims) => claims.pop(),
-            Err(reason) => {
-                return Err(SendError::NotSpooled {
-                    message: Box::new(msg),
-                    reason,
-                })
-            }
-        };
-        permit.forget(); // the driver gives the slot back when the message is settled
-        Ok(self.start_one(msg, claim))
     }
 
     /// Hands several messages to the producer at once: waits until the window has space for all
