@@ -18,7 +18,10 @@ impl std::fmt::Display for ResetError {
 
 impl std::error::Error for ResetError {}
 
-/// Destroys every TCP connection of this process whose remote port is one of `ports`; returns
+/// The state column of `/proc/net/tcp` for an established connection.
+const TCP_ESTABLISHED: &str = "01";
+
+/// Destroys every established TCP connection of this process whose remote port is one of `ports`; returns
 /// how many it destroyed.
 pub fn reset_own_connections(ports: &[u16]) -> Result<usize, ResetError> {
     let inodes = own_socket_inodes()?;
@@ -29,11 +32,16 @@ pub fn reset_own_connections(ports: &[u16]) -> Result<usize, ResetError> {
         };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(inode)) =
-                (fields.get(1), fields.get(2), fields.get(9))
+            let (Some(local), Some(remote), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
             else {
                 continue;
             };
+            // Only live links: a half-closed socket left over from an earlier connection to a
+            // port that has since been bound again is not this link.
+            if *state != TCP_ESTABLISHED {
+                continue;
+            }
             let port = |addr: &str| {
                 addr.rsplit(':')
                     .next()
@@ -96,5 +104,24 @@ mod tests {
         bystander.write_all(b"z").unwrap();
         bystander_peer.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"z");
+    }
+
+    /// A socket left half-closed by an earlier connection to a port that a new listener has
+    /// taken again (listeners bind with `SO_REUSEADDR`) is not one of the links to cut: only
+    /// established connections count.
+    #[test]
+    fn a_half_closed_socket_to_a_reused_port_is_not_counted() {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        let stale = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (accepted, _) = first.accept().unwrap();
+        drop(accepted);
+        drop(first);
+        let server = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_accepted, _) = server.accept().unwrap();
+        let n = reset_own_connections(&[port]).expect("ss -K (run as root)");
+        assert_eq!(n, 1);
+        drop(stale);
     }
 }
