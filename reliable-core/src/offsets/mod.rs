@@ -29,23 +29,47 @@
 //!
 //! The tracker's owner (a consumer) is the only one that may change it; everyone else gets an
 //! [`OffsetsView`], which reads the same state and cannot finish, commit or revoke anything.
+//!
+//! # Cost
+//!
+//! A consumer calls [`track`](OffsetTracker::track) once per record received and
+//! [`complete`](OffsetTracker::complete) once per record settled, so both are cheap: one lock,
+//! one hash of the partition, and a bit set or cleared in a window of 64-bit words that starts
+//! at the oldest unfinished offset. Finding the commit position is one `trailing_zeros`.
+//! [`track_many`](OffsetTracker::track_many) and [`complete_many`](OffsetTracker::complete_many)
+//! take the lock and find the partition once for a whole batch.
+//!
+//! Memory per partition is one bit per offset from the oldest unfinished one to the newest
+//! tracked one (the span; `max_held` bounds how many records are unfinished, not how far apart
+//! they are). A span wider than 2^20 offsets (128 KiB) switches that partition to an ordered
+//! set of its unfinished offsets, whose size follows their count however far apart they are,
+//! and back to the window once the oldest ones finish and the span is a quarter of that.
 
-use std::collections::{BTreeSet, HashMap};
+mod pending;
+
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use rustc_hash::FxBuildHasher;
+
 use crate::transport::TopicPartition;
+use pending::Pending;
+
+/// The tracker's state: a fast hasher, since the partition is hashed once per record (the keys
+/// come from the consumer's assignment, not from untrusted input).
+type Partitions = HashMap<TopicPartition, PartitionState, FxBuildHasher>;
 
 /// Tracks in-flight offsets per partition. Thread safe: share it (in an `Arc`) between the
 /// ackers that complete offsets and the task that commits.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: Mutex<HashMap<TopicPartition, PartitionState>>,
+    partitions: Mutex<Partitions>,
 }
 
 #[derive(Debug, Default)]
 struct PartitionState {
     /// Tracked and not yet finished.
-    in_flight: BTreeSet<i64>,
+    in_flight: Pending,
     /// One past the highest tracked offset.
     next: Option<i64>,
     /// The last position reported as committed.
@@ -54,7 +78,16 @@ struct PartitionState {
 
 impl PartitionState {
     fn committable(&self) -> Option<i64> {
-        self.in_flight.first().copied().or(self.next)
+        self.in_flight.first().or(self.next)
+    }
+
+    /// Tracks `offset` unless it is below one tracked already (see [`OffsetTracker::track`]).
+    fn track(&mut self, offset: i64) {
+        if self.next.is_some_and(|n| offset < n) {
+            return;
+        }
+        self.in_flight.insert(offset);
+        self.next = Some(offset.saturating_add(1));
     }
 }
 
@@ -79,7 +112,7 @@ impl OffsetTracker {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionState>> {
+    fn lock(&self) -> MutexGuard<'_, Partitions> {
         self.partitions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -89,35 +122,89 @@ impl OffsetTracker {
     /// received the offsets (increasing per partition); an offset at or below one already
     /// tracked is ignored (a redelivery after a seek is tracked once).
     pub fn track(&self, partition: &TopicPartition, offset: i64) {
-        let mut parts = self.lock();
-        let st = parts.entry(partition.clone()).or_default();
-        if st.next.is_some_and(|n| offset < n) {
+        self.track_many(partition, &[offset]);
+    }
+
+    /// Records that each of `offsets` was handed out, in order, as [`track`](Self::track) does
+    /// one by one (each offset at or below one already tracked is ignored), under one lock: for
+    /// a batch of records polled from one partition.
+    ///
+    /// ```
+    /// use reliable_core::offsets::OffsetTracker;
+    /// use reliable_core::TopicPartition;
+    ///
+    /// let tracker = OffsetTracker::new();
+    /// let tp = TopicPartition::new("orders", 0);
+    /// tracker.track_many(&tp, &[3, 4, 7, 4]); // 5 and 6 are a gap; the second 4 is ignored
+    /// assert_eq!(tracker.in_flight(&tp), vec![3, 4, 7]);
+    /// ```
+    pub fn track_many(&self, partition: &TopicPartition, offsets: &[i64]) {
+        if offsets.is_empty() {
             return;
         }
-        st.in_flight.insert(offset);
-        st.next = Some(offset.saturating_add(1));
+        let mut parts = self.lock();
+        // Look the partition up without cloning its key; clone only to add it.
+        let st = match parts.get_mut(partition) {
+            Some(st) => st,
+            None => parts.entry(partition.clone()).or_default(),
+        };
+        for &offset in offsets {
+            st.track(offset);
+        }
     }
 
     /// Whether `offset` of `partition` is tracked and not yet finished.
     pub fn is_in_flight(&self, partition: &TopicPartition, offset: i64) -> bool {
         self.lock()
             .get(partition)
-            .is_some_and(|st| st.in_flight.contains(&offset))
+            .is_some_and(|st| st.in_flight.contains(offset))
     }
 
     /// Records that processing of `offset` is final (handled, or dead-lettered and confirmed).
     pub fn complete(&self, partition: &TopicPartition, offset: i64) -> Result<(), OffsetError> {
+        self.complete_many(partition, &[offset])
+    }
+
+    /// Records that processing of each of `offsets` is final, as [`complete`](Self::complete)
+    /// does one by one, under one lock: for a batch settled at once. Every offset that is in
+    /// flight is completed, in any order, even when others in the batch are not; the first
+    /// offset that was not in flight (not tracked, completed before, or listed twice) is
+    /// returned as [`OffsetError::NotInFlight`].
+    ///
+    /// ```
+    /// use reliable_core::offsets::{OffsetError, OffsetTracker};
+    /// use reliable_core::TopicPartition;
+    ///
+    /// let tracker = OffsetTracker::new();
+    /// let tp = TopicPartition::new("orders", 0);
+    /// tracker.track_many(&tp, &[10, 11, 12, 13]);
+    /// tracker.complete_many(&tp, &[11, 10])?;
+    /// assert_eq!(tracker.committable(&tp), Some(12));
+    /// let err = tracker.complete_many(&tp, &[12, 10, 99]).unwrap_err();
+    /// assert_eq!(err, OffsetError::NotInFlight { partition: tp.clone(), offset: 10 });
+    /// assert_eq!(tracker.committable(&tp), Some(13)); // 12 was completed all the same
+    /// # Ok::<(), OffsetError>(())
+    /// ```
+    pub fn complete_many(
+        &self,
+        partition: &TopicPartition,
+        offsets: &[i64],
+    ) -> Result<(), OffsetError> {
         let mut parts = self.lock();
-        let removed = parts
-            .get_mut(partition)
-            .is_some_and(|st| st.in_flight.remove(&offset));
-        if removed {
-            Ok(())
-        } else {
-            Err(OffsetError::NotInFlight {
+        let mut st = parts.get_mut(partition);
+        let mut first_missing = None;
+        for &offset in offsets {
+            let removed = st.as_mut().is_some_and(|st| st.in_flight.remove(offset));
+            if !removed && first_missing.is_none() {
+                first_missing = Some(offset);
+            }
+        }
+        match first_missing {
+            None => Ok(()),
+            Some(offset) => Err(OffsetError::NotInFlight {
                 partition: partition.clone(),
                 offset,
-            })
+            }),
         }
     }
 
@@ -133,7 +220,7 @@ impl OffsetTracker {
     pub fn in_flight(&self, partition: &TopicPartition) -> Vec<i64> {
         self.lock()
             .get(partition)
-            .map(|st| st.in_flight.iter().copied().collect())
+            .map(|st| st.in_flight.to_vec())
             .unwrap_or_default()
     }
 
@@ -289,5 +376,73 @@ mod tests {
         t.track(&tp, 1);
         t.track(&tp, 0);
         assert_eq!(t.in_flight(&tp), vec![0, 1]);
+    }
+
+    #[test]
+    fn gaps_across_word_boundaries_never_hold_the_watermark() {
+        let t = OffsetTracker::new();
+        let tp = TopicPartition::new("t", 0);
+        // 0..200 without the multiples of 7 and without 60..=70 (a word boundary inside).
+        let tracked: Vec<i64> = (0..200)
+            .filter(|o| o % 7 != 0 && !(60..=70).contains(o))
+            .collect();
+        t.track_many(&tp, &tracked);
+        assert_eq!(t.in_flight(&tp), tracked);
+        // Finish from the top down: the watermark stays at the lowest until it goes.
+        for (i, &o) in tracked.iter().enumerate().rev() {
+            assert_eq!(t.committable(&tp), Some(tracked[0]));
+            t.complete(&tp, o).unwrap();
+            assert_eq!(t.view().partitions()[0].unfinished, i);
+        }
+        assert_eq!(t.committable(&tp), Some(200));
+        // Then bottom up, one gap word at a time.
+        t.track_many(&tp, &[200, 330, 331, 520]);
+        t.complete(&tp, 200).unwrap();
+        assert_eq!(t.committable(&tp), Some(330));
+        t.complete_many(&tp, &[331, 330]).unwrap();
+        assert_eq!(t.committable(&tp), Some(520));
+        assert!(!t.is_in_flight(&tp, 400));
+        assert!(
+            t.complete(&tp, 400).is_err(),
+            "a gap offset was never tracked"
+        );
+    }
+
+    #[test]
+    fn the_top_offset_saturates() {
+        let t = OffsetTracker::new();
+        let tp = TopicPartition::new("t", 0);
+        t.track_many(&tp, &[i64::MAX - 2, i64::MAX]);
+        assert_eq!(t.committable(&tp), Some(i64::MAX - 2));
+        t.complete(&tp, i64::MAX - 2).unwrap();
+        assert_eq!(t.committable(&tp), Some(i64::MAX));
+        t.complete(&tp, i64::MAX).unwrap();
+        assert_eq!(t.committable(&tp), Some(i64::MAX));
+        assert!(t.complete(&tp, i64::MAX).is_err());
+    }
+
+    #[test]
+    fn one_stuck_offset_under_a_long_run_goes_sparse_and_back() {
+        let t = OffsetTracker::new();
+        let tp = TopicPartition::new("t", 0);
+        t.track(&tp, 0);
+        let run = 1i64 << 21; // twice the window cap
+        for o in 1..run {
+            t.track(&tp, o);
+            t.complete(&tp, o).unwrap();
+        }
+        {
+            let parts = t.lock();
+            let st = &parts[&tp];
+            assert!(st.in_flight.is_sparse());
+            assert_eq!(st.in_flight.len(), 1);
+        }
+        assert_eq!(t.committable(&tp), Some(0));
+        t.track(&tp, run);
+        t.complete(&tp, 0).unwrap();
+        assert_eq!(t.committable(&tp), Some(run));
+        assert!(!t.lock()[&tp].in_flight.is_sparse());
+        t.complete(&tp, run).unwrap();
+        assert_eq!(t.committable(&tp), Some(run + 1));
     }
 }
