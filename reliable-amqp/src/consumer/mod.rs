@@ -14,6 +14,9 @@
 //!   [`AmqpConsumer::with_ack_coalescing`] tunes it or turns it [`Off`](AckCoalescing::Off)
 //!   (one `basic.ack` per delivery).
 //! * The broker's `redelivered` flag is exposed as [`Delivery::redelivered`].
+//! * [`next_batch`](DeliverySource::next_batch) waits for one delivery as
+//!   [`next`](DeliverySource::next) does, then adds the deliveries lapin has already
+//!   buffered, up to the batch size, without waiting.
 //! * `nack(false)` / `reject()` hand the message to the queue's dead-letter exchange, if it
 //!   has one. The pipeline's `DeadLetter::BrokerReject` relies on that, so it is accepted only
 //!   over a consumer started with [`AmqpConsumer::connect_checked`] (or
@@ -57,7 +60,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
@@ -86,6 +89,9 @@ pub struct AmqpConsumer {
     dead_letter: Result<DeadLetterRoute, NoDeadLetterRoute>,
     /// Keys deliveries without the SDK's identity headers.
     keys: KeyExtractor,
+    /// The loss of the channel met while a batch was being filled, returned by the next call
+    /// so the deliveries already taken are handed out first.
+    deferred: Option<ConsumeError>,
 }
 
 impl fmt::Debug for AmqpConsumer {
@@ -97,6 +103,7 @@ impl fmt::Debug for AmqpConsumer {
             .field("acks", &self.acks)
             .field("dead_letter", &self.dead_letter)
             .field("keys", &self.keys)
+            .field("deferred", &self.deferred)
             .field("settings", &self.settings)
             .finish()
     }
@@ -186,6 +193,7 @@ impl AmqpConsumer {
                     queue: queue.to_owned(),
                 }),
                 keys: KeyExtractor::default(),
+                deferred: None,
             };
             let classify = |e| AmqpError::classify("basic.consume", "queue", queue, e);
             let link = consumer.open_link().await.map_err(classify)?;
@@ -343,6 +351,49 @@ struct Current {
     delivered: bool,
 }
 
+impl Current {
+    /// What one item of this channel's stream becomes: a delivery handed out, or the loss of
+    /// the channel (an error, or the end of the stream), after which the caller drops this
+    /// channel so the next call consumes again on a new one. Shared by
+    /// [`next`](DeliverySource::next) and [`next_batch`](DeliverySource::next_batch), so each
+    /// delivery is handed out the same way. `quorum`: `queue` is a quorum queue (its
+    /// redeliveries count themselves); `keys` keys deliveries from other clients.
+    fn take(
+        &mut self,
+        item: Option<Result<lapin::message::Delivery, lapin::Error>>,
+        queue: &str,
+        quorum: bool,
+        keys: &KeyExtractor,
+    ) -> Result<Delivery, ConsumeError> {
+        match item {
+            Some(Ok(delivery)) => {
+                // Registered before it is handed out, so no multiple ack can cover it unsettled.
+                let acker: Box<dyn Acker> = match &self.acks {
+                    Some(acks) => Box::new(acks.register(delivery.delivery_tag)),
+                    None => Box::new(AmqpAcker {
+                        acker: delivery.acker.clone(),
+                    }),
+                };
+                self.delivered = true;
+                Ok(convert::to_delivery(delivery, acker, queue, quorum, keys))
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%queue, %error, "AMQP consumer lost; will consume again");
+                Err(ConsumeError::ConnectionLost {
+                    reason: error.to_string(),
+                })
+            }
+            None => {
+                tracing::warn!(%queue, "AMQP consumer stream ended (cancelled or channel closed); will consume again");
+                Err(ConsumeError::ConnectionLost {
+                    reason: "the broker ended the consumer (cancelled, or its channel closed)"
+                        .to_owned(),
+                })
+            }
+        }
+    }
+}
+
 /// The ack coalescer of `link`'s channel under `acks`, if any.
 fn coalescer(link: &Link, acks: AckCoalescing) -> Option<Coalescer> {
     acks.limits()
@@ -382,6 +433,9 @@ impl DeliverySource for AmqpConsumer {
         if self.closed {
             return Ok(None);
         }
+        if let Some(lost) = self.deferred.take() {
+            return Err(lost);
+        }
         if self.current.is_none() {
             self.subscribe().await.map_err(|e| consume_error(&e))?;
         }
@@ -390,41 +444,54 @@ impl DeliverySource for AmqpConsumer {
                 reason: "no consumer channel".to_owned(),
             });
         };
-        match current.consumer.next().await {
-            Some(Ok(delivery)) => {
-                let quorum = self.settings.queue_type() == QueueType::Quorum;
-                // Registered before it is handed out, so no multiple ack can cover it unsettled.
-                let acker: Box<dyn Acker> = match &current.acks {
-                    Some(acks) => Box::new(acks.register(delivery.delivery_tag)),
-                    None => Box::new(AmqpAcker {
-                        acker: delivery.acker.clone(),
-                    }),
-                };
-                current.delivered = true;
-                Ok(Some(convert::to_delivery(
-                    delivery,
-                    acker,
-                    &self.queue,
-                    quorum,
-                    &self.keys,
-                )))
-            }
-            Some(Err(error)) => {
-                self.current = None;
-                tracing::warn!(queue = %self.queue, %error, "AMQP consumer lost; will consume again");
-                Err(ConsumeError::ConnectionLost {
-                    reason: error.to_string(),
-                })
-            }
-            None => {
-                self.current = None;
-                tracing::warn!(queue = %self.queue, "AMQP consumer stream ended (cancelled or channel closed); will consume again");
-                Err(ConsumeError::ConnectionLost {
-                    reason: "the broker ended the consumer (cancelled, or its channel closed)"
-                        .to_owned(),
-                })
+        // Cancel safe: lapin's stream takes a delivery only when it returns it.
+        let item = current.consumer.next().await;
+        let quorum = self.settings.queue_type() == QueueType::Quorum;
+        let taken = current.take(item, &self.queue, quorum, &self.keys);
+        if taken.is_err() {
+            self.current = None;
+        }
+        taken.map(Some)
+    }
+
+    /// Waits for the first delivery as [`next`](DeliverySource::next) does (consuming again
+    /// after a loss, with its errors), then adds, without waiting, up to `max - 1` deliveries
+    /// lapin has already buffered for the channel: the batch is at most `max` (taken as 1
+    /// when 0). Each is handed out as `next` hands it out (registered
+    /// with the ack coalescer, redelivered flag, delivery count). When the channel's error or
+    /// end comes next in the buffer, the batch is returned as it is and the loss
+    /// ([`ConsumeError::ConnectionLost`]) is reported by the next call; the deliveries taken
+    /// stay unacked on the lost channel, so the broker redelivers them. An empty batch only
+    /// after [`close`](DeliverySource::close).
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
+        let Some(first) = self.next().await? else {
+            return Ok(Vec::new());
+        };
+        let max = max.max(1);
+        let mut batch = Vec::with_capacity(max.min(usize::from(self.settings.prefetch())));
+        batch.push(first);
+        // No await point from here on, so a cancelled call loses nothing: each poll below
+        // takes a delivery from lapin's buffer only when it returns it, and an item not
+        // ready yet is left there (its wake-up registration is renewed by the next poll).
+        let quorum = self.settings.queue_type() == QueueType::Quorum;
+        while batch.len() < max {
+            // `next` handed out the first delivery, so the channel is there.
+            let Some(current) = self.current.as_mut() else {
+                break;
+            };
+            let Some(item) = current.consumer.next().now_or_never() else {
+                break;
+            };
+            match current.take(item, &self.queue, quorum, &self.keys) {
+                Ok(delivery) => batch.push(delivery),
+                Err(lost) => {
+                    self.current = None;
+                    self.deferred = Some(lost);
+                    break;
+                }
             }
         }
+        Ok(batch)
     }
 
     async fn close(&mut self) -> Result<(), ConsumeError> {
