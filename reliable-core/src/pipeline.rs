@@ -98,7 +98,7 @@ pub use handler::{
     RetryLayer, RetryPolicy, Timeout, TimeoutLayer,
 };
 
-use batch::Batch;
+use batch::{Batch, Sequences};
 use poison::Poison;
 
 /// Where messages go when their handler fails for good.
@@ -140,7 +140,9 @@ impl DeadLetter {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PipelineConfig {
     /// Deliveries handled at once (at least 1). Keep the broker's prefetch at or above this.
-    /// Default 16.
+    /// Default 16. The deliveries of one [sequence](crate::transport::Delivery::sequence) in a
+    /// batch (a Kafka partition's run in an ordered mode) are handled one at a time and take
+    /// one slot together.
     pub concurrency: usize,
     /// Delay between attempts to pull from a source that lost its connection.
     pub reconnect_backoff: BackoffPolicy,
@@ -367,7 +369,9 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                     self.counters
                         .received
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    let more = u32::try_from(batch.len().saturating_sub(1)).unwrap_or(u32::MAX);
+                    // A slot per sequence: the deliveries of one run one at a time.
+                    let sequences = Sequences::of(&batch);
+                    let more = u32::try_from(sequences.len().saturating_sub(1)).unwrap_or(u32::MAX);
                     if more > 0 {
                         // A source handing out more than asked still gets its deliveries
                         // handled; the slots then come free as they finish.
@@ -388,7 +392,7 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                         window: self.config.requeue_delay,
                         draining: drain_signal.clone(),
                     };
-                    tasks.spawn(run.run(batch, permit).instrument(span));
+                    tasks.spawn(run.run(batch, sequences, permit).instrument(span));
                 }
                 Err(e) if e.is_retryable() => {
                     let delays = reconnect

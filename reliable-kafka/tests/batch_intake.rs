@@ -1,6 +1,7 @@
-//! Batch intake (`DeliverySource::next_batch`): an ordered consumer never puts a later record of
-//! a partition into a batch while an earlier one is unsettled, and the records of each
-//! partition come out in log order; an unordered consumer hands out what is ready in batches.
+//! Batch intake (`DeliverySource::next_batch`): an ordered consumer hands out the records of a
+//! partition in one batch as one sequence in log order, keeps the partition busy until that
+//! run is settled, and hands a run's requeues out again in order; an unordered consumer hands
+//! out what is ready in batches.
 
 mod common;
 
@@ -50,8 +51,17 @@ fn partition_of(d: &Delivery) -> i32 {
     d.position().unwrap().partition.partition
 }
 
+/// The deliveries of `batch` per partition, in batch order.
+fn runs(batch: &[Delivery]) -> HashMap<i32, Vec<&Delivery>> {
+    let mut runs: HashMap<i32, Vec<&Delivery>> = HashMap::new();
+    for d in batch {
+        runs.entry(partition_of(d)).or_default().push(d);
+    }
+    runs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_batches_hold_one_record_per_partition_in_log_order() {
+async fn ordered_batches_hand_out_each_partition_as_one_sequence_in_log_order() {
     let cluster = require!(kafka(3));
     let spec = filled_topic(&cluster.bootstrap, "rk-batch-o").await;
     let mut source = KafkaConsumer::builder(&cluster.bootstrap, &unique_name("rk-batch-o-g"))
@@ -61,16 +71,26 @@ async fn ordered_batches_hold_one_record_per_partition_in_log_order() {
         .await
         .unwrap();
     let mut seen: HashMap<i32, Vec<i64>> = HashMap::new();
+    let mut sequences = HashSet::new();
+    let mut longest = 0;
     let mut taken = 0;
     while taken < RECORDS {
         let deliveries = batch(&mut source, 64).await;
-        assert!(!deliveries.is_empty());
-        let partitions: HashSet<i32> = deliveries.iter().map(partition_of).collect();
-        assert_eq!(
-            partitions.len(),
-            deliveries.len(),
-            "a batch held two records of one partition in ordered mode"
-        );
+        assert!(!deliveries.is_empty() && deliveries.len() <= 64);
+        for (partition, run) in runs(&deliveries) {
+            let sequence = run[0]
+                .sequence()
+                .expect("an ordered delivery has a sequence");
+            assert!(
+                run.iter().all(|d| d.sequence() == Some(sequence)),
+                "partition {partition}'s records in one batch are not one sequence"
+            );
+            assert!(
+                sequences.insert(sequence),
+                "a sequence was used for two runs"
+            );
+            longest = longest.max(run.len());
+        }
         for d in deliveries {
             seen.entry(partition_of(&d))
                 .or_default()
@@ -79,12 +99,81 @@ async fn ordered_batches_hold_one_record_per_partition_in_log_order() {
             d.ack().await.unwrap();
         }
     }
+    assert!(
+        longest > 1,
+        "no batch held more than one record of a partition"
+    );
     for (partition, offsets) in seen {
         assert!(
             offsets.windows(2).all(|w| w[0] + 1 == w[1]),
             "partition {partition} out of log order: {offsets:?}"
         );
     }
+    source.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stays_busy_until_settled_and_its_requeues_come_back_in_order() {
+    let cluster = require!(kafka(3));
+    let spec = filled_topic(&cluster.bootstrap, "rk-batch-rq").await;
+    let mut source = KafkaConsumer::builder(&cluster.bootstrap, &unique_name("rk-batch-rq-g"))
+        .subscribe(spec)
+        .ordering(Ordering::PerPartition)
+        .build()
+        .await
+        .unwrap();
+    // A run of at least 3 records; everything else is acked.
+    let mut run: Vec<Delivery> = Vec::new();
+    while run.len() < 3 {
+        let mut deliveries = batch(&mut source, 64).await;
+        let longest = runs(&deliveries)
+            .into_iter()
+            .max_by_key(|(_, r)| r.len())
+            .map(|(p, r)| (p, r.len()));
+        let keep = longest
+            .filter(|&(_, n)| n >= 3 && run.is_empty())
+            .map(|(p, _)| p);
+        for d in std::mem::take(&mut deliveries) {
+            if Some(partition_of(&d)) == keep {
+                run.push(d);
+            } else {
+                d.ack().await.unwrap();
+            }
+        }
+    }
+    let partition = partition_of(&run[0]);
+    let offsets: Vec<i64> = run.iter().map(|d| d.position().unwrap().offset).collect();
+    let mut run = run.into_iter();
+    run.next().unwrap().ack().await.unwrap();
+    // Part of the run is still unsettled: nothing of its partition is handed out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(deliveries)) = tokio::time::timeout_at(deadline, source.next_batch(64)).await {
+        for d in deliveries {
+            assert_ne!(
+                partition_of(&d),
+                partition,
+                "a record of a busy run's partition was handed out"
+            );
+            d.ack().await.unwrap();
+        }
+    }
+    // The rest is handed back in run order and comes out again in that order, first.
+    for d in run {
+        d.nack(true).await.unwrap();
+    }
+    let mut again = Vec::new();
+    while again.len() < offsets.len() - 1 {
+        for d in batch(&mut source, 64).await {
+            if partition_of(&d) == partition && again.len() < offsets.len() - 1 {
+                assert!(
+                    d.redelivered() || d.position().unwrap().offset > offsets[offsets.len() - 1]
+                );
+                again.push(d.position().unwrap().offset);
+            }
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(again, offsets[1..].to_vec());
     source.close().await.unwrap();
 }
 

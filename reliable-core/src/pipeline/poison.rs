@@ -87,6 +87,15 @@ impl Poison {
         }))
     }
 
+    /// Records that `delivery` is handed back on purpose without reaching a handler: a
+    /// broker that counts deliveries counts its return, which is no crash.
+    pub(super) fn handed_back(&self, delivery: &Delivery) {
+        if self.counter.is_some() || delivery.delivery_count().is_none() {
+            return;
+        }
+        remember_requeue(&mut self.requeued(), delivery.message().id());
+    }
+
     /// The failure that stops a message delivered `counted` times, if that is too many.
     pub(super) fn exceeded(&self, counted: Counted) -> Option<HandlerError> {
         let n = counted.attempts();
@@ -115,10 +124,7 @@ impl Poison {
             Some(Counted::Broker(_)) => {
                 let mut map = self.requeued();
                 if requeued {
-                    if map.len() >= REQUEUES_REMEMBERED && !map.contains_key(&id) {
-                        map.clear();
-                    }
-                    *map.entry(id).or_insert(0) += 1;
+                    remember_requeue(&mut map, id);
                 } else {
                     map.remove(&id);
                 }
@@ -139,6 +145,14 @@ impl Poison {
             Some(Counted::Counter(_)) | None => {}
         }
     }
+}
+
+/// Counts one deliberate requeue of `id` in `map`.
+fn remember_requeue(map: &mut HashMap<MessageId, u32>, id: MessageId) {
+    if map.len() >= REQUEUES_REMEMBERED && !map.contains_key(&id) {
+        map.clear();
+    }
+    *map.entry(id).or_insert(0) += 1;
 }
 
 /// How a dead letter went.

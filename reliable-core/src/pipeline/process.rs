@@ -125,6 +125,17 @@ pub(super) struct Started {
     pub(super) outcome: Option<Result<(), HandlerError>>,
 }
 
+/// How [`process`] settled a delivery, as far as the rest of its sequence cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// Acked, dead-lettered or rejected (or its settle failed): the next delivery of its
+    /// sequence may run.
+    Final,
+    /// Handed back to the broker to be delivered again: the deliveries after it in its
+    /// sequence must go back too, behind it, without running.
+    Requeued,
+}
+
 /// Handles one delivery and settles it once its outcome is final. A delivery that comes with
 /// the outcome of its batch's attempt ([`Started::outcome`]) is not handled again unless that
 /// outcome was [`ErrorKind::Unavailable`] (then it is held and retried in place, one message
@@ -135,7 +146,7 @@ pub(super) async fn process<H: Handler + ?Sized>(
     hold: Hold,
     delivery: Delivery,
     started: Started,
-) {
+) -> Settled {
     let Started {
         mut counted,
         outcome,
@@ -164,7 +175,7 @@ pub(super) async fn process<H: Handler + ?Sized>(
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, message_id = %id, "could not settle delivery");
         }
-        return;
+        return Settled::Final;
     }
     let span = tracing::info_span!(
         "reliable.consume",
@@ -174,7 +185,7 @@ pub(super) async fn process<H: Handler + ?Sized>(
         attempts = tracing::field::Empty,
     );
     // Boxed: the rare path's state stays out of every delivery's future.
-    Box::pin(settle_failed(handler, task, hold, delivery, counted, outcome).instrument(span)).await;
+    Box::pin(settle_failed(handler, task, hold, delivery, counted, outcome).instrument(span)).await
 }
 
 /// The rest of [`process`] for a delivery whose first attempt failed.
@@ -185,7 +196,7 @@ async fn settle_failed<H: Handler + ?Sized>(
     delivery: Delivery,
     mut counted: Option<Option<Counted>>,
     mut outcome: Result<(), HandlerError>,
-) {
+) -> Settled {
     let Task {
         dead_letter,
         poison,
@@ -265,5 +276,25 @@ async fn settle_failed<H: Handler + ?Sized>(
         counters.settle_failures.fetch_add(1, Ordering::Relaxed);
         let e: AckError = e;
         tracing::warn!(error = %e, "could not settle delivery");
+    }
+    if requeued {
+        Settled::Requeued
+    } else {
+        Settled::Final
+    }
+}
+
+/// Hands a delivery back to the broker without running its handler: one after a delivery of
+/// its sequence that was requeued, so that it comes back behind that one, in order.
+pub(super) async fn hand_back(task: Task<'_>, delivery: Delivery) {
+    task.counters.requeued.fetch_add(1, Ordering::Relaxed);
+    task.poison.handed_back(&delivery);
+    let id = delivery.message().id();
+    tracing::debug!(message_id = %id, "handed back behind a requeued delivery of its sequence");
+    if let Err(e) = delivery.nack(true).await {
+        task.counters
+            .settle_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, message_id = %id, "could not settle delivery");
     }
 }

@@ -312,6 +312,7 @@ pub struct Delivery {
     delivery_count: Option<u32>,
     origin: Option<Arc<str>>,
     position: Option<Position>,
+    sequence: Option<u64>,
     acker: Box<dyn Acker>,
 }
 
@@ -324,6 +325,7 @@ impl Delivery {
             delivery_count: None,
             origin: None,
             position: None,
+            sequence: None,
             acker,
         }
     }
@@ -354,6 +356,37 @@ impl Delivery {
     pub fn with_position(mut self, position: Position) -> Self {
         self.position = Some(position);
         self
+    }
+
+    /// Puts the delivery in the sequence `sequence`: within one batch
+    /// ([`DeliverySource::next_batch`]), the deliveries of one sequence are handled in the
+    /// order of the batch, one at a time: a delivery's handler starts only after the one before
+    /// it in its sequence succeeded, or was settled. A source that keeps an order (Kafka's
+    /// per-partition or per-key ordering) names each run of records it hands out together by
+    /// one sequence; deliveries without one are handled concurrently.
+    ///
+    /// ```
+    /// use reliable_core::{Delivery, Message};
+    /// # use reliable_core::{Acker, AckError};
+    /// # struct Noop;
+    /// # #[async_trait::async_trait]
+    /// # impl Acker for Noop {
+    /// #     async fn ack(&self) -> Result<(), AckError> { Ok(()) }
+    /// #     async fn nack(&self, _requeue: bool) -> Result<(), AckError> { Ok(()) }
+    /// #     async fn reject(&self) -> Result<(), AckError> { Ok(()) }
+    /// # }
+    /// let delivery = Delivery::new(Message::new("a"), Box::new(Noop)).with_sequence(7);
+    /// assert_eq!(delivery.sequence(), Some(7));
+    /// ```
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = Some(sequence);
+        self
+    }
+
+    /// The delivery's sequence, if its source keeps an order (see
+    /// [`with_sequence`](Self::with_sequence)).
+    pub fn sequence(&self) -> Option<u64> {
+        self.sequence
     }
 
     /// The message.
@@ -406,6 +439,7 @@ impl fmt::Debug for Delivery {
             .field("delivery_count", &self.delivery_count)
             .field("origin", &self.origin)
             .field("position", &self.position)
+            .field("sequence", &self.sequence)
             .finish_non_exhaustive()
     }
 }
@@ -426,8 +460,9 @@ pub trait DeliverySource: Send {
     /// source already has ready. Must be cancel safe like [`next`](Self::next).
     ///
     /// A source whose deliveries must be handled in an order (a Kafka consumer in an ordered
-    /// mode) puts into one batch only deliveries that may be handled at the same time: the
-    /// pipeline handles the deliveries of a batch concurrently.
+    /// mode) names the deliveries of one batch that must not overlap by one
+    /// [sequence](Delivery::with_sequence), in the order they must be handled: the pipeline
+    /// handles the deliveries of a sequence one at a time, and everything else concurrently.
     ///
     /// The default returns what one call to [`next`](Self::next) returns.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {

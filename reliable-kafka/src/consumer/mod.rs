@@ -41,9 +41,13 @@
 //! The pipeline handles several deliveries at once. [`Ordering`] (set with
 //! [`KafkaConsumerBuilder::ordering`]) says which of them may overlap:
 //!
-//! * [`Ordering::PerPartition`] (the default): a record is handed out only once every earlier
-//!   record of its partition is settled, so each partition is handled strictly in log order
-//!   while different partitions run concurrently;
+//! * [`Ordering::PerPartition`] (the default): each partition is handled strictly in log order,
+//!   one record at a time, while different partitions run concurrently. [`next`](DeliverySource::next)
+//!   hands a record out only once every earlier record of its partition is settled;
+//!   [`next_batch`](DeliverySource::next_batch) hands the records of a partition it has ready
+//!   out together as a run, one [sequence](Delivery::sequence) the pipeline handles one record
+//!   at a time (a record's handler starts once the one before it succeeded or was settled),
+//!   and no later record of that partition until the run is settled;
 //! * [`Ordering::PerKey`]: the same per (partition, record key); records without a key are
 //!   ordered per partition;
 //! * [`Ordering::Unordered`]: records are handed out as they arrive.
@@ -53,9 +57,9 @@
 //! the limit is reached the consumer stops polling until a delivery is settled. Held records are
 //! tracked as unfinished, so no commit passes them; on partition revoke they are dropped without
 //! being handed out, and the partition's new owner reads them. A record requeued with
-//! `nack(true)` goes back to the head of its partition's (or key's) queue and is handed out
-//! again before any later record of that partition (or key); in the unordered mode it is handed
-//! out again before any new record.
+//! `nack(true)` goes back to the head of its partition's (or key's) queue, behind the records
+//! of its run requeued before it, and is handed out again before any later record of that
+//! partition (or key); in the unordered mode it is handed out again before any new record.
 //!
 //! Client errors: only fatal ones (authorization, invalid configuration) come out of
 //! [`next`](DeliverySource::next), as [`ConsumeError::Fatal`]. A broker going down or the group
@@ -254,6 +258,7 @@ impl KafkaConsumer {
         ticket: Option<Ticket>,
     ) -> Delivery {
         tracing::trace!(message_id = %message.id(), %partition, offset, redelivered, "handed out");
+        let sequence = ticket.as_ref().map(|t| t.id);
         let acker = KafkaAcker::new(
             self.shared.clone(),
             partition.clone(),
@@ -261,9 +266,13 @@ impl KafkaConsumer {
             message.clone(),
             ticket,
         );
-        Delivery::new(message, Box::new(acker))
+        let delivery = Delivery::new(message, Box::new(acker))
             .with_redelivered(redelivered)
-            .with_position(Position { partition, offset })
+            .with_position(Position { partition, offset });
+        match sequence {
+            Some(sequence) => delivery.with_sequence(sequence),
+            None => delivery,
+        }
     }
 
     /// In the unordered mode, the next record handed back by `nack(true)`.
@@ -297,6 +306,16 @@ impl KafkaConsumer {
         };
         let message = decode(record, &partition.topic);
         let mut gate = lock(&self.shared.gate);
+        if let Some(id) = gate.join(&key) {
+            drop(gate);
+            return Some(self.delivery(
+                partition,
+                offset,
+                message,
+                false,
+                Some(Ticket { key, id }),
+            ));
+        }
         if gate.must_wait(&key) {
             tracing::trace!(%partition, offset, "held until its partition or key is free");
             gate.hold(
@@ -337,6 +356,7 @@ impl DeliverySource for KafkaConsumer {
         if let Some(fatal) = self.deferred.take() {
             return Err(fatal);
         }
+        lock(&self.shared.gate).begin();
         // Records kept in memory live in `self.shared`, so a cancelled call loses none; each
         // await point below is cancel safe (`recv` takes a record only when it returns it).
         if self.shared.ordering == Ordering::Unordered {
@@ -397,9 +417,12 @@ impl DeliverySource for KafkaConsumer {
     /// Waits for the first delivery as [`next`](DeliverySource::next) does, then adds what is
     /// ready without waiting: records handed back or freed in the consumer's memory first,
     /// then records librdkafka has already fetched (at most `max` of them are polled per
-    /// call). In an ordered mode every record still passes the gate, so a batch holds at most
-    /// one record per partition (or key), and a later record of a busy partition stays held
-    /// until the earlier one is settled: the batch's deliveries may run concurrently.
+    /// call). In an ordered mode the records of one partition (or key) in a batch are a run:
+    /// they carry one [sequence](Delivery::sequence), in log order, and the partition stays
+    /// busy until every record of the run is settled, so no later batch holds a record of it
+    /// meanwhile. The pipeline handles a run one record at a time and different runs
+    /// concurrently. A run's records handed back by `nack(true)` in run order come out again
+    /// in that order, before any later record of their partition (or key).
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, ConsumeError> {
         let Some(first) = self.next().await? else {
             return Ok(Vec::new());
