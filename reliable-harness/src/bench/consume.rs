@@ -61,9 +61,9 @@ const AMQP_SDK: &str = "SDK AmqpConsumer + pipeline, manual ack, in-memory dedup
 /// (1000 ms) pauses a partition's fetching for a second whenever the local queue passed
 /// `queued.min.messages` (100,000 per partition), even once the application has drained it: a
 /// consumer faster than the brokers then idles most of the time, and throughput swung between
-/// ~0.27 M and ~2 M msg/s from round to round. 10 ms keeps a fast consumer fed; the SDK gets
-/// the same value through its config.
-const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+/// ~0.27 M and ~2 M msg/s from round to round. The SDK's consumer preset sets 10 ms, which
+/// keeps a fast consumer fed; the raw cases get the same.
+const FETCH_QUEUE_BACKOFF_MS: &str = reliable_kafka::config::CONSUMER_FETCH_QUEUE_BACKOFF_MS;
 
 /// How long a consumer case may take before it is called stuck.
 const CASE_TIMEOUT: Duration = Duration::from_secs(300);
