@@ -55,10 +55,19 @@ impl IdempotencyKey {
     }
 
     /// The business key's shared text, `None` for a key made from a message id.
-    pub(super) fn as_shared(&self) -> Option<&Arc<str>> {
+    pub(crate) fn as_shared(&self) -> Option<&Arc<str>> {
         match &self.0 {
             Repr::Id(_) => None,
             Repr::Shared(text) => Some(text),
+        }
+    }
+
+    /// The message id's text, `None` for a business key: lets the idempotency store read the
+    /// id's bytes without checking them again as UTF-8.
+    pub(crate) fn as_id_text(&self) -> Option<&IdText> {
+        match &self.0 {
+            Repr::Id(text) => Some(text),
+            Repr::Shared(_) => None,
         }
     }
 
