@@ -52,6 +52,10 @@ pub enum AmqpError {
          (percent-encode `/`, `?`, `#`, `@` and `:` in the user name, password and vhost)"
     )]
     InvalidUrl,
+    /// A list of node URLs given to `connect_cluster` cannot stand for one cluster (empty, an
+    /// unparsable URL, mixed vhosts or credentials). Not retryable: fix the list.
+    #[error(transparent)]
+    Nodes(#[from] NodeListError),
     /// Settings refused (data loss or out of range).
     #[error(transparent)]
     Settings(#[from] SettingsError),
@@ -63,6 +67,56 @@ pub enum AmqpError {
         /// lapin's error.
         #[source]
         source: lapin::Error,
+    },
+}
+
+/// Why a list of node URLs cannot stand for one RabbitMQ cluster (see
+/// [`Nodes::parse`](crate::Nodes::parse)). The text names URLs by their index in the list and
+/// never quotes a URL, a user name or a password; a vhost is named (it is no secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeListError {
+    /// No URL was given.
+    #[error(
+        "no RabbitMQ node given; pass at least one amqp://user:password@host:port/vhost \
+         (one per node of the cluster)"
+    )]
+    Empty,
+    /// The URL at `index` is no AMQP URL (see [`AmqpError::InvalidUrl`]).
+    #[error(
+        "the node URL at index {index} could not be parsed; expected \
+         amqp://user:password@host:port/vhost (percent-encode `/`, `?`, `#`, `@` and `:` in \
+         the user name, password and vhost)"
+    )]
+    InvalidUrl {
+        /// Its index in the list (from 0).
+        index: usize,
+    },
+    /// The URL at `index` names another vhost than the first URL. A publisher or consumer
+    /// talks to one vhost; every node of a cluster serves every vhost, so give every URL the
+    /// same one.
+    #[error(
+        "the node URL at index {index} names vhost `{vhost}` but the first names `{expected}`; \
+         every URL of one list must name the same vhost (use one list per vhost)"
+    )]
+    MixedVhosts {
+        /// Its index in the list (from 0).
+        index: usize,
+        /// The vhost it names (decoded).
+        vhost: String,
+        /// The vhost the first URL names (decoded).
+        expected: String,
+    },
+    /// The URL at `index` has another user or password than the first URL (which one is not
+    /// said: both are secrets). The nodes of a cluster share their users, so a difference is a
+    /// mistake that would make the client's login depend on the node it reaches.
+    #[error(
+        "the node URL at index {index} has other credentials than the first; the nodes of a \
+         cluster share their users: give every URL the same user and password"
+    )]
+    MixedCredentials {
+        /// Its index in the list (from 0).
+        index: usize,
     },
 }
 

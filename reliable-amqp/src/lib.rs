@@ -6,6 +6,7 @@
 //! | [`topology`] | durable exchanges, quorum/classic durable queues, dead-letter, live check | L3 |
 //! | [`publisher`] | confirm-mode publisher implementing the core's `Transport`; transactions | L1, L2 |
 //! | [`consumer`] | manual-ack consumer implementing the core's `DeliverySource` | L4 |
+//! | [`Nodes`] | the node URLs of one cluster; failover to another node when one is lost | L13 |
 //!
 //! Re-exports the lapin version it is built against, so users wrap the same types.
 
@@ -19,8 +20,9 @@ pub mod publisher;
 pub mod settings;
 pub mod topology;
 
+pub use connect::Nodes;
 pub use consumer::AmqpConsumer;
-pub use error::AmqpError;
+pub use error::{AmqpError, NodeListError};
 pub use lapin;
 pub use publisher::{AmqpPublisher, Refused};
 pub use settings::{AmqpSettings, DataLoss, PublishMode, QueueType, UnsafeSetting};

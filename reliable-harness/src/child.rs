@@ -36,6 +36,10 @@ pub struct BrokerArgs {
     /// The Kafka bootstrap servers.
     #[arg(long, env = "RELIABLE_KAFKA_BOOTSTRAP", default_value = reliable_test_support::DEFAULT_KAFKA_BOOTSTRAP)]
     pub kafka_bootstrap: String,
+    /// The URLs of the 3-node RabbitMQ cluster's nodes, comma-separated
+    /// (`scripts/rabbit-cluster env`), for the cluster scenarios.
+    #[arg(long, env = "RELIABLE_AMQP_CLUSTER_URLS", default_value = "", hide_env_values = true)]
+    pub amqp_cluster_urls: String,
 }
 
 impl BrokerArgs {
@@ -46,8 +50,37 @@ impl BrokerArgs {
             self.amqp_url.clone(),
             "--kafka-bootstrap".into(),
             self.kafka_bootstrap.clone(),
+            "--amqp-cluster-urls".into(),
+            self.amqp_cluster_urls.clone(),
         ]
     }
+
+    /// The RabbitMQ addresses the SDK is given: `--amqp-url` may list several nodes of one
+    /// cluster, comma-separated.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        split_urls(&self.amqp_url)
+    }
+
+    /// The cluster's node URLs; an error that says how to start the cluster when there are
+    /// none.
+    pub fn cluster_urls(&self) -> Result<Vec<&str>, crate::HarnessError> {
+        let urls = split_urls(&self.amqp_cluster_urls);
+        if urls.is_empty() {
+            return Err(crate::HarnessError::BrokerUnavailable {
+                broker: "the RabbitMQ cluster",
+                detail: "no node URLs: run scripts/rabbit-cluster up, then eval \"$(scripts/rabbit-cluster env)\" (or pass --amqp-cluster-urls)".to_owned(),
+            });
+        }
+        Ok(urls)
+    }
+}
+
+/// The non-empty entries of a comma-separated list of URLs.
+fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl ChildArgs {

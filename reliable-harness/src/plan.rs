@@ -40,6 +40,18 @@ pub enum Scenario {
     AmqpPoison,
     /// The same on Kafka, where only the pipeline's durable attempt counter counts crashes.
     KafkaPoison,
+    /// kill -9 of the node leading the queue in the 3-node RabbitMQ cluster
+    /// (`scripts/rabbit-cluster`), then restart, while the SDK produces and consumes through
+    /// all three addresses (L1, L3).
+    AmqpNodeKill,
+    /// The node leading the queue is cut off (its link down: no FIN, no RST) from the other
+    /// nodes and from every client for longer than the heartbeat timeouts, then healed (L1,
+    /// L3, L12).
+    AmqpPartition,
+    /// The Kafka broker leading partition 0 is cut off from the other brokers (replication,
+    /// the controller quorum) while clients still reach it, then from the clients too, then
+    /// healed: packets dropped, no FIN, no RST (L6, L7).
+    KafkaPartition,
 }
 
 /// What a scenario's fault hits.
@@ -57,17 +69,23 @@ pub enum Target {
     Link,
     /// The consumer's handler (poison messages crash it or fail it).
     Handler,
+    /// A node of a broker cluster (RabbitMQ's 3 nodes, Kafka's 3 brokers): killed, or cut
+    /// off by a partition.
+    Node,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::AmqpBadPublish,
         Scenario::AmqpSilentNetwork,
         Scenario::AmqpPoison,
+        Scenario::AmqpNodeKill,
+        Scenario::AmqpPartition,
         Scenario::KafkaLeaderKill,
+        Scenario::KafkaPartition,
         Scenario::KafkaConsumerKill,
         Scenario::KafkaProducerKill,
         Scenario::KafkaPoison,
@@ -80,11 +98,14 @@ impl Scenario {
             | Scenario::AmqpConsumerKill
             | Scenario::AmqpBadPublish
             | Scenario::AmqpSilentNetwork
-            | Scenario::AmqpPoison => Broker::Amqp,
+            | Scenario::AmqpPoison
+            | Scenario::AmqpNodeKill
+            | Scenario::AmqpPartition => Broker::Amqp,
             Scenario::KafkaLeaderKill
             | Scenario::KafkaConsumerKill
             | Scenario::KafkaProducerKill
-            | Scenario::KafkaPoison => Broker::Kafka,
+            | Scenario::KafkaPoison
+            | Scenario::KafkaPartition => Broker::Kafka,
         }
     }
 
@@ -97,7 +118,16 @@ impl Scenario {
             Scenario::AmqpBadPublish => Target::Publishes,
             Scenario::AmqpSilentNetwork => Target::Link,
             Scenario::AmqpPoison | Scenario::KafkaPoison => Target::Handler,
+            Scenario::AmqpNodeKill | Scenario::AmqpPartition | Scenario::KafkaPartition => {
+                Target::Node
+            }
         }
+    }
+
+    /// Whether the scenario runs on the 3-node RabbitMQ cluster (`scripts/rabbit-cluster`)
+    /// instead of the single node.
+    pub fn cluster(self) -> bool {
+        self.target() == Target::Node && self.broker() == Broker::Amqp
     }
 
     /// Whether the scenario mixes poison messages into its stream (see
@@ -133,6 +163,9 @@ impl Scenario {
             Scenario::AmqpSilentNetwork => "amqp-silent-network",
             Scenario::AmqpPoison => "amqp-poison",
             Scenario::KafkaPoison => "kafka-poison",
+            Scenario::AmqpNodeKill => "amqp-node-kill",
+            Scenario::AmqpPartition => "amqp-partition",
+            Scenario::KafkaPartition => "kafka-partition",
         }
     }
 }
@@ -242,11 +275,20 @@ pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
     let target = scenario.target();
     Roles {
         unsafe_producer: control
-            && matches!(target, Target::Broker | Target::Publishes | Target::Link),
+            && matches!(
+                target,
+                Target::Broker | Target::Publishes | Target::Link | Target::Node
+            ),
         unsafe_consumer: control && target == Target::Consumer,
         outbox: !control && target == Target::Producer,
         classic_queue: control
-            && matches!(scenario, Scenario::AmqpBrokerKill | Scenario::AmqpPoison),
+            && matches!(
+                scenario,
+                Scenario::AmqpBrokerKill
+                    | Scenario::AmqpPoison
+                    | Scenario::AmqpNodeKill
+                    | Scenario::AmqpPartition
+            ),
         attempt_counter: !control && scenario.poison(),
     }
 }
@@ -305,6 +347,16 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::KafkaPoison, Variant::Control) => {
             "no attempt counter: a retry count in memory dies with each crash"
+        }
+        (Scenario::KafkaPartition, Variant::Safe) => {
+            "RF 3, min.isr 2, acks=all + idempotence, manual commit, dedupe inbox"
+        }
+        (Scenario::KafkaPartition, Variant::Control) => "acks=1, no idempotence",
+        (Scenario::AmqpNodeKill | Scenario::AmqpPartition, Variant::Safe) => {
+            "3-node cluster, all three addresses, quorum queue on every node, confirms + mandatory + persistent, manual ack, dedupe inbox"
+        }
+        (Scenario::AmqpNodeKill | Scenario::AmqpPartition, Variant::Control) => {
+            "classic durable queue on the faulted node, only its address, no confirms, transient messages"
         }
     }
 }
@@ -428,14 +480,20 @@ mod tests {
                 c.unsafe_producer,
                 matches!(
                     s.target(),
-                    Target::Broker | Target::Publishes | Target::Link
+                    Target::Broker | Target::Publishes | Target::Link | Target::Node
                 ),
                 "{s}"
             );
             assert!(!c.outbox, "{s}");
             assert_eq!(
                 c.classic_queue,
-                matches!(s, Scenario::AmqpBrokerKill | Scenario::AmqpPoison),
+                matches!(
+                    s,
+                    Scenario::AmqpBrokerKill
+                        | Scenario::AmqpPoison
+                        | Scenario::AmqpNodeKill
+                        | Scenario::AmqpPartition
+                ),
                 "{s}"
             );
             assert_eq!(safe.attempt_counter, s.poison(), "{s}");

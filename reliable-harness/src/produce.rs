@@ -53,6 +53,10 @@ fn producer_config(confirm_timeout: Duration) -> ProducerConfig {
     }
 }
 
+/// The Kafka delivery deadline of the partition runs: longer than the partition (25 s) and
+/// the leader election after it.
+const KAFKA_PARTITION_DEADLINE: Duration = Duration::from_secs(120);
+
 /// The RabbitMQ settings of the run's producer: the safe preset, or the classic unsafe
 /// setting against the scenario's fault.
 fn amqp_settings(scenario: Scenario, unsafe_producer: bool) -> AmqpSettings {
@@ -172,7 +176,7 @@ async fn build(
                 .with_confirm_timeout(confirm_timeout)
                 .map_err(|e| HarnessError::Setup(e.to_string()))?;
             let publisher: Arc<dyn Transport> =
-                Arc::new(AmqpPublisher::connect(&args.brokers.amqp_url, settings).await?);
+                Arc::new(AmqpPublisher::connect_cluster(&args.brokers.amqp_urls(), settings).await?);
             let transport: Arc<dyn Transport> = if args.scenario == Scenario::AmqpBadPublish {
                 Arc::new(CutShort {
                     inner: publisher,
@@ -207,15 +211,27 @@ async fn build(
             } else {
                 KafkaTransport::builder(&args.brokers.kafka_bootstrap)
             };
-            let transport = builder
-                .default_topic(spec)
-                .confirm_timeout(confirm_timeout)
-                .build()
-                .await?;
-            let producer = wrap(
-                Arc::new(transport.clone()),
-                producer_config(confirm_timeout),
-            );
+            // A partition outlasts any per-attempt timeout, so that run keeps the preset's
+            // timing: librdkafka owns each record (retrying in order) for the whole delivery
+            // deadline; a record it gave up on after a short timeout would be resent behind
+            // newer ones of its key.
+            let preset_timing = args.scenario == Scenario::KafkaPartition;
+            let builder = builder.default_topic(spec);
+            let builder = if preset_timing {
+                builder.deadline(KAFKA_PARTITION_DEADLINE)
+            } else {
+                builder.confirm_timeout(confirm_timeout)
+            };
+            let transport = builder.build().await?;
+            let config = if preset_timing {
+                ProducerConfig {
+                    max_attempts: 100_000,
+                    ..transport.recommended_producer_config()
+                }
+            } else {
+                producer_config(confirm_timeout)
+            };
+            let producer = wrap(Arc::new(transport.clone()), config);
             Ok((producer, Some(transport)))
         }
     }

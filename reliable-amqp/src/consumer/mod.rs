@@ -31,6 +31,10 @@
 //!   [`next`](DeliverySource::next) returns the retryable [`ConsumeError::ConnectionLost`];
 //!   the next call re-opens the channel (with backoff) and consumes again. Unacked
 //!   deliveries of the lost channel are redelivered by the broker with `redelivered = true`.
+//! * [`AmqpConsumer::connect_cluster`] (and
+//!   [`connect_cluster_checked`](AmqpConsumer::connect_cluster_checked)) take the URLs of
+//!   several nodes of one cluster: after the loss of its node the consumer consumes again
+//!   through another node (loss-matrix row L13).
 //!
 //! ```no_run
 //! use reliable_amqp::consumer::AmqpConsumer;
@@ -112,7 +116,8 @@ impl fmt::Debug for AmqpConsumer {
 impl AmqpConsumer {
     /// Connects to `url` and starts consuming `queue`. The adapter owns the connection and
     /// re-opens it after a loss. Credentials never appear in logs or errors. An unparsable
-    /// URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
+    /// URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt). For a cluster,
+    /// give every node: [`connect_cluster`](Self::connect_cluster).
     ///
     /// Nothing is known here about the queue's dead-lettering, so the pipeline refuses
     /// `DeadLetter::BrokerReject` over this consumer; use
@@ -124,6 +129,93 @@ impl AmqpConsumer {
     ) -> Result<Self, AmqpError> {
         let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
         Self::start(source, queue, settings, None).await
+    }
+
+    /// Connects to one of the nodes of a RabbitMQ cluster, given as one `amqp://` URL per
+    /// node, and starts consuming `queue`; after the loss of that node it consumes again
+    /// through another one. All URLs must name the same vhost and carry the same user and
+    /// password; an empty list, an unparsable URL or a mixed list fails at once with
+    /// [`AmqpError::Nodes`] (see [`Nodes::parse`](crate::Nodes::parse)). A list of one URL is
+    /// [`connect`](Self::connect). Nodes are chosen as for the publisher (see
+    /// [`AmqpPublisher::connect_cluster`](crate::AmqpPublisher::connect_cluster)): rounds
+    /// over the list starting after the node that failed last, each node bounded by the open
+    /// timeout, one round per attempt of the settings'
+    /// [`ReconnectPolicy`](crate::settings::ReconnectPolicy); when every node failed
+    /// through all attempts, [`AmqpError::Connect`] names each node (no credentials).
+    ///
+    /// # When a node is lost
+    ///
+    /// RabbitMQ closes the connections of a node that stops (or the heartbeat declares a
+    /// silent one dead): [`next`](DeliverySource::next) returns the retryable
+    /// [`ConsumeError::ConnectionLost`], and the next call consumes again through another
+    /// node. Deliveries of the lost channel that the broker has not seen acked (lapin may
+    /// still hand out what it had buffered; their acks fail, or on a silent link are written
+    /// but never arrive) are put back in the queue by the broker once it closes that
+    /// connection, and delivered again, with [`Delivery::redelivered`] set, through the new
+    /// channel: each message is handled at least once and deduplicated by its id (L8).
+    ///
+    /// A quorum queue's leader lives on one node, and a consumer on any node receives its
+    /// messages (its node relays them from the leader). When the leader moves to another
+    /// node, consumers connected to surviving nodes go on consuming; only a consumer whose
+    /// own node was lost re-subscribes, as above.
+    ///
+    /// ```no_run
+    /// use reliable_amqp::{AmqpConsumer, AmqpSettings};
+    /// use reliable_core::DeliverySource;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = [
+    ///     "amqp://app:secret@rabbit-1:5672/orders",
+    ///     "amqp://app:secret@rabbit-2:5672/orders",
+    /// ];
+    /// let mut consumer =
+    ///     AmqpConsumer::connect_cluster(&nodes, "orders.eu", AmqpSettings::safe()).await?;
+    /// loop {
+    ///     match consumer.next().await {
+    ///         Ok(Some(delivery)) => delivery.ack().await?, // after the work is done
+    ///         Ok(None) => break,
+    ///         // The node was lost: the next call consumes through another node.
+    ///         Err(lost) if lost.is_retryable() => continue,
+    ///         Err(fatal) => return Err(fatal.into()),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_cluster<S: AsRef<str>>(
+        urls: &[S],
+        queue: &str,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, queue, settings, None).await
+    }
+
+    /// [`connect_checked`](Self::connect_checked) on a cluster: connects to one of `urls` as
+    /// [`connect_cluster`](Self::connect_cluster) does and checks the queue `spec` describes
+    /// there, once, before it consumes. After the loss of its node the consumer consumes
+    /// again through another node without checking again: the queue's arguments and its
+    /// dead-letter topology are the cluster's, the same through every node.
+    ///
+    /// ```no_run
+    /// use reliable_amqp::topology::{DeadLetterTarget, QueueSpec};
+    /// use reliable_amqp::{AmqpConsumer, AmqpSettings};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = ["amqp://app:secret@rabbit-1:5672/%2f", "amqp://app:secret@rabbit-2:5672/%2f"];
+    /// let orders = QueueSpec::quorum("orders.eu")
+    ///     .with_dead_letter(DeadLetterTarget::new("orders.dlx", "orders.dlq"));
+    /// let consumer =
+    ///     AmqpConsumer::connect_cluster_checked(&nodes, &orders, AmqpSettings::safe()).await?;
+    /// assert!(consumer.dead_letter_route().is_ok());
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_cluster_checked<S: AsRef<str>>(
+        urls: &[S],
+        spec: &QueueSpec,
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, spec.name(), settings, Some(spec)).await
     }
 
     /// Consumes `queue` on channels opened on an existing connection (see
@@ -196,7 +288,18 @@ impl AmqpConsumer {
                 deferred: None,
             };
             let classify = |e| AmqpError::classify("basic.consume", "queue", queue, e);
-            let link = consumer.open_link().await.map_err(classify)?;
+            let link = consumer.open_link().await.map_err(|e| {
+                // No connection and channel on any node: say where it tried. A refusal by
+                // the broker (a soft error) is about the queue or the user, not the nodes.
+                if soft_error(&e).is_some() {
+                    classify(e)
+                } else {
+                    AmqpError::Connect {
+                        target: consumer.source.target(),
+                        source: e,
+                    }
+                }
+            })?;
             if let Some(spec) = spec {
                 match consumer.check(&link, spec).await {
                     Ok(route) => consumer.dead_letter = route,
@@ -223,7 +326,7 @@ impl AmqpConsumer {
         spec: &QueueSpec,
     ) -> Result<Result<DeadLetterRoute, NoDeadLetterRoute>, AmqpError> {
         let connection = match (&self.source, &link.connection) {
-            (Source::Url(_), Some(owned)) => owned,
+            (Source::Nodes(_), Some(owned)) => owned,
             (Source::Connection(shared), _) => &**shared,
             // The consumer has no constructor from a channel; nothing to check on.
             _ => {

@@ -23,6 +23,15 @@
 //!   [`ReconnectPolicy`](crate::settings::ReconnectPolicy)). The caller — usually the core's
 //!   reliable producer — resends the same [`Message`], so the resend carries the original id.
 //!
+//! # Clusters: several nodes (loss-matrix row L13)
+//!
+//! [`AmqpPublisher::connect_cluster`] takes the URLs of several nodes of one RabbitMQ cluster
+//! ([`Nodes`](crate::Nodes)) and connects to the first that opens. When its node is lost, the
+//! publisher's next channel goes to another node, and what was unconfirmed on the lost channel
+//! is resent there by the machinery above: nothing is `Ok` without a confirm from the node
+//! that took the resend. See [`connect_cluster`](AmqpPublisher::connect_cluster) for how a
+//! node is chosen.
+//!
 //! # Transactions, the slower alternative
 //!
 //! With [`AmqpSettings::transactional`] the channel is in transaction mode instead:
@@ -168,7 +177,7 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
     tracing::info!(
         generation,
         channel = link.channel.id(),
-        target_broker = %inner.source.target(),
+        target_broker = %link.target,
         "AMQP publisher channel open"
     );
     let drain_bound = settings.confirm_timeout() + 3 * settings.heartbeat();
@@ -177,6 +186,7 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
         .opened(generation, confirms.settlement(), drain_bound);
     Ok(Arc::new(LiveChannel {
         generation,
+        node: link.node,
         channel: link.channel,
         connection: link.connection,
         confirms,
@@ -188,6 +198,8 @@ async fn open_live(inner: &Inner) -> Result<Arc<LiveChannel>, lapin::Error> {
 /// One open publisher channel, with its confirm driver.
 struct LiveChannel {
     generation: u64,
+    /// The node of the source's list the channel's connection goes to (URL sources).
+    node: Option<usize>,
     channel: Channel,
     /// Kept alive (and closed on drop) when the adapter owns the connection.
     connection: Option<Connection>,
@@ -242,9 +254,84 @@ impl fmt::Debug for AmqpPublisher {
 impl AmqpPublisher {
     /// Connects to `url` and opens a confirm-mode channel. The adapter owns the connection and
     /// re-opens it after a loss. The URL's credentials never appear in logs or errors. An
-    /// unparsable URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt).
+    /// unparsable URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt). For
+    /// a cluster, give every node: [`connect_cluster`](Self::connect_cluster).
     pub async fn connect(url: &str, settings: AmqpSettings) -> Result<Self, AmqpError> {
         let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        Self::start(source, settings).await
+    }
+
+    /// Connects to one of the nodes of a RabbitMQ cluster, given as one `amqp://` URL per
+    /// node, and opens a confirm-mode channel there; after the loss of that node, publishes
+    /// go on through another node. All URLs must name the same vhost and carry the same user
+    /// and password; an empty list, an unparsable URL or a mixed list fails at once with
+    /// [`AmqpError::Nodes`] (no connect attempt; see [`Nodes::parse`](crate::Nodes::parse)).
+    /// A list of one URL is [`connect`](Self::connect).
+    ///
+    /// # Choosing a node
+    ///
+    /// * Each time the publisher needs a connection (at start, after a loss) it makes *rounds*
+    ///   over the list: every node once, in list order, each attempt bounded by the open
+    ///   timeout (10 s). The first node whose connection and confirm-mode channel open wins.
+    /// * A round starts with the node of the last connection, unless that node failed: its
+    ///   connection was lost, a confirm on it did not come within the confirm timeout (the
+    ///   link may be silent, L12), or an open on it failed. Then the round starts with the
+    ///   node after it. So a lost node is tried last, not first, and the nodes take turns.
+    /// * A node that refuses connections costs one refused connect; one that accepts TCP but
+    ///   never answers (behind a partition) costs one open timeout. One round is one attempt
+    ///   of the settings' [`ReconnectPolicy`](crate::settings::ReconnectPolicy): when every
+    ///   node failed, the round is retried after the policy's backoff, and once the policy's
+    ///   attempts are spent the open fails with [`AmqpError::Connect`] (here) or the retryable
+    ///   `ConnectionLost` (a publish), naming every node (host, port and vhost) with why it
+    ///   failed. At worst `max_attempts × (nodes × 10 s + max_delay)`.
+    /// * An error no other node would answer differently (a refused login, a refused
+    ///   `confirm.select`) ends the round at once, as it does for one URL.
+    /// * The log says which node was chosen and why one was skipped (`tracing`, info and
+    ///   warn), naming nodes by host, port and vhost only (invariant 8).
+    ///
+    /// # When a node is lost
+    ///
+    /// RabbitMQ closes the connections of a node that stops (or the client's heartbeat
+    /// declares a silent one dead). The publishes not yet confirmed on that channel fail with
+    /// the retryable [`PublishError::ConnectionLost`]; the core's reliable producer resends
+    /// each with the same message id, and this publisher sends the resends over a new
+    /// connection to another node. A message the lost node had taken before it went is then
+    /// in the queue twice: consumers drop the copy by its id (L8).
+    ///
+    /// Quorum queues (the safe preset's) have a leader on one node and followers on others,
+    /// and any node accepts publishes for any queue: the node a client is connected to
+    /// forwards them to the leader and confirms once a quorum has written them. So the node
+    /// chosen need not hold the queue's leader; when the leader moves (its node is lost, or
+    /// the cluster rebalances) publishes through the surviving nodes keep going to the new
+    /// leader without the client doing anything, and only the connections to a lost node
+    /// are re-opened.
+    ///
+    /// ```no_run
+    /// use reliable_amqp::{AmqpPublisher, AmqpSettings};
+    /// use reliable_core::producer::{Producer, ProducerConfig};
+    /// use reliable_core::Message;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = [
+    ///     "amqp://app:secret@rabbit-1:5672/orders",
+    ///     "amqp://app:secret@rabbit-2:5672/orders",
+    ///     "amqp://app:secret@rabbit-3:5672/orders",
+    /// ];
+    /// let publisher = AmqpPublisher::connect_cluster(&nodes, AmqpSettings::safe()).await?;
+    /// // The producer resends what a lost node left unconfirmed, through another node.
+    /// let producer = Producer::new(publisher, ProducerConfig::default());
+    /// let confirmed = producer
+    ///     .send(Message::new(&b"order 42"[..]).with_routing_key("orders.eu"))
+    ///     .await?
+    ///     .await?;
+    /// # let _ = confirmed;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_cluster<S: AsRef<str>>(
+        urls: &[S],
+        settings: AmqpSettings,
+    ) -> Result<Self, AmqpError> {
+        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
         Self::start(source, settings).await
     }
 
@@ -376,9 +463,29 @@ impl AmqpPublisher {
     /// Drops the channel of `generation` so the next publish re-opens one.
     fn invalidate(&self, generation: u64) {
         let mut state = self.inner.lock_state();
-        if matches!(&*state, State::Live(l) if l.generation == generation) {
-            *state = State::Idle;
+        let State::Live(live) = &*state else {
+            return;
+        };
+        if live.generation != generation {
+            return;
         }
+        // A channel the broker closed under a live connection is that channel's matter (a
+        // publish it refused); a lost connection, or a confirm that did not come (the link
+        // may be silent), is the node's: the next connection tries the next node first (L13).
+        let connected = live
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.status().connected());
+        if !connected {
+            self.inner
+                .source
+                .avoid(live.node, "its connection was lost");
+        } else if live.channel.status().connected() {
+            self.inner
+                .source
+                .avoid(live.node, "a confirm on it did not come in time");
+        }
+        *state = State::Idle;
     }
 
     fn properties(&self, msg: &Message) -> BasicProperties {
@@ -502,5 +609,56 @@ mod tests {
                 .await
                 .unwrap_err();
         assert!(matches!(error, AmqpError::InvalidUrl), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_node_list_that_is_no_cluster_fails_at_once_without_quoting_it() {
+        use crate::NodeListError;
+        let started = std::time::Instant::now();
+        let none: [String; 0] = [];
+        let error = AmqpPublisher::connect_cluster(&none, AmqpSettings::safe())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, AmqpError::Nodes(NodeListError::Empty)),
+            "{error:?}"
+        );
+        let mixed = [
+            "amqp://alice:Xq7secret@127.0.0.1:1/v",
+            "amqp://alice:Zk9secret@127.0.0.1:2/v",
+        ];
+        let error = AmqpPublisher::connect_cluster(&mixed, AmqpSettings::safe())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                AmqpError::Nodes(NodeListError::MixedCredentials { index: 1 })
+            ),
+            "{error:?}"
+        );
+        let text = format!("{error} {error:?}");
+        assert!(
+            !text.contains("Xq7") && !text.contains("Zk9") && !text.contains("alice"),
+            "{text}"
+        );
+        let error = crate::AmqpConsumer::connect_cluster(
+            &["amqp://u:p@127.0.0.1:1/v", "amqp:u:p@h"],
+            "q",
+            AmqpSettings::safe(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                AmqpError::Nodes(NodeListError::InvalidUrl { index: 1 })
+            ),
+            "{error:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "a connect was tried"
+        );
     }
 }

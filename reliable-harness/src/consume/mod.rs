@@ -220,7 +220,8 @@ async fn run_safe(
             let source = Journaled::new(source, source_journal);
             let dead_letter = if classic || poison {
                 // A published copy carries the origin headers the poison checker reads.
-                let publisher = AmqpPublisher::connect(&child.brokers.amqp_url, settings).await?;
+                let publisher =
+                    AmqpPublisher::connect_cluster(&child.brokers.amqp_urls(), settings).await?;
                 let exchange = amqp_dead_letter(&child.dest).exchange().to_owned();
                 DeadLetter::publish(
                     Producer::new(publisher, ProducerConfig::default()),
@@ -275,7 +276,9 @@ async fn run_safe(
 /// Connects, retrying while the broker is unreachable (a consumer restarted during an outage).
 async fn connect_amqp(child: &ChildArgs, spec: &QueueSpec, settings: AmqpSettings) -> AmqpConsumer {
     loop {
-        match AmqpConsumer::connect_checked(&child.brokers.amqp_url, spec, settings.clone()).await {
+        match AmqpConsumer::connect_cluster_checked(&child.brokers.amqp_urls(), spec, settings.clone())
+            .await
+        {
             Ok(consumer) => return consumer,
             Err(e) => {
                 tracing::warn!(error = %e, "consumer cannot connect yet; retrying");

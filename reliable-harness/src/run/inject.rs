@@ -1,4 +1,5 @@
-//! The faults: broker and process kills through `scripts/brokers`, a silent network through
+//! The faults: broker and process kills through `scripts/brokers`, node kills and partitions
+//! of the 3-node RabbitMQ cluster through `scripts/rabbit-cluster`, a silent network through
 //! the run's TCP proxy, and the record of each.
 
 use std::path::Path;
@@ -39,6 +40,11 @@ pub(super) async fn brokers(script: &Path, args: &[&str]) -> Result<String, Harn
 
 /// Brokers in the project's Kafka cluster (`scripts/brokers up`).
 const KAFKA_BROKERS: u32 = 3;
+
+/// How long a partitioned Kafka leader stays reachable by clients, cut off from the other
+/// brokers only: longer than the broker session timeout (3 s), so the controller fences it
+/// and elects another leader while it still takes writes.
+const LEADER_ALONE: Duration = Duration::from_secs(5);
 
 /// How long the followers are frozen before the leader is killed: below the cluster's broker
 /// session timeout (3 s), so they are not fenced for the pause itself.
@@ -161,6 +167,46 @@ pub(super) async fn inject(
             "poison messages through the whole stream: 1 in {CRASH_EVERY} aborts the consumer \
              process (restarted at once), 1 in {FAIL_EVERY} fails its handler permanently"
         ),
+        Scenario::AmqpNodeKill => {
+            let cluster = &args.cluster_script;
+            let node = brokers(cluster, &["leader", &p.dest]).await?;
+            brokers(cluster, &["kill", &node]).await?;
+            tokio::time::sleep(sizes.downtime).await;
+            brokers(cluster, &["restart", &node]).await?;
+            wait_members(cluster, &p.dest).await?;
+            format!("kill -9 RabbitMQ node {node} (leading the queue), restart")
+        }
+        Scenario::AmqpPartition => {
+            let cluster = &args.cluster_script;
+            let node = brokers(cluster, &["leader", &p.dest]).await?;
+            brokers(cluster, &["partition", &node]).await?;
+            tokio::time::sleep(sizes.blackhole).await;
+            brokers(cluster, &["heal", &node]).await?;
+            wait_members(cluster, &p.dest).await?;
+            format!(
+                "RabbitMQ node {node} (leading the queue) cut off from the other nodes and every \
+                 client for {} s (link down: no FIN, no RST), healed",
+                sizes.blackhole.as_secs()
+            )
+        }
+        Scenario::KafkaPartition => {
+            let leader = brokers(script, &["kafka-leader", &p.dest, "0"]).await?;
+            // First the replicas only: the leader still takes (and, with acks=1, confirms)
+            // writes that no follower copies, until the controller fences it.
+            brokers(script, &["kafka-partition", &leader, "--brokers-only"]).await?;
+            tokio::time::sleep(LEADER_ALONE).await;
+            brokers(script, &["kafka-partition", &leader]).await?;
+            tokio::time::sleep(sizes.blackhole).await;
+            brokers(script, &["kafka-heal", &leader]).await?;
+            wait_in_sync(args, &p.dest).await?;
+            format!(
+                "Kafka broker {leader} (leader of partition 0) cut off from the other brokers \
+                 for {} s while clients still reached it, then from the clients too for {} s \
+                 (packets dropped: no FIN, no RST), healed",
+                LEADER_ALONE.as_secs(),
+                sizes.blackhole.as_secs()
+            )
+        }
         Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => {
             children.kill_consumer();
             children.consumer_kills += 1;
@@ -176,6 +222,26 @@ pub(super) async fn inject(
         recovery_s: round1(kill.elapsed().as_secs_f64()),
         in_flight,
     })
+}
+
+/// Waits until every node of the RabbitMQ cluster runs again and `queue` answers with a
+/// leader, so the next fault starts from a whole cluster.
+async fn wait_members(cluster: &Path, queue: &str) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let whole = brokers(cluster, &["status"]).await.is_ok()
+            && brokers(cluster, &["leader", queue]).await.is_ok();
+        if whole {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Script {
+                command: format!("wait for the cluster and {queue}"),
+                detail: "the cluster was not whole again after 180 s".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until every partition of `topic` has all its replicas in sync again, so the next

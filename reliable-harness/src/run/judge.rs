@@ -65,7 +65,7 @@ pub(super) async fn judge(
 }
 
 /// The figures of a run that decide nothing but are worth reading: the extra copies a silent
-/// network cost, and how the bad publishes were answered.
+/// network, a node kill or a partition cost, and how the bad publishes were answered.
 fn figures(
     scenario: Scenario,
     counts: &Counts,
@@ -98,6 +98,10 @@ fn figures(
                 refused(Publish::MissingExchange)
             )]
         }
+        Scenario::AmqpNodeKill | Scenario::AmqpPartition | Scenario::KafkaPartition => vec![format!(
+            "{} extra copies delivered (resends, or redeliveries to a consumer cut off before its commit or ack)",
+            counts.duplicated_deliveries
+        )],
         _ => Vec::new(),
     }
 }

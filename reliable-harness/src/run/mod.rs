@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// The broker control script (kill, restart, leader lookup).
     #[arg(long, default_value = "scripts/brokers")]
     pub brokers_script: PathBuf,
+    /// The 3-node RabbitMQ cluster's control script (kill, restart, partition, heal, leader),
+    /// for the cluster scenarios.
+    #[arg(long, default_value = "scripts/rabbit-cluster")]
+    pub cluster_script: PathBuf,
     /// Where the brokers are.
     #[command(flatten)]
     pub brokers: BrokerArgs,
@@ -161,8 +165,22 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
         .iter()
         .filter(|p| p.scenario.broker() == Broker::Amqp)
         .collect();
-    if !amqp.is_empty() {
-        let conn = Connection::connect(&args.brokers.amqp_url, ConnectionProperties::default())
+    for cluster in [false, true] {
+        let here: Vec<&&Planned> = amqp
+            .iter()
+            .filter(|p| p.scenario.cluster() == cluster)
+            .collect();
+        if here.is_empty() {
+            continue;
+        }
+        // The cluster's queues are declared through its first node: a classic queue (the
+        // controls') lives there, and the controls connect only to it.
+        let url = if cluster {
+            args.brokers.cluster_urls()?[0]
+        } else {
+            args.brokers.amqp_url.as_str()
+        };
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .map_err(|e| HarnessError::BrokerUnavailable {
                 broker: "RabbitMQ",
@@ -172,7 +190,7 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             .create_channel()
             .await
             .map_err(|e| HarnessError::Setup(format!("channel: {e}")))?;
-        for p in &amqp {
+        for p in &here {
             let classic = roles(p.scenario, p.variant).classic_queue;
             if classic || p.scenario.poison() {
                 topology::declare_dead_letter_target(&channel, &amqp_dead_letter(&p.dest)).await?;
@@ -180,6 +198,8 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
             topology::declare_queue(&channel, &amqp_queue(&p.dest, classic)).await?;
         }
         let _ = conn.close(200, "prepared".into()).await;
+    }
+    if !amqp.is_empty() {
         if amqp.iter().any(|p| p.scenario == Scenario::AmqpBrokerKill) {
             eprintln!("harness: clean RabbitMQ restart so the new queues' metadata is on disk");
             brokers(&args.brokers_script, &["rabbit-stop"]).await?;
@@ -268,16 +288,32 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         } else {
             None
         };
+    // The cluster scenarios give the SDK every node's address; their controls only the first
+    // node's, where the classic queue lives.
+    let brokers = if p.scenario.cluster() {
+        let nodes = args.brokers.cluster_urls()?;
+        let amqp_url = if roles(p.scenario, p.variant).classic_queue {
+            nodes[0].to_owned()
+        } else {
+            nodes.join(",")
+        };
+        BrokerArgs {
+            amqp_url,
+            ..args.brokers.clone()
+        }
+    } else {
+        args.brokers.clone()
+    };
     let producer_brokers = BrokerArgs {
         amqp_url: link.as_ref().map_or_else(
-            || args.brokers.amqp_url.clone(),
-            |proxy| proxy.url_for(&args.brokers.amqp_url),
+            || brokers.amqp_url.clone(),
+            |proxy| proxy.url_for(&brokers.amqp_url),
         ),
-        ..args.brokers.clone()
+        ..brokers.clone()
     };
     let mut children = Children {
         exe: std::env::current_exe()?,
-        base: child_args(p, &args.brokers),
+        base: child_args(p, &brokers),
         producer_base: child_args(p, &producer_brokers),
         dir: dir.clone(),
         capacity: sizes.consumer_capacity,

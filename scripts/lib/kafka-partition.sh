@@ -1,0 +1,83 @@
+# Partitions between the Kafka brokers of scripts/brokers, which all listen on 127.0.0.1: each
+# broker process runs in its own net_cls cgroup (classid 0x0077000N), and nftables drops by
+# that class, so a cut link drops packets (no FIN, no RST) between exactly the processes named.
+# Sourced by scripts/brokers; needs root, nftables and the net_cls cgroup controller (mounted
+# here when missing). Without them, brokers run untagged and the partition commands refuse.
+
+NET_CLS=/sys/fs/cgroup/net_cls
+NFT_TABLE=reliable_kafka
+
+kafka_classid() { printf '0x0077%04x' "$1"; }
+
+net_cls_ready() {
+  [ -f "$NET_CLS/net_cls.classid" ] && return 0
+  [ "$(id -u)" = 0 ] || return 1
+  mkdir -p "$NET_CLS" 2>/dev/null && mount -t cgroup -o net_cls net_cls "$NET_CLS" 2>/dev/null
+}
+
+# kafka_tag N: puts broker N's process into its class (a no-op where classes are unavailable).
+kafka_tag() {
+  local n=$1 pid
+  pid=$(kafka_pid "$n")
+  net_cls_ready || return 0
+  mkdir -p "$NET_CLS/rl-kafka$n"
+  kafka_classid "$n" >"$NET_CLS/rl-kafka$n/net_cls.classid"
+  echo "$pid" >"$NET_CLS/rl-kafka$n/cgroup.procs" 2>/dev/null || true
+}
+
+partition_ready() {
+  command -v nft >/dev/null || die "kafka-partition needs nftables (apt-get install nftables)"
+  net_cls_ready || die "kafka-partition needs root and the net_cls cgroup controller"
+  nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && return 0
+  nft add table inet "$NFT_TABLE"
+  nft add chain inet "$NFT_TABLE" out '{ type filter hook output priority 0; policy accept; }'
+}
+
+# kafka_partition N [--brokers-only]: cuts broker N off from the other brokers (replication,
+# controller quorum, heartbeats) and, unless --brokers-only, from every client too.
+kafka_partition() {
+  local n=$1 scope=${2:-all} m own=() others=() classes=()
+  kafka_check_node "$n"
+  partition_ready
+  for m in $(seq 1 "$(kafka_count)"); do
+    grep -qx "$(kafka_pid "$m")" "$NET_CLS/rl-kafka$m/cgroup.procs" 2>/dev/null || kafka_tag "$m"
+  done
+  own=("$(kafka_port "$n")" "$(kafka_ctrl_port "$n")")
+  for m in $(seq 1 "$(kafka_count)"); do
+    [ "$m" = "$n" ] && continue
+    others+=("$(kafka_port "$m")" "$(kafka_ctrl_port "$m")")
+    classes+=("$(kafka_classid "$m")")
+  done
+  local chain=node$n
+  if ! nft list chain inet "$NFT_TABLE" "$chain" >/dev/null 2>&1; then
+    nft add chain inet "$NFT_TABLE" "$chain"
+    nft add rule inet "$NFT_TABLE" out jump "$chain"
+  fi
+  nft flush chain inet "$NFT_TABLE" "$chain"
+  local list_own list_others list_classes
+  list_own=$(IFS=,; echo "${own[*]}")
+  list_others=$(IFS=,; echo "${others[*]}")
+  list_classes=$(IFS=,; echo "${classes[*]}")
+  # N's requests to the other brokers, and theirs to N.
+  nft add rule inet "$NFT_TABLE" "$chain" meta cgroup "$(kafka_classid "$n")" tcp dport "{ $list_others }" counter drop
+  nft add rule inet "$NFT_TABLE" "$chain" meta cgroup "{ $list_classes }" tcp dport "{ $list_own }" counter drop
+  if [ "$scope" != --brokers-only ]; then
+    # Everything N sends, and everything anyone sends to N.
+    nft add rule inet "$NFT_TABLE" "$chain" meta cgroup "$(kafka_classid "$n")" counter drop
+    nft add rule inet "$NFT_TABLE" "$chain" tcp dport "{ $list_own }" counter drop
+  fi
+  log "Kafka broker $n cut off from the other brokers$([ "$scope" = --brokers-only ] || echo ' and every client')"
+}
+
+# kafka_heal [N]: restores broker N's links (every broker's without N).
+kafka_heal() {
+  nft list table inet "$NFT_TABLE" >/dev/null 2>&1 || return 0
+  if [ -n "${1:-}" ]; then
+    kafka_check_node "$1"
+    nft flush chain inet "$NFT_TABLE" "node$1" 2>/dev/null || true
+    log "Kafka broker $1 links restored"
+  else
+    nft delete table inet "$NFT_TABLE"
+    log "every Kafka link restored"
+  fi
+}
