@@ -38,7 +38,12 @@ pub struct BrokerArgs {
     pub kafka_bootstrap: String,
     /// The URLs of the 3-node RabbitMQ cluster's nodes, comma-separated
     /// (`scripts/rabbit-cluster env`), for the cluster scenarios.
-    #[arg(long, env = "RELIABLE_AMQP_CLUSTER_URLS", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RELIABLE_AMQP_CLUSTER_URLS",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub amqp_cluster_urls: String,
 }
 

@@ -175,8 +175,9 @@ async fn build(
             let settings = amqp_settings(args.scenario, unsafe_producer)
                 .with_confirm_timeout(confirm_timeout)
                 .map_err(|e| HarnessError::Setup(e.to_string()))?;
-            let publisher: Arc<dyn Transport> =
-                Arc::new(AmqpPublisher::connect_cluster(&args.brokers.amqp_urls(), settings).await?);
+            let publisher: Arc<dyn Transport> = Arc::new(
+                AmqpPublisher::connect_cluster(&args.brokers.amqp_urls(), settings).await?,
+            );
             let transport: Arc<dyn Transport> = if args.scenario == Scenario::AmqpBadPublish {
                 Arc::new(CutShort {
                     inner: publisher,

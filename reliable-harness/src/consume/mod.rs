@@ -276,8 +276,12 @@ async fn run_safe(
 /// Connects, retrying while the broker is unreachable (a consumer restarted during an outage).
 async fn connect_amqp(child: &ChildArgs, spec: &QueueSpec, settings: AmqpSettings) -> AmqpConsumer {
     loop {
-        match AmqpConsumer::connect_cluster_checked(&child.brokers.amqp_urls(), spec, settings.clone())
-            .await
+        match AmqpConsumer::connect_cluster_checked(
+            &child.brokers.amqp_urls(),
+            spec,
+            settings.clone(),
+        )
+        .await
         {
             Ok(consumer) => return consumer,
             Err(e) => {

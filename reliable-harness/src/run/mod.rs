@@ -199,12 +199,10 @@ async fn prepare(args: &RunArgs, planned: &[Planned]) -> Result<(), HarnessError
         }
         let _ = conn.close(200, "prepared".into()).await;
     }
-    if !amqp.is_empty() {
-        if amqp.iter().any(|p| p.scenario == Scenario::AmqpBrokerKill) {
-            eprintln!("harness: clean RabbitMQ restart so the new queues' metadata is on disk");
-            brokers(&args.brokers_script, &["rabbit-stop"]).await?;
-            brokers(&args.brokers_script, &["rabbit-restart"]).await?;
-        }
+    if amqp.iter().any(|p| p.scenario == Scenario::AmqpBrokerKill) {
+        eprintln!("harness: clean RabbitMQ restart so the new queues' metadata is on disk");
+        brokers(&args.brokers_script, &["rabbit-stop"]).await?;
+        brokers(&args.brokers_script, &["rabbit-restart"]).await?;
     }
     for p in planned
         .iter()
