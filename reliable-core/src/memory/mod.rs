@@ -51,6 +51,7 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -109,15 +110,24 @@ pub struct InMemoryBroker {
 #[derive(Default)]
 struct BrokerInner {
     state: Mutex<State>,
-    /// Woken on every change consumers may wait for.
+    /// Woken on every change consumers may wait for, while one waits (see `waiting`).
     changed: Notify,
+    /// Consumers between their look for a delivery and the end of their wait for a change:
+    /// `changed` is notified only when there is one, so a publish with nobody waiting costs no
+    /// notification. A consumer counts itself before it looks (the look takes the lock); a
+    /// change is made under the lock and the count read after it, so a change the look missed
+    /// always sees the consumer counted.
+    waiting: AtomicUsize,
     /// Bumped when the connection is lost, failing publishes that wait for a confirm.
     connection: watch::Sender<u64>,
 }
 
+/// A map with a fast hasher (queue names, delivery tags).
+type FxHashMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 #[derive(Default)]
 struct State {
-    queues: HashMap<String, Queue>,
+    queues: FxHashMap<String, Queue>,
     publish_faults: VecDeque<PublishFault>,
     max_message_size: Option<usize>,
     publish_log: Vec<MessageId>,
@@ -134,7 +144,7 @@ struct State {
 #[derive(Default)]
 struct Queue {
     ready: VecDeque<(Message, bool)>,
-    unacked: HashMap<u64, Message>,
+    unacked: FxHashMap<u64, Message>,
     faults: VecDeque<DeliveryFault>,
     acked: u64,
     rejected: Vec<Message>,
@@ -154,6 +164,14 @@ impl InMemoryBroker {
     /// An empty broker with no queues.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Wakes the consumers waiting for a change, if any. Call after the change, with the lock
+    /// released.
+    fn changed(&self) {
+        if self.inner.waiting.load(Ordering::SeqCst) > 0 {
+            self.inner.changed.notify_waiters();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -182,7 +200,7 @@ impl InMemoryBroker {
         self.declare_queue(queue);
         InMemoryConsumer {
             broker: self.clone(),
-            queue: queue.to_owned(),
+            queue: queue.into(),
             end_when_drained: false,
             closed: false,
         }
@@ -217,7 +235,7 @@ impl InMemoryBroker {
             requeue_unacked(q);
         }
         drop(st);
-        self.inner.changed.notify_waiters();
+        self.changed();
     }
 
     /// Loses the connection: publishes waiting for a confirm fail with
@@ -303,7 +321,7 @@ impl InMemoryBroker {
             Settle::Drop => q.rejected.push(msg),
         }
         drop(st);
-        self.inner.changed.notify_waiters();
+        self.changed();
         Ok(())
     }
 }
@@ -329,7 +347,8 @@ enum Settle {
 #[derive(Debug)]
 pub struct InMemoryConsumer {
     broker: InMemoryBroker,
-    queue: String,
+    /// Shared with the ackers of its deliveries.
+    queue: Arc<str>,
     end_when_drained: bool,
     closed: bool,
 }
@@ -352,7 +371,7 @@ impl InMemoryConsumer {
         st.next_tag += 1;
         let tag = st.next_tag;
         let session = st.session;
-        let q = st.queues.get_mut(&self.queue)?;
+        let q = st.queues.get_mut(&*self.queue)?;
         let Some((msg, redelivered)) = q.ready.pop_front() else {
             return (self.end_when_drained && q.unacked.is_empty()).then_some(None);
         };
@@ -370,7 +389,7 @@ impl InMemoryConsumer {
         }
         let acker = InMemoryAcker {
             broker: self.broker.clone(),
-            queue: self.queue.clone(),
+            queue: Arc::clone(&self.queue),
             tag,
             session,
         };
@@ -387,16 +406,21 @@ impl DeliverySource for InMemoryConsumer {
             if self.closed {
                 return Ok(None);
             }
-            let changed = self.broker.inner.changed.notified();
+            let inner = &self.broker.inner;
+            let changed = inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            // Counted until the wait ends (or this future is dropped), from before the look.
+            let waiting = Waiting::count(&inner.waiting);
             if let Some(d) = self.try_take() {
+                drop(waiting);
                 if d.is_some() {
-                    self.broker.inner.changed.notify_waiters();
+                    self.broker.changed();
                 }
                 return Ok(d);
             }
             changed.await;
+            drop(waiting);
         }
     }
 
@@ -415,7 +439,7 @@ impl DeliverySource for InMemoryConsumer {
             }
         }
         if batch.len() > 1 {
-            self.broker.inner.changed.notify_waiters();
+            self.broker.changed();
         }
         Ok(batch)
     }
@@ -426,10 +450,26 @@ impl DeliverySource for InMemoryConsumer {
     }
 }
 
+/// One consumer counted in [`BrokerInner::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Settles one in-memory delivery.
 struct InMemoryAcker {
     broker: InMemoryBroker,
-    queue: String,
+    queue: Arc<str>,
     tag: u64,
     session: u64,
 }
@@ -541,5 +581,93 @@ mod tests {
         let r = waiting.await.map_err(|e| e.to_string());
         assert!(matches!(r, Ok(Err(PublishError::ConnectionLost { .. }))));
         assert_eq!(broker.queue_len(DEFAULT_QUEUE), 1);
+    }
+
+    #[tokio::test]
+    async fn submit_answers_inline_and_holds_a_dropped_confirm_until_the_connection_loss() {
+        use crate::transport::{Attempt, Completion, Submission};
+        use futures::FutureExt;
+
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        let t = Arc::new(broker.transport());
+        let msg = Arc::new(Message::new("a").with_destination("q"));
+
+        let (done, answer) = Completion::channel();
+        let submission = Arc::clone(&t).submit(Arc::clone(&msg), done);
+        assert!(matches!(submission, Submission::Now(Ok(Attempt::Callback))));
+        assert_eq!(answer.now_or_never(), Some(Ok(())));
+
+        broker.inject_publish_fault(PublishFault::DropConfirm);
+        let (done, mut answer) = Completion::channel();
+        let submission = Arc::clone(&t).submit(Arc::clone(&msg), done);
+        assert!(matches!(submission, Submission::Now(Ok(Attempt::Callback))));
+        assert_eq!((&mut answer).now_or_never(), None);
+        assert_eq!(broker.queue_len("q"), 2);
+        broker.lose_connection();
+        assert!(matches!(
+            answer.await,
+            Err(PublishError::ConnectionLost { .. })
+        ));
+
+        broker.inject_publish_fault(PublishFault::Nack);
+        let (done, answer) = Completion::channel();
+        let submission = Arc::clone(&t).submit(Arc::clone(&msg), done);
+        assert!(matches!(
+            submission,
+            Submission::Now(Err(PublishError::Nacked { .. }))
+        ));
+        drop(submission);
+        assert!(matches!(
+            answer.await,
+            Err(PublishError::ConnectionLost { .. }) // dismissed: the sender is gone
+        ));
+        assert_eq!(broker.publish_log().len(), 3);
+        assert_eq!(broker.queue_len("q"), 2);
+    }
+
+    #[tokio::test]
+    async fn waiting_consumers_are_woken_by_later_publishes(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        let waiting = || broker.inner.waiting.load(Ordering::SeqCst);
+
+        // A wait given up (its future dropped) is no longer counted.
+        let mut c = broker.consumer("q");
+        assert!(futures::FutureExt::now_or_never(c.next()).is_none());
+        assert_eq!(waiting(), 0);
+
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let mut c = broker.consumer("q");
+            tasks.push(tokio::spawn(async move {
+                let d = c.next().await?.ok_or("ended")?;
+                let id = d.message().id();
+                d.ack().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(id)
+            }));
+        }
+        while waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let t = broker.transport();
+        let (a, b) = (Message::new("a"), Message::new("b"));
+        broker.declare_queue(DEFAULT_QUEUE);
+        // Routed elsewhere: the consumers of "q" wait on.
+        t.publish(&Message::new("x")).await?;
+        t.publish(&a.clone().with_destination("q")).await?;
+        t.publish(&b.clone().with_destination("q")).await?;
+        let mut got = Vec::new();
+        for task in tasks {
+            got.push(task.await?.map_err(|e| e.to_string())?);
+        }
+        got.sort();
+        let mut want = vec![a.id(), b.id()];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(waiting(), 0);
+        assert_eq!(broker.acked_count("q"), 2);
+        Ok(())
     }
 }

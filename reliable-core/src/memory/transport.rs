@@ -1,5 +1,10 @@
 //! [`InMemoryTransport`], the producer side of the in-memory broker: the hand-off (stored,
 //! refused or lost, per the injected fault) and the confirm.
+//!
+//! A publish costs one lock of the broker: the hand-off logs it, applies its fault, stores a
+//! copy of the message and, for a confirm that never comes, holds its completion, all under that
+//! one lock; consumers are notified only when one waits. A confirm that comes at once is
+//! answered inline: no task, no timer, no subscription to connection losses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,84 +22,115 @@ pub struct InMemoryTransport {
     pub(super) broker: InMemoryBroker,
 }
 
+/// What the confirm of a handed-off message does.
 enum Then {
+    /// Confirm at once.
+    Confirm,
+    /// Never confirm: the broker holds the attempt's completion and fails it on a connection
+    /// loss.
+    Held,
+    /// Never confirm: fail once the connection is lost (subscribed during the hand-off).
+    Never(watch::Receiver<u64>),
+    /// Confirm after the delay, or fail if the connection is lost first (subscribed during the
+    /// hand-off).
+    After(Duration, watch::Receiver<u64>),
+}
+
+/// What the injected fault makes of a publish, before the checks of size and route.
+enum Fate {
     Confirm,
     Fail(PublishError),
     Never,
-    ConfirmAfter(Duration),
+    After(Duration),
+}
+
+fn lost() -> PublishError {
+    PublishError::ConnectionLost {
+        reason: "connection lost while waiting for the confirm".into(),
+    }
 }
 
 impl InMemoryTransport {
     /// The hand-off: the broker stores (or, under a fault, refuses or loses) the message at
-    /// once, in call order. A refusal is returned here; what the confirm does is the `Then`.
-    fn hand_off(&self, msg: &Message) -> Result<(Then, watch::Receiver<u64>), PublishError> {
-        let inner = &self.broker.inner;
-        let then = {
-            let mut st = self.broker.lock();
-            st.publish_log.push(msg.id());
-            let fault = if st.silent {
-                Some(PublishFault::LoseMessage)
-            } else {
-                st.publish_faults.pop_front()
-            };
-            let queue = msg.destination().unwrap_or(DEFAULT_QUEUE);
-            let size = msg.payload().len();
-            let (store, then) = match fault {
-                None => (true, Then::Confirm),
-                Some(PublishFault::DropConfirm) => (true, Then::Never),
-                Some(PublishFault::LoseMessage) => (false, Then::Never),
-                Some(PublishFault::Nack) => (
-                    false,
-                    Then::Fail(PublishError::Nacked {
-                        reason: "injected nack".into(),
-                    }),
-                ),
-                Some(PublishFault::Fail(e)) => (false, Then::Fail(e)),
-                Some(PublishFault::Delay(d)) => (true, Then::ConfirmAfter(d)),
-                Some(PublishFault::ConnectionLost { stored }) => (
-                    stored,
-                    Then::Fail(PublishError::ConnectionLost {
-                        reason: "injected connection loss".into(),
-                    }),
-                ),
-            };
-            if let Some(limit) = st.max_message_size.filter(|l| size > *l) {
-                return Err(PublishError::TooLarge { size, limit });
-            }
-            let Some(q) = st.queues.get_mut(queue) else {
-                return Err(PublishError::Unroutable {
-                    reason: format!("no queue named {queue:?}"),
-                });
-            };
-            if store {
-                q.ready.push_back((msg.clone(), false));
-            }
-            // Subscribed under the lock: a connection loss after this fails the wait below.
-            (then, inner.connection.subscribe())
+    /// once, in call order, all under one lock. A refusal (an injected nack or failure
+    /// included) is the `Err`. For a confirm that never comes the broker takes `done`, when
+    /// given, to fail it on a connection loss ([`Then::Held`]); otherwise it leaves `done` as
+    /// it is.
+    fn hand_off(&self, msg: &Message, done: &mut Option<Completion>) -> Result<Then, PublishError> {
+        let broker = &self.broker;
+        let mut st = broker.lock();
+        st.publish_log.push(msg.id());
+        let fault = if st.silent {
+            Some(PublishFault::LoseMessage)
+        } else {
+            st.publish_faults.pop_front()
         };
-        inner.changed.notify_waiters();
-        if let (Then::Fail(e), _) = then {
-            return Err(e);
+        let (store, fate) = match fault {
+            None => (true, Fate::Confirm),
+            Some(PublishFault::DropConfirm) => (true, Fate::Never),
+            Some(PublishFault::LoseMessage) => (false, Fate::Never),
+            Some(PublishFault::Nack) => (
+                false,
+                Fate::Fail(PublishError::Nacked {
+                    reason: "injected nack".into(),
+                }),
+            ),
+            Some(PublishFault::Fail(e)) => (false, Fate::Fail(e)),
+            Some(PublishFault::Delay(d)) => (true, Fate::After(d)),
+            Some(PublishFault::ConnectionLost { stored }) => (
+                stored,
+                Fate::Fail(PublishError::ConnectionLost {
+                    reason: "injected connection loss".into(),
+                }),
+            ),
+        };
+        let size = msg.payload().len();
+        if let Some(limit) = st.max_message_size.filter(|l| size > *l) {
+            return Err(PublishError::TooLarge { size, limit });
         }
-        Ok(then)
+        let queue = msg.destination().unwrap_or(DEFAULT_QUEUE);
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Err(PublishError::Unroutable {
+                reason: format!("no queue named {queue:?}"),
+            });
+        };
+        if store {
+            q.ready.push_back((msg.clone(), false));
+        }
+        // Held or subscribed under the lock: a connection loss after the hand-off fails it.
+        let then = match fate {
+            Fate::Confirm => Ok(Then::Confirm),
+            Fate::Fail(e) => Err(e),
+            Fate::Never => match done.take() {
+                Some(done) => {
+                    st.held.push(done);
+                    Ok(Then::Held)
+                }
+                None => Ok(Then::Never(broker.inner.connection.subscribe())),
+            },
+            Fate::After(delay) => Ok(Then::After(delay, broker.inner.connection.subscribe())),
+        };
+        drop(st);
+        if store {
+            broker.changed();
+        }
+        then
     }
 }
 
 /// The confirm of a handed-off message, failed by a connection loss while it waits.
-async fn confirm(then: Then, mut connection: watch::Receiver<u64>) -> Result<(), PublishError> {
-    let lost = async move {
-        let _ = connection.changed().await;
-        Err(PublishError::ConnectionLost {
-            reason: "connection lost while waiting for the confirm".into(),
-        })
-    };
+async fn confirm(then: Then) -> Result<(), PublishError> {
     match then {
         Then::Confirm => Ok(()),
-        Then::Fail(e) => Err(e),
-        Then::Never => lost.await,
-        Then::ConfirmAfter(d) => tokio::select! {
-            _ = tokio::time::sleep(d) => Ok(()),
-            lost = lost => lost,
+        // Its completion is answered by the broker, not here.
+        Then::Held => std::future::pending().await,
+        Then::Never(mut connection) => {
+            let _ = connection.changed().await;
+            Err(lost())
+        }
+        Then::After(delay, mut connection) => tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = connection.changed() => Err(lost()),
         },
     }
 }
@@ -104,44 +140,37 @@ async fn confirm(then: Then, mut connection: watch::Receiver<u64>) -> Result<(),
 #[async_trait]
 impl Transport for InMemoryTransport {
     async fn publish(&self, msg: &Message) -> Result<(), PublishError> {
-        let (then, connection) = self.hand_off(msg)?;
-        confirm(then, connection).await
+        let then = self.hand_off(msg, &mut None)?;
+        confirm(then).await
     }
 
     /// Answers through `done`: at once for a confirm; a delayed confirm from a task (failed
     /// by a connection loss first); a confirm that never comes is held by the broker until a
     /// connection loss fails it.
     fn submit(self: Arc<Self>, msg: Arc<Message>, done: Completion) -> Submission {
-        let (then, mut connection) = match self.hand_off(&msg) {
-            Ok(handed) => handed,
+        let mut slot = Some(done);
+        let then = self.hand_off(&msg, &mut slot);
+        let Some(done) = slot else {
+            return Submission::Now(Ok(Attempt::Callback)); // held by the broker
+        };
+        match then {
             Err(e) => {
                 done.dismiss();
                 return Submission::Now(Err(e));
             }
-        };
-        match then {
-            Then::Confirm => done.complete(Ok(())),
-            Then::Fail(e) => done.complete(Err(e)),
-            Then::Never => {
-                let mut st = self.broker.lock();
-                if connection.has_changed().unwrap_or(true) {
-                    drop(st);
-                    done.complete(Err(PublishError::ConnectionLost {
-                        reason: "connection lost while waiting for the confirm".into(),
-                    }));
-                } else {
-                    st.held.push(done);
-                }
-            }
-            Then::ConfirmAfter(delay) => {
+            Ok(Then::Confirm) => done.complete(Ok(())),
+            Ok(Then::After(delay, mut connection)) => {
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => done.complete(Ok(())),
-                        _ = connection.changed() => done.complete(Err(PublishError::ConnectionLost {
-                            reason: "connection lost while waiting for the confirm".into(),
-                        })),
+                        _ = connection.changed() => done.complete(Err(lost())),
                     }
                 });
+            }
+            // Not reached: given a completion, the hand-off holds it rather than subscribe.
+            Ok(then @ (Then::Held | Then::Never(_))) => {
+                done.dismiss();
+                return Submission::Now(Ok(Attempt::Future(Box::pin(confirm(then)))));
             }
         }
         Submission::Now(Ok(Attempt::Callback))
