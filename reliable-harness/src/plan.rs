@@ -52,6 +52,10 @@ pub enum Scenario {
     /// the controller quorum) while clients still reach it, then from the clients too, then
     /// healed: packets dropped, no FIN, no RST (L6, L7).
     KafkaPartition,
+    /// The producer process is cut off from RabbitMQ (everything it sends dropped: no FIN, no
+    /// RST) for longer than the heartbeat timeouts and the confirm timeout, then let through
+    /// again (L12).
+    AmqpClientPartition,
 }
 
 /// What a scenario's fault hits.
@@ -76,7 +80,7 @@ pub enum Target {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::AmqpBadPublish,
@@ -84,6 +88,7 @@ impl Scenario {
         Scenario::AmqpPoison,
         Scenario::AmqpNodeKill,
         Scenario::AmqpPartition,
+        Scenario::AmqpClientPartition,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaPartition,
         Scenario::KafkaConsumerKill,
@@ -100,7 +105,8 @@ impl Scenario {
             | Scenario::AmqpSilentNetwork
             | Scenario::AmqpPoison
             | Scenario::AmqpNodeKill
-            | Scenario::AmqpPartition => Broker::Amqp,
+            | Scenario::AmqpPartition
+            | Scenario::AmqpClientPartition => Broker::Amqp,
             Scenario::KafkaLeaderKill
             | Scenario::KafkaConsumerKill
             | Scenario::KafkaProducerKill
@@ -116,7 +122,7 @@ impl Scenario {
             Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => Target::Consumer,
             Scenario::KafkaProducerKill => Target::Producer,
             Scenario::AmqpBadPublish => Target::Publishes,
-            Scenario::AmqpSilentNetwork => Target::Link,
+            Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => Target::Link,
             Scenario::AmqpPoison | Scenario::KafkaPoison => Target::Handler,
             Scenario::AmqpNodeKill | Scenario::AmqpPartition | Scenario::KafkaPartition => {
                 Target::Node
@@ -166,6 +172,7 @@ impl Scenario {
             Scenario::AmqpNodeKill => "amqp-node-kill",
             Scenario::AmqpPartition => "amqp-partition",
             Scenario::KafkaPartition => "kafka-partition",
+            Scenario::AmqpClientPartition => "amqp-client-partition",
         }
     }
 }
@@ -347,6 +354,12 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::KafkaPoison, Variant::Control) => {
             "no attempt counter: a retry count in memory dies with each crash"
+        }
+        (Scenario::AmqpClientPartition, Variant::Safe) => {
+            "quorum queue, confirms (5 s timeout), heartbeat 5 s, resend on a fresh connection, dedupe inbox"
+        }
+        (Scenario::AmqpClientPartition, Variant::Control) => {
+            "no confirms: a publish counts once written to the socket"
         }
         (Scenario::KafkaPartition, Variant::Safe) => {
             "RF 3, min.isr 2, acks=all + idempotence, manual commit, dedupe inbox"

@@ -67,7 +67,7 @@ fn amqp_settings(scenario: Scenario, unsafe_producer: bool) -> AmqpSettings {
         Scenario::AmqpBadPublish => {
             AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::NoMandatory)
         }
-        Scenario::AmqpSilentNetwork => {
+        Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => {
             AmqpSettings::safe().unsafe_allow_data_loss(DataLoss::NoPublisherConfirms)
         }
         _ => AmqpSettings::classic_durable()

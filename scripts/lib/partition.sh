@@ -1,11 +1,13 @@
-# Partitions between the Kafka brokers of scripts/brokers, which all listen on 127.0.0.1: each
-# broker process runs in its own net_cls cgroup (classid 0x0077000N), and nftables drops by
-# that class, so a cut link drops packets (no FIN, no RST) between exactly the processes named.
+# Partitions on one machine: between the Kafka brokers of scripts/brokers (which all listen on
+# 127.0.0.1), and around a client process. Each broker process runs in its own net_cls cgroup
+# (classid 0x0077000N), a client cut off runs in class 0x00770100, and nftables drops packets
+# by class, so a cut link drops packets (no FIN, no RST) between exactly the processes named.
 # Sourced by scripts/brokers; needs root, nftables and the net_cls cgroup controller (mounted
 # here when missing). Without them, brokers run untagged and the partition commands refuse.
 
 NET_CLS=/sys/fs/cgroup/net_cls
-NFT_TABLE=reliable_kafka
+NFT_TABLE=reliable_partitions
+CLIENT_CLASS=0x00770100
 
 kafka_classid() { printf '0x0077%04x' "$1"; }
 
@@ -78,6 +80,54 @@ kafka_heal() {
     log "Kafka broker $1 links restored"
   else
     nft delete table inet "$NFT_TABLE"
-    log "every Kafka link restored"
+    log "every link restored"
   fi
+}
+
+# client_partition PID: cuts process PID (all its threads) off from every broker: whatever it
+# sends is dropped, so its connections go silent without a reset on either side.
+client_partition() {
+  local pid=${1:-}
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || die "client-partition needs a live pid (got '$pid')"
+  partition_ready
+  mkdir -p "$NET_CLS/rl-client"
+  echo "$CLIENT_CLASS" >"$NET_CLS/rl-client/net_cls.classid"
+  echo "$pid" >"$NET_CLS/rl-client/cgroup.procs"
+  client_ports "$pid" >"$DIR/client-ports"
+  if ! nft list chain inet "$NFT_TABLE" client >/dev/null 2>&1; then
+    nft add chain inet "$NFT_TABLE" client
+    nft add rule inet "$NFT_TABLE" out jump client
+  fi
+  nft flush chain inet "$NFT_TABLE" client
+  nft add rule inet "$NFT_TABLE" client meta cgroup "$CLIENT_CLASS" counter drop
+  log "process $pid cut off from every broker"
+}
+
+# client_ports PID: the local ports of process PID's established TCP connections.
+client_ports() {
+  local pid=$1 inodes
+  inodes=$(ls -l "/proc/$pid/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\].*/\1/p' | sort -u)
+  # Established sockets (state 01) by inode; the local port is hex in the table.
+  awk -v want=" $(echo $inodes) " 'FNR > 1 && $4 == "01" && index(want, " " $10 " ") {
+      split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+    while read -r hex; do echo $((16#$hex)); done
+}
+
+# client_reset PID: resets the TCP connections of process PID (those it had when it was cut
+# off, also if it has exited since: the kernel keeps sending what it had written), as a NAT or
+# firewall that forgot them during an outage answers them: what was written into them and not
+# yet delivered is gone.
+client_reset() {
+  local pid=${1:-} port n=0
+  [[ "$pid" =~ ^[0-9]+$ ]] || die "client-reset needs the client's pid"
+  for port in $( (cat "$DIR/client-ports" 2>/dev/null; client_ports "$pid") | sort -u); do
+    ss -K -t state established "sport = :$port" >/dev/null 2>&1 && n=$((n + 1))
+  done
+  log "connections of process $pid reset ($n local port(s))"
+}
+
+# client_heal: lets the client cut off by client_partition talk again.
+client_heal() {
+  nft flush chain inet "$NFT_TABLE" client 2>/dev/null || true
+  log "client links restored"
 }

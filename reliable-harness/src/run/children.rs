@@ -57,6 +57,11 @@ impl Children {
         Ok(())
     }
 
+    /// The producer's process id, while it runs.
+    pub(super) fn producer_pid(&self) -> Option<u32> {
+        self.producer.as_ref().map(|p| p.0.id())
+    }
+
     /// SIGKILL, and reap.
     pub(super) fn kill_producer(&mut self) {
         self.producer = None;

@@ -189,6 +189,30 @@ pub(super) async fn inject(
                 sizes.blackhole.as_secs()
             )
         }
+        Scenario::AmqpClientPartition => {
+            let pid = children.producer_pid().ok_or_else(|| {
+                HarnessError::Setup("a client-partition run without its producer".to_owned())
+            })?;
+            views.refresh()?;
+            let resolved_at_cut = views.producer.resolved();
+            let pid = pid.to_string();
+            brokers(script, &["client-partition", &pid]).await?;
+            // Halfway, the connections still open are reset, as a NAT or firewall that forgot
+            // them answers: what was written into them and not delivered is gone.
+            tokio::time::sleep(sizes.blackhole / 2).await;
+            brokers(script, &["client-reset", &pid]).await?;
+            tokio::time::sleep(sizes.blackhole / 2).await;
+            views.refresh()?;
+            in_flight =
+                Some((views.producer.accepted.len() as u64).saturating_sub(resolved_at_cut));
+            brokers(script, &["client-heal"]).await?;
+            format!(
+                "the producer process cut off from every broker for {} s (its packets \
+                 dropped: no FIN, no RST; its open connections reset halfway, as a NAT or \
+                 firewall that forgot them answers), then let through",
+                sizes.blackhole.as_secs()
+            )
+        }
         Scenario::KafkaPartition => {
             let leader = brokers(script, &["kafka-leader", &p.dest, "0"]).await?;
             // First the replicas only: the leader still takes (and, with acks=1, confirms)

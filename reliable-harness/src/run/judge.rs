@@ -73,12 +73,12 @@ fn figures(
     producer: &ProducerView,
 ) -> Vec<String> {
     match scenario {
-        Scenario::AmqpSilentNetwork => {
+        Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => {
             let in_flight: u64 = faults.iter().filter_map(|f| f.in_flight).sum();
             let extra = counts.duplicated_deliveries;
             vec![format!(
                 "{extra} extra copies = {:.1} % of the {in_flight} messages in flight during \
-                 the silence",
+                 the silence or the cut",
                 100.0 * extra as f64 / in_flight.max(1) as f64
             )]
         }
