@@ -56,7 +56,16 @@ pub enum Scenario {
     /// RST) for longer than the heartbeat timeouts and the confirm timeout, then let through
     /// again (L12).
     AmqpClientPartition,
+    /// A seeded random schedule over the whole run (see `run/nemesis.rs`): node kills,
+    /// frozen nodes, partitions of the 3-node RabbitMQ cluster, consumer kills and the
+    /// producer cut off. Its control runs both producer and consumer unsafe.
+    AmqpNemesis,
+    /// The same on Kafka: broker kills, frozen brokers, partitions, consumer kills.
+    KafkaNemesis,
 }
+
+/// The fewest messages a nemesis run sends.
+const NEMESIS_MESSAGES: u64 = 24_000;
 
 /// What a scenario's fault hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +89,7 @@ pub enum Target {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::AmqpBadPublish,
@@ -89,8 +98,10 @@ impl Scenario {
         Scenario::AmqpNodeKill,
         Scenario::AmqpPartition,
         Scenario::AmqpClientPartition,
+        Scenario::AmqpNemesis,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaPartition,
+        Scenario::KafkaNemesis,
         Scenario::KafkaConsumerKill,
         Scenario::KafkaProducerKill,
         Scenario::KafkaPoison,
@@ -106,12 +117,14 @@ impl Scenario {
             | Scenario::AmqpPoison
             | Scenario::AmqpNodeKill
             | Scenario::AmqpPartition
-            | Scenario::AmqpClientPartition => Broker::Amqp,
+            | Scenario::AmqpClientPartition
+            | Scenario::AmqpNemesis => Broker::Amqp,
             Scenario::KafkaLeaderKill
             | Scenario::KafkaConsumerKill
             | Scenario::KafkaProducerKill
             | Scenario::KafkaPoison
-            | Scenario::KafkaPartition => Broker::Kafka,
+            | Scenario::KafkaPartition
+            | Scenario::KafkaNemesis => Broker::Kafka,
         }
     }
 
@@ -124,9 +137,11 @@ impl Scenario {
             Scenario::AmqpBadPublish => Target::Publishes,
             Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => Target::Link,
             Scenario::AmqpPoison | Scenario::KafkaPoison => Target::Handler,
-            Scenario::AmqpNodeKill | Scenario::AmqpPartition | Scenario::KafkaPartition => {
-                Target::Node
-            }
+            Scenario::AmqpNodeKill
+            | Scenario::AmqpPartition
+            | Scenario::KafkaPartition
+            | Scenario::AmqpNemesis
+            | Scenario::KafkaNemesis => Target::Node,
         }
     }
 
@@ -148,13 +163,31 @@ impl Scenario {
         self == Scenario::AmqpBadPublish || self.poison()
     }
 
-    /// Faults planned for one run of this scenario.
+    /// Faults planned for one run of this scenario: the nemesis strikes at least three times.
     pub fn faults(self, sizes: &Sizes) -> u32 {
         if self.continuous() {
             1
+        } else if self.nemesis() {
+            sizes.faults.max(3)
         } else {
             sizes.faults
         }
+    }
+
+    /// Messages of one run of this scenario: a nemesis run lasts long enough (at least 48 s
+    /// at the short mode's rate) for its faults, back to back, to strike while the producer
+    /// still sends.
+    pub fn messages(self, sizes: &Sizes) -> u64 {
+        if self.nemesis() {
+            sizes.messages.max(NEMESIS_MESSAGES)
+        } else {
+            sizes.messages
+        }
+    }
+
+    /// Whether the faults of a run are drawn by the nemesis.
+    pub fn nemesis(self) -> bool {
+        matches!(self, Scenario::AmqpNemesis | Scenario::KafkaNemesis)
     }
 
     /// The name used in tables, file names and queue / topic names.
@@ -172,6 +205,8 @@ impl Scenario {
             Scenario::AmqpNodeKill => "amqp-node-kill",
             Scenario::AmqpPartition => "amqp-partition",
             Scenario::KafkaPartition => "kafka-partition",
+            Scenario::AmqpNemesis => "amqp-nemesis",
+            Scenario::KafkaNemesis => "kafka-nemesis",
             Scenario::AmqpClientPartition => "amqp-client-partition",
         }
     }
@@ -286,7 +321,7 @@ pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
                 target,
                 Target::Broker | Target::Publishes | Target::Link | Target::Node
             ),
-        unsafe_consumer: control && target == Target::Consumer,
+        unsafe_consumer: control && (target == Target::Consumer || scenario.nemesis()),
         outbox: !control && target == Target::Producer,
         classic_queue: control
             && matches!(
@@ -295,6 +330,7 @@ pub fn roles(scenario: Scenario, variant: Variant) -> Roles {
                     | Scenario::AmqpPoison
                     | Scenario::AmqpNodeKill
                     | Scenario::AmqpPartition
+                    | Scenario::AmqpNemesis
             ),
         attempt_counter: !control && scenario.poison(),
     }
@@ -354,6 +390,18 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::KafkaPoison, Variant::Control) => {
             "no attempt counter: a retry count in memory dies with each crash"
+        }
+        (Scenario::AmqpNemesis, Variant::Safe) => {
+            "3-node cluster, all three addresses, quorum queue, confirms + mandatory + persistent, manual ack, dedupe inbox"
+        }
+        (Scenario::AmqpNemesis, Variant::Control) => {
+            "classic durable queue on node 1, only its address, no confirms, transient messages; auto-ack into an in-memory buffer, no dedupe"
+        }
+        (Scenario::KafkaNemesis, Variant::Safe) => {
+            "RF 3, min.isr 2, acks=all + idempotence (120 s delivery deadline), manual commit, dedupe inbox"
+        }
+        (Scenario::KafkaNemesis, Variant::Control) => {
+            "acks=1, no idempotence; auto-commit + auto offset store, in-memory buffer, no dedupe"
         }
         (Scenario::AmqpClientPartition, Variant::Safe) => {
             "quorum queue, confirms (5 s timeout), heartbeat 5 s, resend on a fresh connection, dedupe inbox"
@@ -488,7 +536,11 @@ mod tests {
             assert!(!safe.unsafe_producer && !safe.unsafe_consumer, "{s}");
             assert_eq!(safe.outbox, s.target() == Target::Producer, "{s}");
             let c = roles(s, Variant::Control);
-            assert_eq!(c.unsafe_consumer, s.target() == Target::Consumer, "{s}");
+            assert_eq!(
+                c.unsafe_consumer,
+                s.target() == Target::Consumer || s.nemesis(),
+                "{s}"
+            );
             assert_eq!(
                 c.unsafe_producer,
                 matches!(
@@ -506,6 +558,7 @@ mod tests {
                         | Scenario::AmqpPoison
                         | Scenario::AmqpNodeKill
                         | Scenario::AmqpPartition
+                        | Scenario::AmqpNemesis
                 ),
                 "{s}"
             );

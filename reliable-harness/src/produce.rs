@@ -216,7 +216,10 @@ async fn build(
             // timing: librdkafka owns each record (retrying in order) for the whole delivery
             // deadline; a record it gave up on after a short timeout would be resent behind
             // newer ones of its key.
-            let preset_timing = args.scenario == Scenario::KafkaPartition;
+            let preset_timing = matches!(
+                args.scenario,
+                Scenario::KafkaPartition | Scenario::KafkaNemesis
+            );
             let builder = builder.default_topic(spec);
             let builder = if preset_timing {
                 builder.deadline(KAFKA_PARTITION_DEADLINE)

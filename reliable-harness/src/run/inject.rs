@@ -59,6 +59,8 @@ pub(super) struct Targets<'a> {
     pub(super) link: Option<&'a Proxy>,
     /// The journals.
     pub(super) views: &'a mut Views,
+    /// The fault's number in its run, from 0.
+    pub(super) index: u32,
 }
 
 /// Injects the scenario's fault and waits until the component is back.
@@ -73,6 +75,7 @@ pub(super) async fn inject(
         children,
         link,
         views,
+        index,
     } = targets;
     let confirmed = views.producer.confirmed.len() as u64;
     let at = started.elapsed();
@@ -231,6 +234,9 @@ pub(super) async fn inject(
                 sizes.blackhole.as_secs()
             )
         }
+        Scenario::AmqpNemesis | Scenario::KafkaNemesis => {
+            super::nemesis::strike(args, sizes, p, children, index).await?
+        }
         Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => {
             children.kill_consumer();
             children.consumer_kills += 1;
@@ -250,7 +256,7 @@ pub(super) async fn inject(
 
 /// Waits until every node of the RabbitMQ cluster runs again and `queue` answers with a
 /// leader, so the next fault starts from a whole cluster.
-async fn wait_members(cluster: &Path, queue: &str) -> Result<(), HarnessError> {
+pub(super) async fn wait_members(cluster: &Path, queue: &str) -> Result<(), HarnessError> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let whole = brokers(cluster, &["status"]).await.is_ok()
@@ -270,7 +276,7 @@ async fn wait_members(cluster: &Path, queue: &str) -> Result<(), HarnessError> {
 
 /// Waits until every partition of `topic` has all its replicas in sync again, so the next
 /// fault starts from a fully replicated topic.
-async fn wait_in_sync(args: &RunArgs, topic: &str) -> Result<(), HarnessError> {
+pub(super) async fn wait_in_sync(args: &RunArgs, topic: &str) -> Result<(), HarnessError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers.kafka_bootstrap)
         .create()

@@ -98,7 +98,11 @@ fn figures(
                 refused(Publish::MissingExchange)
             )]
         }
-        Scenario::AmqpNodeKill | Scenario::AmqpPartition | Scenario::KafkaPartition => vec![format!(
+        Scenario::AmqpNodeKill
+        | Scenario::AmqpPartition
+        | Scenario::KafkaPartition
+        | Scenario::AmqpNemesis
+        | Scenario::KafkaNemesis => vec![format!(
             "{} extra copies delivered (resends, or redeliveries to a consumer cut off before its commit or ack)",
             counts.duplicated_deliveries
         )],

@@ -4,6 +4,7 @@
 mod children;
 mod inject;
 mod judge;
+mod nemesis;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,6 +57,10 @@ pub struct RunArgs {
     /// for the cluster scenarios.
     #[arg(long, default_value = "scripts/rabbit-cluster")]
     pub cluster_script: PathBuf,
+    /// The nemesis's seed (default: drawn from the clock and printed, so a run can be
+    /// replayed with `--seed`).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Where the brokers are.
     #[command(flatten)]
     pub brokers: BrokerArgs,
@@ -93,7 +98,14 @@ pub struct FaultRecord {
 }
 
 /// Runs every planned scenario and writes the report; `Ok(true)` when every verdict holds.
-pub async fn run(args: RunArgs) -> Result<bool, HarnessError> {
+pub async fn run(mut args: RunArgs) -> Result<bool, HarnessError> {
+    let seed = *args.seed.get_or_insert_with(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos().into())
+            .unwrap_or_default()
+    });
+    eprintln!("harness: nemesis seed {seed} (replay with --seed {seed})");
     let mut sizes = args.mode.sizes();
     if let Some(m) = args.messages {
         sizes.messages = m;
@@ -264,6 +276,7 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
     let label = p.label();
     let sizes = &Sizes {
         faults: p.scenario.faults(sizes),
+        messages: p.scenario.messages(sizes),
         ..*sizes
     };
     let dir = args
@@ -348,7 +361,8 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         }
         let done = faults.len() as u32;
         let confirmed = views.producer.confirmed.len() as u64;
-        let threshold = if p.scenario.continuous() {
+        // The nemesis strikes again as soon as the component is back.
+        let threshold = if p.scenario.continuous() || p.scenario.nemesis() {
             0
         } else {
             fault_threshold(sizes.messages, sizes.faults, done)
@@ -358,6 +372,7 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
                 children: &mut children,
                 link: link.as_ref(),
                 views: &mut views,
+                index: done,
             };
             let record = inject(args, sizes, p, targets, started).await?;
             eprintln!(
