@@ -56,6 +56,7 @@
 //! ```
 
 mod acker;
+mod channel;
 pub mod coalesce;
 mod convert;
 mod key;
@@ -68,14 +69,15 @@ use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use reliable_core::{Acker, ConsumeError, Delivery, DeliverySource};
+use reliable_core::{ConsumeError, Delivery, DeliverySource};
 use tracing::Instrument;
 
 use crate::connect::{retryable, Link, Source};
 use crate::error::{soft_error, AmqpError};
 use crate::settings::{AmqpSettings, QueueType};
 use crate::topology::{self, DeadLetterRoute, NoDeadLetterRoute, QueueSpec};
-use acker::{AmqpAcker, SETTLE_TIMEOUT};
+use acker::SETTLE_TIMEOUT;
+use channel::Current;
 pub use coalesce::AckCoalescing;
 use coalesce::Coalescer;
 pub use key::{KeyExtractor, KeyFn};
@@ -440,60 +442,6 @@ impl AmqpConsumer {
     async fn subscribe(&mut self) -> Result<(), lapin::Error> {
         let link = self.open_link().await?;
         self.consume_on(link).await
-    }
-}
-
-/// What the consumer holds of its current channel.
-struct Current {
-    link: Link,
-    consumer: lapin::Consumer,
-    /// The channel's ack coalescer, unless coalescing is off. Dropped with the channel's
-    /// consumer, it writes the acks asked for and stops.
-    acks: Option<Coalescer>,
-    /// Whether a delivery was handed out on this channel.
-    delivered: bool,
-}
-
-impl Current {
-    /// What one item of this channel's stream becomes: a delivery handed out, or the loss of
-    /// the channel (an error, or the end of the stream), after which the caller drops this
-    /// channel so the next call consumes again on a new one. Shared by
-    /// [`next`](DeliverySource::next) and [`next_batch`](DeliverySource::next_batch), so each
-    /// delivery is handed out the same way. `quorum`: `queue` is a quorum queue (its
-    /// redeliveries count themselves); `keys` keys deliveries from other clients.
-    fn take(
-        &mut self,
-        item: Option<Result<lapin::message::Delivery, lapin::Error>>,
-        queue: &str,
-        quorum: bool,
-        keys: &KeyExtractor,
-    ) -> Result<Delivery, ConsumeError> {
-        match item {
-            Some(Ok(delivery)) => {
-                // Registered before it is handed out, so no multiple ack can cover it unsettled.
-                let acker: Box<dyn Acker> = match &self.acks {
-                    Some(acks) => Box::new(acks.register(delivery.delivery_tag)),
-                    None => Box::new(AmqpAcker {
-                        acker: delivery.acker.clone(),
-                    }),
-                };
-                self.delivered = true;
-                Ok(convert::to_delivery(delivery, acker, queue, quorum, keys))
-            }
-            Some(Err(error)) => {
-                tracing::warn!(%queue, %error, "AMQP consumer lost; will consume again");
-                Err(ConsumeError::ConnectionLost {
-                    reason: error.to_string(),
-                })
-            }
-            None => {
-                tracing::warn!(%queue, "AMQP consumer stream ended (cancelled or channel closed); will consume again");
-                Err(ConsumeError::ConnectionLost {
-                    reason: "the broker ended the consumer (cancelled, or its channel closed)"
-                        .to_owned(),
-                })
-            }
-        }
     }
 }
 
