@@ -22,8 +22,6 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use reliable_amqp::lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::settings::{AmqpSettings, ReconnectPolicy};
 use reliable_amqp::topology::{self, QueueSpec};
 use reliable_amqp::{AmqpConsumer, AmqpError, AmqpPublisher};
@@ -212,7 +210,7 @@ async fn publish_across_a_node_loss(how: Loss) {
         }
         last = now;
     }
-    let copies = read_back(&conn, &queue, last).await;
+    let copies = common::read_back(&conn, &queue, last).await;
     let stored: u64 = copies.values().sum();
     let extra = stored - copies.len() as u64;
     let missing = confirmed
@@ -515,51 +513,4 @@ async fn debug_of_a_cluster_publisher_and_consumer_shows_no_credentials() {
     publisher.close().await;
     drop(consumer);
     common::delete(&conn, &[&queue]).await;
-}
-
-/// Reads `queue` back (about `expected` messages) with a plain lapin consumer and counts the
-/// copies of each message id.
-async fn read_back(
-    conn: &reliable_amqp::lapin::Connection,
-    queue: &str,
-    expected: u32,
-) -> HashMap<String, u64> {
-    use futures::StreamExt;
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "cluster-failover-reader".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut copies: HashMap<String, u64> = HashMap::new();
-    let mut read = 0u32;
-    loop {
-        let wait = if read >= expected {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(15)
-        };
-        match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                read += 1;
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
-                *copies.entry(id).or_default() += 1;
-            }
-            _ => break,
-        }
-    }
-    copies
 }

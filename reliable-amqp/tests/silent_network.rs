@@ -20,8 +20,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reliable_amqp::lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::settings::AmqpSettings;
 use reliable_amqp::topology::{self, QueueSpec};
 use reliable_amqp::AmqpPublisher;
@@ -147,7 +145,7 @@ async fn a_blackholed_link_loses_nothing_and_costs_few_extra_copies() {
         }
         last = now;
     }
-    let copies = read_back(&conn, &queue, last).await;
+    let copies = common::read_back(&conn, &queue, last).await;
 
     let lost: Vec<u64> = confirmed
         .iter()
@@ -216,54 +214,4 @@ async fn an_idle_publisher_connection_exchanges_short_heartbeats() {
     // A heartbeat frame is 8 bytes.
     assert!(up >= 8, "the client sent no heartbeat in 6 s");
     assert!(down >= 8, "the broker sent no heartbeat in 6 s");
-}
-
-/// Reads `queue` back (about `expected` messages) with a plain lapin consumer and counts the
-/// copies of each message id.
-async fn read_back(
-    conn: &reliable_amqp::lapin::Connection,
-    queue: &str,
-    expected: u32,
-) -> HashMap<String, u64> {
-    use futures::StreamExt;
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "silent-network-reader".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut copies: HashMap<String, u64> = HashMap::new();
-    let mut read = 0u32;
-    // Until the expected number arrived and nothing more comes for a second.
-    loop {
-        let wait = if read >= expected {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(15)
-        };
-        match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string())
-                    .expect("every message carries its id");
-                *copies.entry(id).or_default() += 1;
-                read += 1;
-            }
-            Ok(Some(Err(e))) => panic!("reading the queue back: {e}"),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let _ = ch.close(200, "read back".into()).await;
-    copies
 }

@@ -1,9 +1,12 @@
 //! Helpers shared by the broker tests.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use reliable_amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use reliable_amqp::lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::lapin::{Channel, Connection, ConnectionProperties};
 
@@ -66,4 +69,54 @@ pub async fn delete(conn: &Connection, queues: &[&str]) {
                 .await;
         }
     }
+}
+
+/// Reads `queue` back (about `expected` messages) with a plain lapin consumer and counts the
+/// copies of each message id.
+pub async fn read_back(
+    conn: &reliable_amqp::lapin::Connection,
+    queue: &str,
+    expected: u32,
+) -> HashMap<String, u64> {
+    use futures::StreamExt;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "read-back".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut copies: HashMap<String, u64> = HashMap::new();
+    let mut read = 0u32;
+    // Until the expected number arrived and nothing more comes for a second.
+    loop {
+        let wait = if read >= expected {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(15)
+        };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.to_string())
+                    .expect("every message carries its id");
+                *copies.entry(id).or_default() += 1;
+                read += 1;
+            }
+            Ok(Some(Err(e))) => panic!("reading the queue back: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = ch.close(200, "read back".into()).await;
+    copies
 }
