@@ -28,8 +28,8 @@ kafka_tag() {
 }
 
 partition_ready() {
-  command -v nft >/dev/null || die "kafka-partition needs nftables (apt-get install nftables)"
-  net_cls_ready || die "kafka-partition needs root and the net_cls cgroup controller"
+  command -v nft >/dev/null || die "partitions need nftables (apt-get install nftables)"
+  net_cls_ready || die "partitions need root and the net_cls cgroup controller"
   nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && return 0
   nft add table inet "$NFT_TABLE"
   nft add chain inet "$NFT_TABLE" out '{ type filter hook output priority 0; policy accept; }'
@@ -113,10 +113,10 @@ client_ports() {
     while read -r hex; do echo $((16#$hex)); done
 }
 
-# client_reset PID: resets the TCP connections of process PID (those it had when it was cut
-# off, also if it has exited since: the kernel keeps sending what it had written), as a NAT or
-# firewall that forgot them during an outage answers them: what was written into them and not
-# yet delivered is gone.
+# client_reset PID: resets the established TCP connections of process PID, on the ports it had
+# when it was cut off and on those it has now, as a NAT or firewall that forgot them during an
+# outage answers them: what was written into them and not yet delivered is gone. (Sockets the
+# process has closed since, still sending in FIN_WAIT, are not reset.)
 client_reset() {
   local pid=${1:-} port n=0
   [[ "$pid" =~ ^[0-9]+$ ]] || die "client-reset needs the client's pid"
