@@ -246,10 +246,14 @@ async fn publish_across_a_node_loss(how: Loss) {
         through_b.accepted >= 1,
         "the publisher moved to the other node"
     );
-    assert!(
-        stats.resent.total() > 0,
-        "the loss made the producer resend"
-    );
+    // A silent node swallows the publishes in flight, so some are always resent; a node that
+    // dies may find every publish confirmed at that instant, and then nothing needs a resend.
+    if how == Loss::Silent {
+        assert!(
+            stats.resent.total() > 0,
+            "the silent node made the producer resend"
+        );
+    }
     assert!(
         extra <= stats.resent.total(),
         "{extra} extra copies but only {} resends",
