@@ -361,9 +361,13 @@ async fn run_one(args: &RunArgs, sizes: &Sizes, p: &Planned) -> Result<RunResult
         }
         let done = faults.len() as u32;
         let confirmed = views.producer.confirmed.len() as u64;
-        // The nemesis strikes again as soon as the component is back.
-        let threshold = if p.scenario.continuous() || p.scenario.nemesis() {
+        // The nemesis strikes first once an eighth of the messages is confirmed (a backlog
+        // for its consumer kill to lose in the control), then again as soon as the component
+        // is back.
+        let threshold = if p.scenario.continuous() || (p.scenario.nemesis() && done > 0) {
             0
+        } else if p.scenario.nemesis() {
+            sizes.messages / 8
         } else {
             fault_threshold(sizes.messages, sizes.faults, done)
         };
