@@ -199,10 +199,17 @@ async fn build(
             let spec = TopicSpec::new(&args.dest).partitions(KAFKA_PARTITIONS);
             let confirm_timeout = Duration::from_secs(10);
             let builder = if unsafe_producer {
+                // Against a cut link the classic unsafe setting is acks=0 (a record counts
+                // once written to the socket); against broker faults, acks=1.
+                let acks = if args.scenario == Scenario::KafkaClientPartition {
+                    "0"
+                } else {
+                    "1"
+                };
                 let mut config = ClientConfig::new();
                 config
                     .set("bootstrap.servers", &args.brokers.kafka_bootstrap)
-                    .set("acks", "1")
+                    .set("acks", acks)
                     .set("enable.idempotence", "false");
                 KafkaTransport::builder_from_config(config).safety(
                     Safety::strict()
@@ -218,7 +225,7 @@ async fn build(
             // newer ones of its key.
             let preset_timing = matches!(
                 args.scenario,
-                Scenario::KafkaPartition | Scenario::KafkaNemesis
+                Scenario::KafkaPartition | Scenario::KafkaClientPartition | Scenario::KafkaNemesis
             );
             let builder = builder.default_topic(spec);
             let builder = if preset_timing {

@@ -113,15 +113,16 @@ client_ports() {
     while read -r hex; do echo $((16#$hex)); done
 }
 
-# client_reset PID: resets the established TCP connections of process PID, on the ports it had
-# when it was cut off and on those it has now, as a NAT or firewall that forgot them during an
-# outage answers them: what was written into them and not yet delivered is gone. (Sockets the
-# process has closed since, still sending in FIN_WAIT, are not reset.)
+# client_reset PID: resets the TCP connections of process PID, on the ports it had when it was
+# cut off and on those it has now, as a NAT or firewall that forgot them during an outage
+# answers them: what was written into them and not yet delivered is gone. Every connected
+# state counts: a socket the process has closed since (or left behind when it exited) sits in
+# FIN_WAIT with its unsent data, which the kernel would otherwise deliver after the heal.
 client_reset() {
   local pid=${1:-} port n=0
   [[ "$pid" =~ ^[0-9]+$ ]] || die "client-reset needs the client's pid"
   for port in $( (cat "$DIR/client-ports" 2>/dev/null; client_ports "$pid") | sort -u); do
-    ss -K -t state established "sport = :$port" >/dev/null 2>&1 && n=$((n + 1))
+    ss -K -t state connected "sport = :$port" >/dev/null 2>&1 && n=$((n + 1))
   done
   log "connections of process $pid reset ($n local port(s))"
 }

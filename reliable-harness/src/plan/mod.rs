@@ -56,11 +56,17 @@ pub enum Scenario {
     /// RST) for longer than the heartbeat timeouts and the confirm timeout, then let through
     /// again (L12).
     AmqpClientPartition,
+    /// The producer process is cut off from every Kafka broker (everything it sends dropped:
+    /// no FIN, no RST) for longer than librdkafka's request timeout, its connections reset
+    /// halfway (also those it has closed since), then let through again (L7, L12).
+    KafkaClientPartition,
     /// A seeded random schedule over the whole run (see `run/nemesis.rs`): node kills,
     /// frozen nodes, partitions of the 3-node RabbitMQ cluster, consumer kills and the
-    /// producer cut off. Its control runs both producer and consumer unsafe.
+    /// producer cut off (its connections reset halfway). Its control runs both producer and
+    /// consumer unsafe.
     AmqpNemesis,
-    /// The same on Kafka: broker kills, frozen brokers, partitions, consumer kills.
+    /// The same on Kafka: broker kills, frozen brokers, partitions, consumer kills, the
+    /// producer cut off.
     KafkaNemesis,
 }
 
@@ -89,7 +95,7 @@ pub enum Target {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::AmqpBrokerKill,
         Scenario::AmqpConsumerKill,
         Scenario::AmqpBadPublish,
@@ -101,6 +107,7 @@ impl Scenario {
         Scenario::AmqpNemesis,
         Scenario::KafkaLeaderKill,
         Scenario::KafkaPartition,
+        Scenario::KafkaClientPartition,
         Scenario::KafkaNemesis,
         Scenario::KafkaConsumerKill,
         Scenario::KafkaProducerKill,
@@ -124,6 +131,7 @@ impl Scenario {
             | Scenario::KafkaProducerKill
             | Scenario::KafkaPoison
             | Scenario::KafkaPartition
+            | Scenario::KafkaClientPartition
             | Scenario::KafkaNemesis => Broker::Kafka,
         }
     }
@@ -135,7 +143,9 @@ impl Scenario {
             Scenario::AmqpConsumerKill | Scenario::KafkaConsumerKill => Target::Consumer,
             Scenario::KafkaProducerKill => Target::Producer,
             Scenario::AmqpBadPublish => Target::Publishes,
-            Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => Target::Link,
+            Scenario::AmqpSilentNetwork
+            | Scenario::AmqpClientPartition
+            | Scenario::KafkaClientPartition => Target::Link,
             Scenario::AmqpPoison | Scenario::KafkaPoison => Target::Handler,
             Scenario::AmqpNodeKill
             | Scenario::AmqpPartition
@@ -208,6 +218,7 @@ impl Scenario {
             Scenario::AmqpNemesis => "amqp-nemesis",
             Scenario::KafkaNemesis => "kafka-nemesis",
             Scenario::AmqpClientPartition => "amqp-client-partition",
+            Scenario::KafkaClientPartition => "kafka-client-partition",
         }
     }
 }
@@ -408,6 +419,12 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
         }
         (Scenario::AmqpClientPartition, Variant::Control) => {
             "no confirms: a publish counts once written to the socket"
+        }
+        (Scenario::KafkaClientPartition, Variant::Safe) => {
+            "RF 3, min.isr 2, acks=all + idempotence (120 s delivery deadline), manual commit, dedupe inbox"
+        }
+        (Scenario::KafkaClientPartition, Variant::Control) => {
+            "acks=0: a record counts once written to the socket"
         }
         (Scenario::KafkaPartition, Variant::Safe) => {
             "RF 3, min.isr 2, acks=all + idempotence, manual commit, dedupe inbox"

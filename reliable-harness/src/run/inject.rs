@@ -192,7 +192,7 @@ pub(super) async fn inject(
                 sizes.blackhole.as_secs()
             )
         }
-        Scenario::AmqpClientPartition => {
+        Scenario::AmqpClientPartition | Scenario::KafkaClientPartition => {
             let pid = children.producer_pid().ok_or_else(|| {
                 HarnessError::Setup("a client-partition run without its producer".to_owned())
             })?;

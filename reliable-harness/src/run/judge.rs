@@ -73,7 +73,9 @@ fn figures(
     producer: &ProducerView,
 ) -> Vec<String> {
     match scenario {
-        Scenario::AmqpSilentNetwork | Scenario::AmqpClientPartition => {
+        Scenario::AmqpSilentNetwork
+        | Scenario::AmqpClientPartition
+        | Scenario::KafkaClientPartition => {
             let in_flight: u64 = faults.iter().filter_map(|f| f.in_flight).sum();
             let extra = counts.duplicated_deliveries;
             vec![format!(

@@ -6,9 +6,9 @@
 //! loss.
 //!
 //! On RabbitMQ (the 3-node cluster) it mixes kill -9 of a node, a frozen node (SIGSTOP), a node
-//! cut off by a partition, a killed consumer process and the producer process cut off from
-//! every node; on Kafka a killed broker, a frozen broker, a broker cut off from the other
-//! brokers and then from the clients, and a killed consumer process. Each fault ends with the
+//! cut off by a partition; on Kafka a killed broker, a frozen broker, a broker cut off from the
+//! other brokers and then from the clients; on both a killed consumer process and the producer
+//! process cut off from every node (its connections reset halfway). Each fault ends with the
 //! component back (the cluster whole, the topic's replicas in sync) before the next one.
 
 use std::time::Duration;
@@ -40,23 +40,20 @@ pub(super) enum Strike {
     Partition(u64),
     /// SIGKILL the consumer process, restart it.
     KillConsumer,
-    /// Cut the producer process off from every node (RabbitMQ).
+    /// Cut the producer process off from every node or broker, reset its connections
+    /// halfway, let it through again.
     CutProducer,
 }
 
-/// Fault `i` of a run on `broker` with `seed`.
-pub(super) fn draw(seed: u64, broker: Broker, i: u32) -> Strike {
+/// Fault `i` of a run with `seed` (the same schedule on either broker).
+pub(super) fn draw(seed: u64, i: u32) -> Strike {
     if i == 0 {
         return Strike::KillConsumer;
     }
     let mut rng =
         StdRng::seed_from_u64(seed ^ (u64::from(i) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let node = rng.random_range(1..=NODES);
-    let kinds = match broker {
-        Broker::Amqp => 5,
-        Broker::Kafka => 4,
-    };
-    match rng.random_range(0..kinds) {
+    match rng.random_range(0..5) {
         0 => Strike::Kill(node),
         1 => Strike::Freeze(node),
         2 => Strike::Partition(node),
@@ -75,11 +72,28 @@ pub(super) async fn strike(
 ) -> Result<String, HarnessError> {
     let seed = args.seed.unwrap_or_default();
     let broker = p.scenario.broker();
-    let fault = draw(seed, broker, i);
+    let fault = draw(seed, i);
     let cluster = &args.cluster_script;
     let script = &args.brokers_script;
     let what =
         match (broker, fault) {
+            (_, Strike::CutProducer) => {
+                let pid = children
+                    .producer_pid()
+                    .ok_or_else(|| HarnessError::Setup("no producer process to cut off".into()))?
+                    .to_string();
+                let half = sizes.blackhole / 4;
+                brokers(script, &["client-partition", &pid]).await?;
+                tokio::time::sleep(half).await;
+                brokers(script, &["client-reset", &pid]).await?;
+                tokio::time::sleep(half).await;
+                brokers(script, &["client-heal"]).await?;
+                format!(
+                    "the producer process cut off from every broker for {} s, its connections \
+                     reset halfway",
+                    (half * 2).as_secs()
+                )
+            }
             (_, Strike::KillConsumer) => {
                 children.kill_consumer();
                 children.consumer_kills += 1;
@@ -114,19 +128,6 @@ pub(super) async fn strike(
                     (sizes.blackhole / 2).as_secs()
                 )
             }
-            (Broker::Amqp, Strike::CutProducer) => {
-                let pid = children
-                    .producer_pid()
-                    .ok_or_else(|| HarnessError::Setup("no producer process to cut off".into()))?
-                    .to_string();
-                brokers(script, &["client-partition", &pid]).await?;
-                tokio::time::sleep(sizes.blackhole / 2).await;
-                brokers(script, &["client-heal"]).await?;
-                format!(
-                    "the producer process cut off from every node for {} s",
-                    (sizes.blackhole / 2).as_secs()
-                )
-            }
             (Broker::Kafka, Strike::Kill(n)) => {
                 let n = n.to_string();
                 brokers(script, &["kafka-kill", &n]).await?;
@@ -158,10 +159,6 @@ pub(super) async fn strike(
                     (sizes.blackhole / 2).as_secs()
                 )
             }
-            (Broker::Kafka, Strike::CutProducer) => return Err(HarnessError::Setup(
-                "the nemesis does not cut a Kafka producer off (no control could see loss there)"
-                    .into(),
-            )),
         };
     match broker {
         Broker::Amqp => wait_members(cluster, &p.dest).await?,
@@ -176,24 +173,23 @@ mod tests {
 
     #[test]
     fn a_seed_replays_its_schedule_and_seeds_differ() {
-        let a: Vec<Strike> = (0..8).map(|i| draw(7, Broker::Amqp, i)).collect();
-        let again: Vec<Strike> = (0..8).map(|i| draw(7, Broker::Amqp, i)).collect();
+        let a: Vec<Strike> = (0..8).map(|i| draw(7, i)).collect();
+        let again: Vec<Strike> = (0..8).map(|i| draw(7, i)).collect();
         assert_eq!(a, again);
-        let b: Vec<Strike> = (0..8).map(|i| draw(8, Broker::Amqp, i)).collect();
+        let b: Vec<Strike> = (0..8).map(|i| draw(8, i)).collect();
         assert_ne!(a, b);
         assert!([a[0], b[0]].iter().all(|&s| s == Strike::KillConsumer));
     }
 
     #[test]
-    fn every_kind_of_fault_is_drawn_and_kafka_never_cuts_the_producer() {
-        let amqp: Vec<Strike> = (0..200).map(|i| draw(1, Broker::Amqp, i)).collect();
-        assert!(amqp.iter().any(|s| matches!(s, Strike::Kill(_))));
-        assert!(amqp.iter().any(|s| matches!(s, Strike::Freeze(_))));
-        assert!(amqp.iter().any(|s| matches!(s, Strike::Partition(_))));
-        assert!(amqp.contains(&Strike::KillConsumer));
-        assert!(amqp.contains(&Strike::CutProducer));
-        assert!((0..200).all(|i| draw(1, Broker::Kafka, i) != Strike::CutProducer));
-        assert!((0..200).all(|i| match draw(1, Broker::Kafka, i) {
+    fn every_kind_of_fault_is_drawn() {
+        let drawn: Vec<Strike> = (0..200).map(|i| draw(1, i)).collect();
+        assert!(drawn.iter().any(|s| matches!(s, Strike::Kill(_))));
+        assert!(drawn.iter().any(|s| matches!(s, Strike::Freeze(_))));
+        assert!(drawn.iter().any(|s| matches!(s, Strike::Partition(_))));
+        assert!(drawn.contains(&Strike::KillConsumer));
+        assert!(drawn.contains(&Strike::CutProducer));
+        assert!((0..200).all(|i| match draw(1, i) {
             Strike::Kill(n) | Strike::Freeze(n) | Strike::Partition(n) => (1..=NODES).contains(&n),
             _ => true,
         }));
