@@ -75,91 +75,90 @@ pub(super) async fn strike(
     let fault = draw(seed, i);
     let cluster = &args.cluster_script;
     let script = &args.brokers_script;
-    let what =
-        match (broker, fault) {
-            (_, Strike::CutProducer) => {
-                let pid = children
-                    .producer_pid()
-                    .ok_or_else(|| HarnessError::Setup("no producer process to cut off".into()))?
-                    .to_string();
-                let half = sizes.blackhole / 4;
-                brokers(script, &["client-partition", &pid]).await?;
-                tokio::time::sleep(half).await;
-                brokers(script, &["client-reset", &pid]).await?;
-                tokio::time::sleep(half).await;
-                brokers(script, &["client-heal"]).await?;
-                format!(
-                    "the producer process cut off from every broker for {} s, its connections \
+    let what = match (broker, fault) {
+        (_, Strike::CutProducer) => {
+            let pid = children
+                .producer_pid()
+                .ok_or_else(|| HarnessError::Setup("no producer process to cut off".into()))?
+                .to_string();
+            let half = sizes.blackhole / 4;
+            brokers(script, &["client-partition", &pid]).await?;
+            tokio::time::sleep(half).await;
+            brokers(script, &["client-reset", &pid]).await?;
+            tokio::time::sleep(half).await;
+            brokers(script, &["client-heal"]).await?;
+            format!(
+                "the producer process cut off from every broker for {} s, its connections \
                      reset halfway",
-                    (half * 2).as_secs()
-                )
-            }
-            (_, Strike::KillConsumer) => {
-                children.kill_consumer();
-                children.consumer_kills += 1;
-                tokio::time::sleep(sizes.downtime).await;
-                children.start_consumer()?;
-                "SIGKILL the consumer process, restart".to_owned()
-            }
-            (Broker::Amqp, Strike::Kill(n)) => {
-                let n = n.to_string();
-                brokers(cluster, &["kill", &n]).await?;
-                tokio::time::sleep(sizes.downtime).await;
-                brokers(cluster, &["restart", &n]).await?;
-                format!("kill -9 RabbitMQ node {n}, restart")
-            }
-            (Broker::Amqp, Strike::Freeze(n)) => {
-                let n = n.to_string();
-                brokers(cluster, &["pause", &n]).await?;
-                tokio::time::sleep(sizes.blackhole / 2).await;
-                brokers(cluster, &["resume", &n]).await?;
-                format!(
-                    "RabbitMQ node {n} frozen (SIGSTOP) for {} s",
-                    (sizes.blackhole / 2).as_secs()
-                )
-            }
-            (Broker::Amqp, Strike::Partition(n)) => {
-                let n = n.to_string();
-                brokers(cluster, &["partition", &n]).await?;
-                tokio::time::sleep(sizes.blackhole / 2).await;
-                brokers(cluster, &["heal", &n]).await?;
-                format!(
-                    "RabbitMQ node {n} cut off for {} s, healed",
-                    (sizes.blackhole / 2).as_secs()
-                )
-            }
-            (Broker::Kafka, Strike::Kill(n)) => {
-                let n = n.to_string();
-                brokers(script, &["kafka-kill", &n]).await?;
-                tokio::time::sleep(sizes.downtime).await;
-                brokers(script, &["kafka-restart", &n]).await?;
-                format!("kill -9 Kafka broker {n}, restart")
-            }
-            (Broker::Kafka, Strike::Freeze(n)) => {
-                let n = n.to_string();
-                brokers(script, &["kafka-pause", &n]).await?;
-                tokio::time::sleep(KAFKA_FREEZE).await;
-                brokers(script, &["kafka-resume", &n]).await?;
-                format!(
-                    "Kafka broker {n} frozen (SIGSTOP) for {} s",
-                    KAFKA_FREEZE.as_secs()
-                )
-            }
-            (Broker::Kafka, Strike::Partition(n)) => {
-                let n = n.to_string();
-                brokers(script, &["kafka-partition", &n, "--brokers-only"]).await?;
-                tokio::time::sleep(KAFKA_FREEZE).await;
-                brokers(script, &["kafka-partition", &n]).await?;
-                tokio::time::sleep(sizes.blackhole / 2).await;
-                brokers(script, &["kafka-heal", &n]).await?;
-                format!(
-                    "Kafka broker {n} cut off from the other brokers for {} s, then from the \
+                (half * 2).as_secs()
+            )
+        }
+        (_, Strike::KillConsumer) => {
+            children.kill_consumer();
+            children.consumer_kills += 1;
+            tokio::time::sleep(sizes.downtime).await;
+            children.start_consumer()?;
+            "SIGKILL the consumer process, restart".to_owned()
+        }
+        (Broker::Amqp, Strike::Kill(n)) => {
+            let n = n.to_string();
+            brokers(cluster, &["kill", &n]).await?;
+            tokio::time::sleep(sizes.downtime).await;
+            brokers(cluster, &["restart", &n]).await?;
+            format!("kill -9 RabbitMQ node {n}, restart")
+        }
+        (Broker::Amqp, Strike::Freeze(n)) => {
+            let n = n.to_string();
+            brokers(cluster, &["pause", &n]).await?;
+            tokio::time::sleep(sizes.blackhole / 2).await;
+            brokers(cluster, &["resume", &n]).await?;
+            format!(
+                "RabbitMQ node {n} frozen (SIGSTOP) for {} s",
+                (sizes.blackhole / 2).as_secs()
+            )
+        }
+        (Broker::Amqp, Strike::Partition(n)) => {
+            let n = n.to_string();
+            brokers(cluster, &["partition", &n]).await?;
+            tokio::time::sleep(sizes.blackhole / 2).await;
+            brokers(cluster, &["heal", &n]).await?;
+            format!(
+                "RabbitMQ node {n} cut off for {} s, healed",
+                (sizes.blackhole / 2).as_secs()
+            )
+        }
+        (Broker::Kafka, Strike::Kill(n)) => {
+            let n = n.to_string();
+            brokers(script, &["kafka-kill", &n]).await?;
+            tokio::time::sleep(sizes.downtime).await;
+            brokers(script, &["kafka-restart", &n]).await?;
+            format!("kill -9 Kafka broker {n}, restart")
+        }
+        (Broker::Kafka, Strike::Freeze(n)) => {
+            let n = n.to_string();
+            brokers(script, &["kafka-pause", &n]).await?;
+            tokio::time::sleep(KAFKA_FREEZE).await;
+            brokers(script, &["kafka-resume", &n]).await?;
+            format!(
+                "Kafka broker {n} frozen (SIGSTOP) for {} s",
+                KAFKA_FREEZE.as_secs()
+            )
+        }
+        (Broker::Kafka, Strike::Partition(n)) => {
+            let n = n.to_string();
+            brokers(script, &["kafka-partition", &n, "--brokers-only"]).await?;
+            tokio::time::sleep(KAFKA_FREEZE).await;
+            brokers(script, &["kafka-partition", &n]).await?;
+            tokio::time::sleep(sizes.blackhole / 2).await;
+            brokers(script, &["kafka-heal", &n]).await?;
+            format!(
+                "Kafka broker {n} cut off from the other brokers for {} s, then from the \
                  clients too for {} s, healed",
-                    KAFKA_FREEZE.as_secs(),
-                    (sizes.blackhole / 2).as_secs()
-                )
-            }
-        };
+                KAFKA_FREEZE.as_secs(),
+                (sizes.blackhole / 2).as_secs()
+            )
+        }
+    };
     match broker {
         Broker::Amqp => wait_members(cluster, &p.dest).await?,
         Broker::Kafka => wait_in_sync(args, &p.dest).await?,
