@@ -8,7 +8,13 @@
 //! | `amqp`  | `reliable-amqp`  | `amqp`               |
 //! | `kafka` | `reliable-kafka` | `kafka`              |
 //! | `core::outbox` | `reliable-core` | `outbox` (the crash-safe producer outbox, on redb) |
+//! | `core::Message::json`, `core::pipeline::json_handler` | `reliable-core` | `serde` (off by default: typed JSON messages) |
+//! | `core::metrics` | `reliable-core` | `metrics` (off by default: producer and pipeline metrics through the `metrics` crate) |
 //! | `stores` | `reliable-stores` | `redb-store`, `redis-store`, `postgres-store` (off by default: durable idempotency stores) |
+//! | `amqp::tls`, `kafka::security` | `reliable-amqp`, `reliable-kafka` | `tls` (off by default: `amqps://` over rustls, Kafka `SSL`/`SASL_SSL` with SCRAM over OpenSSL, which needs libssl-dev to build) |
+//!
+//! [`shutdown_signal`] resolves on SIGTERM or ctrl-c: hand it to `Pipeline::run_until` for a
+//! clean stop (README: "Shutdown and health").
 //!
 //! See the README for the loss matrix: every way a message gets lost between a producer and a
 //! consumer, and which part of the SDK answers it.
@@ -17,6 +23,9 @@
 #![warn(missing_docs)]
 
 pub use reliable_core as core;
+
+mod shutdown;
+pub use shutdown::shutdown_signal;
 
 #[cfg(feature = "amqp")]
 pub use reliable_amqp as amqp;

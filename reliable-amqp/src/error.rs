@@ -52,6 +52,38 @@ pub enum AmqpError {
          (percent-encode `/`, `?`, `#`, `@` and `:` in the user name, password and vhost)"
     )]
     InvalidUrl,
+    /// The TLS handshake failed: the broker's certificate is not signed by a CA the client
+    /// trusts, names another host, or the broker refused the client certificate. Not retried:
+    /// fix the CA file or the URL. The reason is rustls's, with no credentials in it.
+    #[error(
+        "TLS handshake with RabbitMQ at {target} failed: {reason}; check that the CA file given \
+         to AmqpSettings::with_tls (TlsConfig::ca_file) holds the CA that signed the broker's \
+         certificate, that the URL's host is in that certificate, and that the port is the \
+         broker's TLS listener"
+    )]
+    Tls {
+        /// Host, port and vhost, without credentials.
+        target: String,
+        /// What rustls reported, e.g. `invalid peer certificate: UnknownIssuer`.
+        reason: String,
+    },
+    /// An `amqps://` URL, but this build has no TLS: lapin would speak plain AMQP to the TLS
+    /// port. Enable the `tls` feature.
+    #[error(
+        "the URL is amqps:// but reliable-amqp was built without TLS; enable the `tls` feature \
+         (reliable-amqp/tls, or tls of the reliable crate)"
+    )]
+    TlsNotBuilt,
+    /// TLS settings ([`AmqpSettings::with_tls`](crate::AmqpSettings::with_tls)) with a plain
+    /// `amqp://` URL, which would not be encrypted. Use `amqps://` (and the TLS port).
+    #[error(
+        "TLS settings were given but the URL for {target} is amqp:// (not encrypted); use \
+         amqps:// and the broker's TLS port (usually 5671)"
+    )]
+    TlsWithoutAmqps {
+        /// Host, port and vhost, without credentials.
+        target: String,
+    },
     /// A list of node URLs given to `connect_cluster` cannot stand for one cluster (empty, an
     /// unparsable URL, mixed vhosts or credentials). Not retryable: fix the list.
     #[error(transparent)]
@@ -133,6 +165,15 @@ impl From<crate::settings::InvalidSetting> for AmqpError {
 }
 
 impl AmqpError {
+    /// A failure to connect to `target`: [`AmqpError::Tls`] when the TLS handshake failed,
+    /// otherwise [`AmqpError::Connect`].
+    pub(crate) fn connect(target: String, source: lapin::Error) -> Self {
+        match crate::tls::tls_failure(&source) {
+            Some(reason) => AmqpError::Tls { target, reason },
+            None => AmqpError::Connect { target, source },
+        }
+    }
+
     /// Wraps a lapin error of `operation`, mapping NOT_FOUND and PRECONDITION_FAILED on
     /// `kind` `name` to their plain-words variants.
     pub(crate) fn classify(

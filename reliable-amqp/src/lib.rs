@@ -7,6 +7,7 @@
 //! | [`publisher`] | confirm-mode publisher implementing the core's `Transport`; transactions | L1, L2 |
 //! | [`consumer`] | manual-ack consumer implementing the core's `DeliverySource` | L4 |
 //! | [`Nodes`] | the node URLs of one cluster; failover to another node when one is lost | L13 |
+//! | [`tls`] | `amqps://` with a CA of your own or a client certificate (feature `tls`) | |
 //!
 //! Re-exports the lapin version it is built against, so users wrap the same types.
 
@@ -18,6 +19,7 @@ pub mod consumer;
 pub mod error;
 pub mod publisher;
 pub mod settings;
+pub mod tls;
 pub mod topology;
 
 pub use connect::Nodes;

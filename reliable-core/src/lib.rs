@@ -15,6 +15,7 @@
 //! | [`backoff`] | exponential backoff with jitter | — |
 //! | [`redact`] | credentials out of errors, logs and `Debug` views, for every crate | — |
 //! | [`memory`] | in-memory broker with fault injection, for tests | — |
+//! | [`metrics`] | metric names; with the feature `metrics`, recorded through the `metrics` crate | — |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod idempotency;
 pub mod memory;
 pub mod message;
+pub mod metrics;
 pub mod offsets;
 #[cfg(feature = "outbox")]
 pub mod outbox;

@@ -83,20 +83,27 @@ use tracing::Instrument;
 
 use crate::attempts::AttemptCounter;
 use crate::backoff::BackoffPolicy;
+use crate::metrics::PipelineMetrics;
 use crate::producer::Producer;
 use crate::transport::{ConsumeError, DeliverySource};
 
 mod batch;
 mod dedupe;
 mod handler;
+mod health;
 mod poison;
 mod process;
+#[cfg(feature = "serde")]
+mod typed;
 
 pub use dedupe::{Dedupe, DedupeError, DedupeLayer};
 pub use handler::{
     handler_fn, ErrorKind, Handler, HandlerBuilder, HandlerError, HandlerFn, Layer, Retry,
     RetryLayer, RetryPolicy, Timeout, TimeoutLayer,
 };
+pub use health::{PipelineHealth, PipelineState};
+#[cfg(feature = "serde")]
+pub use typed::{json_handler, JsonHandler};
 
 use batch::{Batch, Sequences};
 use poison::Poison;
@@ -208,7 +215,6 @@ pub struct PipelineStats {
     pub settle_failures: u64,
 }
 
-#[derive(Default)]
 struct Counters {
     received: AtomicU64,
     succeeded: AtomicU64,
@@ -216,9 +222,26 @@ struct Counters {
     requeued: AtomicU64,
     held: AtomicU64,
     settle_failures: AtomicU64,
+    activity: health::Activity,
+    /// The same events for the `metrics` recorder (nothing without the feature).
+    metrics: PipelineMetrics,
 }
 
 impl Counters {
+    /// Zeroed counters, recording into `metrics` too.
+    fn new(metrics: PipelineMetrics) -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            requeued: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            settle_failures: AtomicU64::new(0),
+            activity: health::Activity::new(),
+            metrics,
+        }
+    }
+
     fn snapshot(&self) -> PipelineStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PipelineStats {
@@ -273,12 +296,13 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
     /// A pipeline pulling from `source`, handling with `handler` (build it with
     /// [`HandlerBuilder`]) and dead-lettering through `dead_letter`.
     pub fn new(source: S, handler: H, dead_letter: DeadLetter) -> Self {
+        let metrics = PipelineMetrics::new(source.metrics_label());
         Self {
             source,
             handler: Arc::new(handler),
             dead_letter: Arc::new(dead_letter),
             config: PipelineConfig::default(),
-            counters: Arc::default(),
+            counters: Arc::new(Counters::new(metrics)),
             attempt_counter: None,
         }
     }
@@ -331,6 +355,7 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
         // Ends the holds of deliveries in flight once the pipeline stops taking new ones.
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
+        self.counters.activity.set(PipelineState::Running);
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut reconnect: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
@@ -366,9 +391,11 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
                 Ok(batch) if batch.is_empty() => break,
                 Ok(batch) => {
                     reconnect = None;
+                    self.counters.activity.delivered();
                     self.counters
                         .received
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.counters.metrics.consumed(batch.len());
                     // A slot per sequence: the deliveries of one run one at a time.
                     let sequences = Sequences::of(&batch);
                     let more = u32::try_from(sequences.len().saturating_sub(1)).unwrap_or(u32::MAX);
@@ -414,12 +441,14 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
             }
         }
         tracing::debug!(in_flight = tasks.len(), "pipeline draining");
+        self.counters.activity.set(PipelineState::Draining);
         // No receiver left (no delivery was taken) is not an error.
         let _ = draining.send(true);
         while let Some(done) = tasks.join_next().await {
             log_join(done);
         }
         let closed = self.source.close().await;
+        self.counters.activity.set(PipelineState::Stopped);
         let stats = self.counters.snapshot();
         match (failure, closed) {
             (Some(e), _) => Err(e),

@@ -6,6 +6,7 @@
 //! | [`topic`] | [`ensure_topic`]: replication factor, `min.insync.replicas` and unclean leader election checked against the live cluster | L6 |
 //! | [`producer`] | [`KafkaTransport`]: the core [`Transport`](reliable_core::Transport) over an `acks=all` idempotent producer | L7 |
 //! | [`consumer`] | [`KafkaConsumer`]: the core [`DeliverySource`](reliable_core::DeliverySource) with gap-safe manual commits | L5 |
+//! | [`security`] | [`KafkaSecurity`]: TLS and SASL/SCRAM settings (feature `ssl`), and their typed errors | |
 //!
 //! Deduplication (L8), resend and dead-lettering come from `reliable-core`'s
 //! [`Producer`](reliable_core::producer::Producer) and
@@ -22,12 +23,14 @@
 pub mod config;
 pub mod consumer;
 pub mod producer;
+pub mod security;
 pub mod topic;
 
 pub use config::{Safety, UnsafeConfigError};
 pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, Ordering};
 pub use producer::{KafkaTransport, KafkaTransportBuilder};
 pub use rdkafka;
+pub use security::{KafkaSecurity, Scram, SecurityError};
 pub use topic::{ensure_topic, TopicError, TopicSpec, TopicStatus};
 
 /// Why a Kafka client could not be set up. Each variant says what to fix.
@@ -39,7 +42,11 @@ pub enum Error {
     UnsafeConfig(#[from] UnsafeConfigError),
     /// A topic is unsafe or could not be checked.
     #[error(transparent)]
-    Topic(#[from] TopicError),
+    Topic(TopicError),
+    /// The cluster refused the TLS handshake or the login, a certificate file cannot be read,
+    /// or librdkafka was built without TLS. Says what to check; never holds a secret.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     /// librdkafka refused to create the client, or a required setting is missing.
     #[error("could not set up the Kafka {client}: {reason}")]
     Client {
@@ -48,4 +55,14 @@ pub enum Error {
         /// What is wrong (credentials redacted).
         reason: String,
     },
+}
+
+impl From<TopicError> for Error {
+    /// A security failure met while checking a topic is [`Error::Security`].
+    fn from(error: TopicError) -> Self {
+        match error {
+            TopicError::Security(e) => Error::Security(e),
+            other => Error::Topic(other),
+        }
+    }
 }

@@ -35,6 +35,7 @@ use rdkafka::metadata::Metadata;
 use rdkafka::ClientConfig;
 
 use crate::config::redact;
+use crate::security::{self, SecurityError};
 
 /// How a topic must look. Defaults: 1 partition, replication factor 3, `min.insync.replicas` 2,
 /// `unclean.leader.election.enable=false`.
@@ -138,6 +139,10 @@ pub enum TopicError {
         /// What the client reported (credentials redacted).
         reason: String,
     },
+    /// The cluster refused the client's TLS handshake or login: see [`SecurityError`] for what
+    /// to check.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// What [`ensure_topic`] found.
@@ -156,7 +161,7 @@ pub struct TopicStatus {
 }
 
 /// The connection and security settings of `config` that an admin client needs.
-fn admin_config(config: &ClientConfig) -> ClientConfig {
+pub(crate) fn admin_config(config: &ClientConfig) -> ClientConfig {
     let mut admin = ClientConfig::new();
     for name in config.config_map().into_keys() {
         // `config_map` masks secrets; copy the real values.
@@ -182,7 +187,8 @@ fn admin_config(config: &ClientConfig) -> ClientConfig {
 
 /// Creates topic `spec.name` with safe settings, or verifies the existing topic against the live
 /// cluster; see the module docs. `client` supplies the connection settings
-/// (`bootstrap.servers`, security); other settings in it are ignored.
+/// (`bootstrap.servers`, security); other settings in it are ignored. With TLS or SASL
+/// settings, a refused handshake or login is [`TopicError::Security`].
 pub async fn ensure_topic(
     client: &ClientConfig,
     spec: &TopicSpec,
@@ -210,6 +216,8 @@ pub async fn ensure_topic(
             spec.partitions
         )));
     }
+    // A TLS or login failure is named as such, not left to end in a metadata timeout.
+    security::probe(client).await?;
     let cfg = admin_config(client);
     let admin_err = |reason: String| TopicError::Admin {
         topic: topic.clone(),

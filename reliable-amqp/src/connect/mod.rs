@@ -22,7 +22,8 @@ use backon::{ExponentialBuilder, Retryable};
 use lapin::{Channel, Connection};
 
 use crate::error::AmqpError;
-use crate::settings::{ReconnectPolicy, DEFAULT_HEARTBEAT};
+use crate::settings::{AmqpSettings, ReconnectPolicy, DEFAULT_HEARTBEAT};
+use crate::tls::{self, TlsConfig};
 
 pub use nodes::Nodes;
 pub(crate) use nodes::{NodeSet, SecretUrl};
@@ -87,6 +88,7 @@ impl Source {
         Source::Nodes(NodeSet {
             nodes,
             cursor: Arc::default(),
+            tls: Arc::default(),
         })
     }
 
@@ -114,10 +116,30 @@ impl Source {
                     .collect();
                 Source::Nodes(NodeSet {
                     nodes: Nodes { urls },
-                    cursor: set.cursor,
+                    ..set
                 })
             }
             other => other,
+        }
+    }
+
+    /// This source as `settings` want it: their heartbeat, and their TLS settings for
+    /// `amqps://` URLs. Refuses an `amqps://` URL in a build without TLS and TLS settings with
+    /// an `amqp://` URL (see [`crate::tls`]). Wrapped connections and channels are kept as they
+    /// are.
+    pub(crate) fn for_settings(self, settings: &AmqpSettings) -> Result<Self, AmqpError> {
+        match self.with_heartbeat(settings.heartbeat()) {
+            Source::Nodes(set) => {
+                for url in set.nodes.urls.iter() {
+                    tls::check_scheme(url, settings.tls())?;
+                }
+                let tls = settings.tls().map(TlsConfig::to_lapin).unwrap_or_default();
+                Ok(Source::Nodes(NodeSet {
+                    tls: Arc::new(tls),
+                    ..set
+                }))
+            }
+            other => Ok(other),
         }
     }
 
@@ -224,8 +246,9 @@ pub(super) async fn bounded<T>(
 pub(crate) fn retryable(error: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;
     match error.kind() {
-        K::IOError(_)
-        | K::InvalidChannelState(..)
+        // A certificate the client does not trust fails the same way on every attempt.
+        K::IOError(_) => tls::tls_failure(error).is_none(),
+        K::InvalidChannelState(..)
         | K::InvalidConnectionState(_)
         | K::InvalidChannel(_)
         | K::MissingHeartbeatError => true,

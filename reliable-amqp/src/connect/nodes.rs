@@ -6,7 +6,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lapin::uri::AMQPUri;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties, ConnectionStatus};
 
 use reliable_core::redact;
@@ -39,6 +40,16 @@ impl SecretUrl {
             target: Arc::from(target(url)),
             uri: Arc::new(uri),
         })
+    }
+
+    /// `amqp` or `amqps`.
+    pub(crate) fn scheme(&self) -> AMQPScheme {
+        self.uri.scheme.clone()
+    }
+
+    /// Host, port and vhost, without credentials.
+    pub(crate) fn target(&self) -> &str {
+        &self.target
     }
 
     /// Warns when the URL sets a heartbeat: the settings' heartbeat replaces it.
@@ -164,6 +175,8 @@ impl fmt::Debug for Nodes {
 pub(crate) struct NodeSet {
     pub(super) nodes: Nodes,
     pub(super) cursor: Arc<Mutex<Cursor>>,
+    /// The extra TLS settings of `amqps://` connections (empty: the system's CA store).
+    pub(super) tls: Arc<OwnedTLSConfig>,
 }
 
 #[derive(Default)]
@@ -257,9 +270,13 @@ impl NodeSet {
         for node in (first..first + n).map(|i| i % n) {
             let url = &self.nodes.urls[node];
             let attempt = async {
-                let connection =
-                    Connection::connect_uri((*url.uri).clone(), ConnectionProperties::default())
-                        .await?;
+                let connection = Connection::connect_uri_with_config(
+                    (*url.uri).clone(),
+                    ConnectionProperties::default(),
+                    (*self.tls).clone(),
+                    lapin::runtime::default_runtime()?,
+                )
+                .await?;
                 let channel = connection.create_channel().await?;
                 setup(channel.clone()).await?;
                 Ok((channel, connection))

@@ -129,7 +129,7 @@ impl AmqpConsumer {
         queue: &str,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        let source = Source::url(url)?.for_settings(&settings)?;
         Self::start(source, queue, settings, None).await
     }
 
@@ -188,7 +188,7 @@ impl AmqpConsumer {
         queue: &str,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
+        let source = Source::cluster(urls)?.for_settings(&settings)?;
         Self::start(source, queue, settings, None).await
     }
 
@@ -216,7 +216,7 @@ impl AmqpConsumer {
         spec: &QueueSpec,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
+        let source = Source::cluster(urls)?.for_settings(&settings)?;
         Self::start(source, spec.name(), settings, Some(spec)).await
     }
 
@@ -254,7 +254,7 @@ impl AmqpConsumer {
         spec: &QueueSpec,
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        let source = Source::url(url)?.for_settings(&settings)?;
         Self::start(source, spec.name(), settings, Some(spec)).await
     }
 
@@ -296,10 +296,7 @@ impl AmqpConsumer {
                 if soft_error(&e).is_some() {
                     classify(e)
                 } else {
-                    AmqpError::Connect {
-                        target: consumer.source.target(),
-                        source: e,
-                    }
+                    AmqpError::connect(consumer.source.target(), e)
                 }
             })?;
             if let Some(spec) = spec {

@@ -257,7 +257,7 @@ impl AmqpPublisher {
     /// unparsable URL fails at once with [`AmqpError::InvalidUrl`] (no connect attempt). For
     /// a cluster, give every node: [`connect_cluster`](Self::connect_cluster).
     pub async fn connect(url: &str, settings: AmqpSettings) -> Result<Self, AmqpError> {
-        let source = Source::url(url)?.with_heartbeat(settings.heartbeat());
+        let source = Source::url(url)?.for_settings(&settings)?;
         Self::start(source, settings).await
     }
 
@@ -331,7 +331,7 @@ impl AmqpPublisher {
         urls: &[S],
         settings: AmqpSettings,
     ) -> Result<Self, AmqpError> {
-        let source = Source::cluster(urls)?.with_heartbeat(settings.heartbeat());
+        let source = Source::cluster(urls)?.for_settings(&settings)?;
         Self::start(source, settings).await
     }
 
@@ -371,10 +371,7 @@ impl AmqpPublisher {
         publisher
             .live()
             .await
-            .map_err(|source| AmqpError::Connect {
-                target: publisher.inner.source.target(),
-                source,
-            })?;
+            .map_err(|source| AmqpError::connect(publisher.inner.source.target(), source))?;
         Ok(publisher)
     }
 

@@ -33,6 +33,8 @@ mod tests;
 use std::fmt;
 use std::time::Duration;
 
+use crate::tls::TlsConfig;
+
 pub use refusal::{DataLoss, InvalidSetting, SettingsError, UnsafeSetting};
 
 /// The kind of queue the topology helpers declare.
@@ -110,6 +112,7 @@ pub struct AmqpSettings {
     reconnect: ReconnectPolicy,
     confirm_timeout: Duration,
     heartbeat: Duration,
+    tls: Option<TlsConfig>,
     opted_out: Vec<DataLoss>,
 }
 
@@ -127,6 +130,7 @@ impl fmt::Debug for AmqpSettings {
             .field("reconnect", &self.reconnect)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("heartbeat", &self.heartbeat)
+            .field("tls", &self.tls)
             .field("unsafe_allow_data_loss", &self.opted_out)
             .finish()
     }
@@ -170,6 +174,7 @@ impl AmqpSettings {
             reconnect: ReconnectPolicy::default(),
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT,
+            tls: None,
             opted_out: Vec::new(),
         }
     }
@@ -333,6 +338,16 @@ impl AmqpSettings {
         Ok(self)
     }
 
+    /// Connects `amqps://` URLs with `tls`: a CA of your own and, optionally, a client
+    /// certificate (see [`crate::tls`]; needs the `tls` feature). Without it an `amqps://` URL
+    /// trusts the system's CA store. With it, an `amqp://` URL is refused
+    /// ([`AmqpError::TlsWithoutAmqps`](crate::AmqpError::TlsWithoutAmqps)). Does not apply to
+    /// a wrapped connection or channel.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Applies a setting that LOSES DATA, on purpose. Logs a warning naming it. Meant for
     /// throw-away queues and for tests that must show loss (negative controls); a production
     /// service should never call this.
@@ -401,6 +416,10 @@ impl AmqpSettings {
     /// [`with_heartbeat`](Self::with_heartbeat)).
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat
+    }
+    /// The TLS settings of `amqps://` connections (see [`with_tls`](Self::with_tls)).
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        self.tls.as_ref()
     }
     /// The data-loss opt-outs applied, in order; empty for a safe configuration.
     pub fn data_loss_opt_outs(&self) -> &[DataLoss] {

@@ -60,6 +60,8 @@
 
 mod id;
 mod key;
+#[cfg(feature = "serde")]
+mod typed;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -70,6 +72,8 @@ use bytes::Bytes;
 
 pub use id::{IdText, MessageId};
 pub use key::{IdempotencyKey, SharedStr};
+#[cfg(feature = "serde")]
+pub use typed::{DecodeError, EncodeError, APPLICATION_JSON};
 pub use wire::{WireHeaders, WireIter};
 
 /// Header names the SDK writes and reads. Values are UTF-8 strings; see the module docs.
@@ -92,6 +96,9 @@ pub mod headers {
     /// Set on dead-lettered copies whose deliveries were counted (broker count or attempt
     /// counter): how many times the message was delivered, the last one included.
     pub const DELIVERY_ATTEMPTS: &str = "x-delivery-attempts";
+    /// A user header, not reserved: the payload's media type. `Message::json` (feature
+    /// `serde`) writes `application/json`, and `Message::decode_json` refuses other types.
+    pub const CONTENT_TYPE: &str = "content-type";
 }
 
 /// A message's headers, apart from the SDK's reserved ones (which live in typed fields).

@@ -30,6 +30,7 @@ use super::poison::Poison;
 use super::process::{hand_back, process, Hold, Settled, Started, Task};
 use super::{Counters, DeadLetter, Handler, HandlerError};
 use crate::message::Message;
+use crate::metrics::HandlerTimer;
 use crate::transport::Delivery;
 
 /// What a batch's task shares with the pipeline.
@@ -212,10 +213,15 @@ impl<H: Handler + ?Sized> Batch<H> {
             return started;
         }
         let msgs: Vec<&Message> = runnable.iter().map(|&i| wave[i].message()).collect();
-        match AssertUnwindSafe(self.handler.handle_batch(&msgs))
+        let timer = HandlerTimer::start();
+        let answered = AssertUnwindSafe(self.handler.handle_batch(&msgs))
             .catch_unwind()
-            .await
-        {
+            .await;
+        // A panicked batch is not timed: its messages are handled (and timed) one by one.
+        if answered.is_ok() {
+            self.counters.metrics.handled(timer, msgs.len());
+        }
+        match answered {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 for &i in &runnable {

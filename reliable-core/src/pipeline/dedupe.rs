@@ -82,6 +82,8 @@ pub struct DedupeLayer<S: ?Sized> {
 #[derive(Debug, Default)]
 struct Counters {
     duplicates: AtomicU64,
+    /// The same for the `metrics` recorder (nothing without the feature).
+    hits: crate::metrics::DedupeMetrics,
     leases_lost: AtomicU64,
     unrecorded: AtomicU64,
 }
@@ -222,6 +224,7 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
                 .counters
                 .duplicates
                 .fetch_add(1, Ordering::Relaxed);
+            self.layer.counters.hits.hit();
             tracing::debug!("duplicate skipped");
             return Ok(());
         };
@@ -291,6 +294,7 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
                         .counters
                         .duplicates
                         .fetch_add(1, Ordering::Relaxed);
+                    self.layer.counters.hits.hit();
                     tracing::debug!(key = %keys[i], "duplicate skipped");
                     out[i] = Some(Ok(()));
                 }

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::poison::{send_dead_letter, Counted, DeadLettered, Poison};
 use super::{Counters, DeadLetter, ErrorKind, Handler, HandlerError};
 use crate::backoff::BackoffPolicy;
+use crate::metrics::{HandlerTimer, PipelineMetrics};
 use crate::transport::{AckError, Delivery};
 
 /// In-place retries while a delivery is held (see the module docs).
@@ -64,15 +65,19 @@ impl Holding {
     }
 }
 
-/// Runs the handler, turning a panic into a permanent failure.
+/// Runs the handler, turning a panic into a permanent failure; times it for the metrics.
 async fn run_handler<H: Handler + ?Sized>(
     handler: &H,
+    metrics: &PipelineMetrics,
     delivery: &Delivery,
 ) -> Result<(), HandlerError> {
-    AssertUnwindSafe(handler.handle(delivery.message()))
+    let timer = HandlerTimer::start();
+    let outcome = AssertUnwindSafe(handler.handle(delivery.message()))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")))
+        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")));
+    metrics.handled(timer, 1);
+    outcome
 }
 
 fn unavailable(outcome: &Result<(), HandlerError>) -> bool {
@@ -92,6 +97,7 @@ pub(super) struct Task<'a> {
 async fn attempt<H: Handler + ?Sized>(
     handler: &H,
     poison: &Poison,
+    metrics: &PipelineMetrics,
     delivery: &Delivery,
     counted: &mut Option<Option<Counted>>,
 ) -> Result<(), HandlerError> {
@@ -112,7 +118,7 @@ async fn attempt<H: Handler + ?Sized>(
     if let Some(stop) = count.and_then(|c| poison.exceeded(c)) {
         return Err(stop);
     }
-    run_handler(handler, delivery).await
+    run_handler(handler, metrics, delivery).await
 }
 
 /// How far a delivery got before [`process`] takes it over: counted or not, and the outcome
@@ -154,11 +160,22 @@ pub(super) async fn process<H: Handler + ?Sized>(
     let outcome = match outcome {
         Some(outcome) => outcome,
         // Boxed too: after a batch attempt, only a panicking batch handler gets here.
-        None => Box::pin(attempt(handler, task.poison, &delivery, &mut counted)).await,
+        None => {
+            let metrics = &task.counters.metrics;
+            Box::pin(attempt(
+                handler,
+                task.poison,
+                metrics,
+                &delivery,
+                &mut counted,
+            ))
+            .await
+        }
     };
     if outcome.is_ok() {
         // The common case, without a span of its own: the batch's span covers it.
         task.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+        task.counters.metrics.acked();
         let counted = counted.flatten();
         let forget = counted.map(|_| {
             let message = delivery.message();
@@ -218,7 +235,8 @@ async fn settle_failed<H: Handler + ?Sized>(
             let mut holding = h.start();
             while unavailable(&outcome) && holding.wait().await {
                 let was_counted = counted.is_some();
-                outcome = attempt(handler, poison, &delivery, &mut counted).await;
+                outcome =
+                    attempt(handler, poison, &counters.metrics, &delivery, &mut counted).await;
                 if let (false, Some(Some(c))) = (was_counted, counted) {
                     tracing::Span::current().record("attempts", c.attempts());
                 }
@@ -233,10 +251,12 @@ async fn settle_failed<H: Handler + ?Sized>(
     let settled = match outcome {
         Ok(()) => {
             counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            counters.metrics.acked();
             delivery.ack().await
         }
         Err(err) if err.kind() == ErrorKind::Unavailable => {
             counters.requeued.fetch_add(1, Ordering::Relaxed);
+            counters.metrics.requeued();
             requeued = true;
             tracing::warn!(error = %err, hold = ?window, "handler dependency still unavailable after the hold; requeueing the message (not acked, not dead-lettered)");
             delivery.nack(true).await
@@ -254,16 +274,19 @@ async fn settle_failed<H: Handler + ?Sized>(
             match sent {
                 Ok(DeadLettered::Published) => {
                     counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    counters.metrics.dead_lettered();
                     tracing::warn!(error = %err, "message dead-lettered");
                     delivery.ack().await
                 }
                 Ok(DeadLettered::Reject) => {
                     counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    counters.metrics.dead_lettered();
                     tracing::warn!(error = %err, "message rejected to the broker's dead letter");
                     delivery.reject().await
                 }
                 Err(dl) => {
                     counters.requeued.fetch_add(1, Ordering::Relaxed);
+                    counters.metrics.requeued();
                     requeued = true;
                     tracing::error!(error = %err, dead_letter_error = %dl, hold = ?window, "dead-letter publish still failing after the hold; requeueing");
                     delivery.nack(true).await
@@ -288,6 +311,7 @@ async fn settle_failed<H: Handler + ?Sized>(
 /// its sequence that was requeued, so that it comes back behind that one, in order.
 pub(super) async fn hand_back(task: Task<'_>, delivery: Delivery) {
     task.counters.requeued.fetch_add(1, Ordering::Relaxed);
+    task.counters.metrics.requeued();
     task.poison.handed_back(&delivery);
     let id = delivery.message().id();
     tracing::debug!(message_id = %id, "handed back behind a requeued delivery of its sequence");

@@ -79,6 +79,7 @@ mod config;
 mod driver;
 mod error;
 mod handle;
+mod health;
 mod lanes;
 mod stats;
 
@@ -97,6 +98,7 @@ pub use batch::{BatchHandle, BatchOutcome};
 pub use config::{ProducerConfig, SendOrder};
 pub use error::{BatchError, SendError};
 pub use handle::{Confirmed, SendHandle};
+pub use health::ProducerHealth;
 pub use stats::{ProducerStats, ResendCause, ResendCounts, Unconfirmed};
 
 use handle::Claim;
@@ -151,8 +153,7 @@ struct Inner {
     config: ProducerConfig,
     window: Arc<Semaphore>,
     window_size: u32,
-    /// Messages accepted and not yet settled.
-    in_flight: AtomicU64,
+    in_flight: AtomicU64, // messages accepted and not yet settled
     next_ticket: AtomicU64,
     closed: AtomicBool,
     /// Set once the transport's close has run (or given up), so it runs once.
@@ -174,9 +175,8 @@ impl std::fmt::Debug for Producer {
 }
 
 impl Producer {
-    /// A producer publishing through `transport`.
-    ///
-    /// `max_attempts` below 1 counts as 1 and `max_in_flight` is clamped to `1..=u32::MAX >> 3`.
+    /// A producer publishing through `transport`. `max_attempts` below 1 counts as 1 and
+    /// `max_in_flight` is clamped to `1..=u32::MAX >> 3`.
     pub fn new(transport: impl Transport + 'static, config: ProducerConfig) -> Self {
         Self::from_arc(Arc::new(transport), config)
     }
@@ -190,6 +190,7 @@ impl Producer {
         config.max_in_flight = window_size as usize;
         Self {
             inner: Arc::new(Inner {
+                counters: Counters::new(transport.metrics_label()), // before `transport` moves
                 transport,
                 window: Arc::new(Semaphore::new(window_size as usize)),
                 window_size,
@@ -198,7 +199,6 @@ impl Producer {
                 next_ticket: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 transport_closed: OnceCell::new(),
-                counters: Counters::default(),
                 latency: LatencyHistogram::new(),
                 #[cfg(feature = "outbox")]
                 outbox: None,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::message::{IdempotencyKey, MessageId};
+use crate::metrics::ProducerMetrics;
 use crate::transport::PublishError;
 
 /// Why a message was resent.
@@ -92,8 +93,8 @@ pub struct Unconfirmed {
     pub last_sent: Instant,
 }
 
-/// The live counters behind [`ProducerStats`].
-#[derive(Default)]
+/// The live counters behind [`ProducerStats`], and the same events for the `metrics` recorder
+/// (nothing without the feature).
 pub(super) struct Counters {
     pub(super) sent: AtomicU64,
     pub(super) attempts: AtomicU64,
@@ -103,9 +104,26 @@ pub(super) struct Counters {
     pub(super) resent_timeout: AtomicU64,
     pub(super) resent_connection: AtomicU64,
     pub(super) resent_busy: AtomicU64,
+    pub(super) metrics: ProducerMetrics,
 }
 
 impl Counters {
+    /// Zeroed counters of a producer over a `transport` transport (its metrics label).
+    pub(super) fn new(transport: &'static str) -> Self {
+        let zero = || AtomicU64::new(0);
+        Self {
+            sent: zero(),
+            attempts: zero(),
+            confirmed: zero(),
+            failed: zero(),
+            resent_nack: zero(),
+            resent_timeout: zero(),
+            resent_connection: zero(),
+            resent_busy: zero(),
+            metrics: ProducerMetrics::new(transport),
+        }
+    }
+
     /// The resend counter of `cause`.
     pub(super) fn resent(&self, cause: ResendCause) -> &AtomicU64 {
         match cause {

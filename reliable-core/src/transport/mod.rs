@@ -132,6 +132,12 @@ pub trait Transport: Send + Sync + 'static {
     /// [`spawn_blocking`](tokio::task::spawn_blocking). Publishes after `close` may fail.
     /// Default: does nothing.
     async fn close(&self) {}
+
+    /// The `transport` label of the producer's [metrics](crate::metrics): `amqp`, `kafka`,
+    /// `memory` or `custom`, from the type's path. Override to name a wrapper's transport.
+    fn metrics_label(&self) -> &'static str {
+        crate::metrics::transport_label(std::any::type_name::<Self>())
+    }
 }
 
 #[async_trait]
@@ -150,6 +156,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     async fn close(&self) {
         (**self).close().await
+    }
+
+    fn metrics_label(&self) -> &'static str {
+        (**self).metrics_label()
     }
 }
 
@@ -481,6 +491,12 @@ pub trait DeliverySource: Send {
     /// a delivery. Default `true`.
     fn rejects_to_dead_letter(&self) -> bool {
         true
+    }
+
+    /// The `transport` label of the pipeline's [metrics](crate::metrics), as
+    /// [`Transport::metrics_label`].
+    fn metrics_label(&self) -> &'static str {
+        crate::metrics::transport_label(std::any::type_name::<Self>())
     }
 }
 

@@ -16,6 +16,7 @@ use super::commit::PeriodicCommit;
 use super::rebalance::ConsumerCtx;
 use super::{KafkaConsumer, Ordering, RawConsumer, Shared};
 use crate::config::{consumer_preset, harden_consumer_config, redact, RedactedConfig, Safety};
+use crate::security::{self, KafkaSecurity};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -83,6 +84,14 @@ impl KafkaConsumerBuilder {
         self
     }
 
+    /// TLS and SASL/SCRAM settings: sets `security.protocol`, the `ssl.*` files and the
+    /// `sasl.*` login on the client config (see [`KafkaSecurity`]; needs the `ssl` feature).
+    /// At build time a refused handshake or login is [`Error::Security`], never a timeout.
+    pub fn security(mut self, security: &KafkaSecurity) -> Self {
+        security.apply(&mut self.config);
+        self
+    }
+
     /// Unsafe settings knowingly accepted (default: none).
     pub fn safety(mut self, safety: Safety) -> Self {
         self.safety = safety;
@@ -134,10 +143,13 @@ impl KafkaConsumerBuilder {
                 reason: "no topic to subscribe to; call subscribe(TopicSpec::new(..))".into(),
             });
         }
-        if self.check_topics {
+        if self.check_topics && !self.topics.is_empty() {
             for spec in &self.topics {
                 ensure_topic(&config, spec).await?;
             }
+        } else {
+            // The topic check names TLS and login failures; without it, this one request does.
+            security::probe(&config).await?;
         }
         let shared = Arc::new(Shared {
             tracker: OffsetTracker::new(),

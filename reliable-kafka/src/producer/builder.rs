@@ -12,6 +12,7 @@ use reliable_core::producer::{ProducerConfig, SendOrder};
 use super::client::{Client, Link};
 use super::KafkaTransport;
 use crate::config::{harden_producer_config_sized, redact, RedactedConfig, Safety};
+use crate::security::{self, KafkaSecurity};
 use crate::topic::{ensure_topic, TopicSpec};
 use crate::Error;
 
@@ -81,6 +82,14 @@ impl KafkaTransportBuilder {
         self
     }
 
+    /// TLS and SASL/SCRAM settings: sets `security.protocol`, the `ssl.*` files and the
+    /// `sasl.*` login on the client config (see [`KafkaSecurity`]; needs the `ssl` feature).
+    /// At build time a refused handshake or login is [`Error::Security`], never a timeout.
+    pub fn security(mut self, security: &KafkaSecurity) -> Self {
+        security.apply(&mut self.config);
+        self
+    }
+
     /// Unsafe settings knowingly accepted (default: none).
     pub fn safety(mut self, safety: Safety) -> Self {
         self.safety = safety;
@@ -120,10 +129,13 @@ impl KafkaTransportBuilder {
             timing.core.confirm_timeout,
             &self.safety,
         )?;
-        if self.check_topics {
+        if self.check_topics && !self.topics.is_empty() {
             for spec in &self.topics {
                 ensure_topic(&config, spec).await?;
             }
+        } else {
+            // The topic check names TLS and login failures; without it, this one request does.
+            security::probe(&config).await?;
         }
         let link = Link::default();
         let producer = Client::create(&config, Arc::clone(&link)).map_err(|e| Error::Client {

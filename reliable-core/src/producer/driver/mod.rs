@@ -275,6 +275,8 @@ impl Driver {
     }
 
     fn accept(&mut self, job: Job) {
+        // Published and in flight from here until `settle`: every tracked message settles once.
+        self.inner.counters.metrics.accepted();
         let lane = self.inner.transport.lane(&job.msg);
         let deadline = job.first_sent.checked_add(self.inner.config.deadline);
         self.fresh.push_back(job.ticket);
@@ -330,6 +332,7 @@ impl Driver {
                         .counters
                         .resent(cause)
                         .fetch_add(1, Ordering::Relaxed);
+                    self.inner.counters.metrics.resent(cause);
                 }
             }
             return Some(ticket);
@@ -540,17 +543,20 @@ impl Driver {
                     .confirmed
                     .fetch_add(1, Ordering::Relaxed);
                 self.inner.latency.record(c.latency);
+                self.inner.counters.metrics.confirmed(c.latency);
                 if let Some(claim) = t.claim {
                     claim.remove();
                 }
                 None
             }
-            Err(_) => {
+            Err(e) => {
                 self.inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.metrics.handed_back(e);
                 t.claim
             }
         };
         self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.inner.counters.metrics.settled();
         self.released += 1;
         let outcome = Outcome { result, claim };
         match t.reply {
