@@ -193,18 +193,9 @@ pub(super) async fn inject(
             )
         }
         Scenario::AmqpClientPartition | Scenario::KafkaClientPartition => {
-            let pid = children.producer_pid().ok_or_else(|| {
-                HarnessError::Setup("a client-partition run without its producer".to_owned())
-            })?;
             views.refresh()?;
             let resolved_at_cut = views.producer.resolved();
-            let pid = pid.to_string();
-            brokers(script, &["client-partition", &pid]).await?;
-            // Halfway, the connections still open are reset, as a NAT or firewall that forgot
-            // them answers: what was written into them and not delivered is gone.
-            tokio::time::sleep(sizes.blackhole / 2).await;
-            brokers(script, &["client-reset", &pid]).await?;
-            tokio::time::sleep(sizes.blackhole / 2).await;
+            cut_off_producer(script, children, sizes.blackhole).await?;
             views.refresh()?;
             in_flight =
                 Some((views.producer.accepted.len() as u64).saturating_sub(resolved_at_cut));
@@ -252,6 +243,26 @@ pub(super) async fn inject(
         recovery_s: round1(kill.elapsed().as_secs_f64()),
         in_flight,
     })
+}
+
+/// Cuts the producer process off from every broker for `outage` (everything it sends dropped:
+/// no FIN, no RST) and, halfway, resets its connections, as a NAT or firewall that forgot them
+/// answers: what was written into them and not delivered is gone. The producer stays cut off:
+/// the caller lets it through (`client-heal`) once it has looked at the run.
+pub(super) async fn cut_off_producer(
+    script: &Path,
+    children: &Children,
+    outage: Duration,
+) -> Result<(), HarnessError> {
+    let pid = children
+        .producer_pid()
+        .ok_or_else(|| HarnessError::Setup("no producer process to cut off".to_owned()))?
+        .to_string();
+    brokers(script, &["client-partition", &pid]).await?;
+    tokio::time::sleep(outage / 2).await;
+    brokers(script, &["client-reset", &pid]).await?;
+    tokio::time::sleep(outage / 2).await;
+    Ok(())
 }
 
 /// Waits until every node of the RabbitMQ cluster runs again and `queue` answers with a

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::children::Children;
-use super::inject::{brokers, wait_in_sync, wait_members};
+use super::inject::{brokers, cut_off_producer, wait_in_sync, wait_members};
 use super::{Planned, RunArgs};
 use crate::plan::{Broker, Sizes};
 use crate::HarnessError;
@@ -77,20 +77,13 @@ pub(super) async fn strike(
     let script = &args.brokers_script;
     let what = match (broker, fault) {
         (_, Strike::CutProducer) => {
-            let pid = children
-                .producer_pid()
-                .ok_or_else(|| HarnessError::Setup("no producer process to cut off".into()))?
-                .to_string();
-            let half = sizes.blackhole / 4;
-            brokers(script, &["client-partition", &pid]).await?;
-            tokio::time::sleep(half).await;
-            brokers(script, &["client-reset", &pid]).await?;
-            tokio::time::sleep(half).await;
+            let outage = sizes.blackhole / 2;
+            cut_off_producer(script, children, outage).await?;
             brokers(script, &["client-heal"]).await?;
             format!(
                 "the producer process cut off from every broker for {} s, its connections \
-                     reset halfway",
-                (half * 2).as_secs()
+                 reset halfway",
+                outage.as_secs()
             )
         }
         (_, Strike::KillConsumer) => {
