@@ -27,6 +27,7 @@
 //!
 //! [`Transport::submit`]: crate::Transport::submit
 
+mod settle;
 mod sweep;
 
 use std::cmp::Reverse;
@@ -52,7 +53,7 @@ use super::batch::BatchReply;
 use super::handle::{Claim, Outcome};
 use super::lanes::Lanes;
 use super::stats::{ResendCause, Unconfirmed};
-use super::{Confirmed, Inner, SendError, SendOrder};
+use super::{Inner, SendError, SendOrder};
 use sweep::{bounded, step_end};
 
 /// What the producer's handles ask of the driver, in the order they ask.
@@ -431,141 +432,6 @@ impl Driver {
         if self.released > 0 {
             self.inner.window.add_permits(self.released);
             self.released = 0;
-        }
-    }
-
-    /// An attempt ended: confirm, final refusal, or a resend after a backoff.
-    fn decided(&mut self, ticket: u64, result: Result<(), PublishError>) {
-        let Some(t) = self.tracked.get_mut(&ticket) else {
-            return;
-        };
-        let _entered = t.span().entered();
-        let attempts = t.attempts;
-        let err = match result {
-            Ok(()) => {
-                let latency = Instant::now().saturating_duration_since(t.first_sent);
-                tracing::debug!(attempts, ?latency, "confirmed");
-                let id = t.msg.id();
-                return self.settle(ticket, |_| {
-                    Ok(Confirmed {
-                        id,
-                        attempts,
-                        latency,
-                    })
-                });
-            }
-            Err(e) => e,
-        };
-        let cfg = &self.inner.config;
-        let Some(cause) = ResendCause::of(&err).filter(|_| err.is_retryable()) else {
-            tracing::warn!(error = %err, attempts, "publish refused");
-            return self.settle(ticket, |message| {
-                Err(SendError::Refused {
-                    message,
-                    source: err,
-                    attempts,
-                })
-            });
-        };
-        if attempts >= cfg.max_attempts {
-            tracing::warn!(error = %err, attempts, "publish attempts exhausted");
-            return self.settle(ticket, |message| {
-                Err(SendError::AttemptsExhausted {
-                    message,
-                    last_error: err,
-                    attempts,
-                })
-            });
-        }
-        let delay = t
-            .delays
-            .get_or_insert_with(|| Box::new(cfg.backoff.delays()))
-            .next()
-            .unwrap_or(cfg.backoff.max_delay);
-        let now = Instant::now();
-        let resend_at = now.checked_add(delay);
-        let past_deadline = t
-            .deadline
-            .is_some_and(|d| resend_at.is_none_or(|at| at >= d));
-        if past_deadline {
-            tracing::warn!(error = %err, attempts, "publish deadline exceeded");
-            let elapsed = now.saturating_duration_since(t.first_sent);
-            return self.settle(ticket, |message| {
-                Err(SendError::DeadlineExceeded {
-                    message,
-                    last_error: err,
-                    attempts,
-                    elapsed,
-                })
-            });
-        }
-        tracing::debug!(error = %err, ?cause, attempts, ?delay, "resending");
-        t.stage = Stage::Parked;
-        t.cause = Some(cause);
-        let lane = t.lane;
-        if cfg.order == SendOrder::Preserved {
-            self.lanes.failed(lane, ticket);
-        }
-        match resend_at {
-            Some(at) => self.backoff.push(Reverse((at, ticket))),
-            None => {
-                self.due.insert(ticket);
-            }
-        }
-    }
-
-    /// Settles `ticket` with the outcome `outcome` builds (from the message, for a hand-back)
-    /// and hands it to the message's [`SendHandle`](super::SendHandle).
-    ///
-    /// The outbox entry leaves on confirm; a handed-back message's claim travels with the
-    /// outcome, so the entry leaves only once the handle gives the message to the caller.
-    fn settle(
-        &mut self,
-        ticket: u64,
-        outcome: impl FnOnce(Box<Message>) -> Result<Confirmed, SendError>,
-    ) {
-        let Some(t) = self.tracked.remove(&ticket) else {
-            return;
-        };
-        if self.inner.config.order == SendOrder::Preserved {
-            let released = self.lanes.settled(t.lane, ticket);
-            for held in released.into_iter().rev() {
-                self.fresh.push_front(held);
-            }
-        }
-        self.due.remove(&ticket);
-        let id = t.msg.id();
-        let result = outcome(Box::new(Arc::unwrap_or_clone(t.msg)));
-        let claim = match &result {
-            Ok(c) => {
-                self.inner
-                    .counters
-                    .confirmed
-                    .fetch_add(1, Ordering::Relaxed);
-                self.inner.latency.record(c.latency);
-                self.inner.counters.metrics.confirmed(c.latency);
-                if let Some(claim) = t.claim {
-                    claim.remove();
-                }
-                None
-            }
-            Err(e) => {
-                self.inner.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.inner.counters.metrics.handed_back(e);
-                t.claim
-            }
-        };
-        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.inner.counters.metrics.settled();
-        self.released += 1;
-        let outcome = Outcome { result, claim };
-        match t.reply {
-            Reply::One(reply) => {
-                if let Err(outcome) = reply.send(outcome) {
-                    outcome.unreceived(id);
-                }
-            }
-            Reply::Batch(reply) => reply.send(id, outcome),
         }
     }
 }

@@ -12,9 +12,13 @@ use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+mod lease;
+
+use lease::{keep_all, Lease};
+
 use super::{Handler, HandlerError, Layer};
 use crate::backoff::BackoffPolicy;
-use crate::idempotency::{Completion, IdempotencyStore, LeaseToken, Renewal, Reservation};
+use crate::idempotency::{Completion, IdempotencyStore, LeaseToken, Reservation};
 use crate::message::{IdempotencyKey, Message};
 
 /// Why the [`DedupeLayer`] did not run a message's handler. Carried as the source of a
@@ -51,9 +55,10 @@ pub enum DedupeError {
 ///    [`lease_duration`](IdempotencyStore::lease_duration), so a handler slower than the lease
 ///    (retries, timeouts, a slow dependency) keeps its key and no second copy runs alongside it.
 ///    A failed renewal is retried with backoff. A renewal that finds the lease
-///    [`Lost`](Renewal::Lost) (it ran out, say the store was unreachable for a whole lease, and
-///    another worker took the key) does not stop the handler, which may be half-way through its
-///    effect: the layer logs an error, counts it in [`DedupeLayer::leases_lost`], and carries on.
+///    [`Lost`](crate::idempotency::Renewal::Lost) (it ran out, say the store was unreachable
+///    for a whole lease, and another worker took the key) does not stop the handler, which may
+///    be half-way through its effect: the layer logs an error, counts it in
+///    [`DedupeLayer::leases_lost`], and carries on.
 /// 3. **On success, complete the key.** A failed `complete` is retried with backoff, the lease
 ///    kept renewed in between, for up to the layer's complete-retry time. The effect has run, so
 ///    the message is acknowledged whatever happens here: requeueing it would only make one more
@@ -161,15 +166,6 @@ impl<S: IdempotencyStore + ?Sized, H: Handler> Layer<H> for DedupeLayer<S> {
 const IN_PROGRESS_POLL: BackoffPolicy = BackoffPolicy {
     min_delay: Duration::from_millis(20),
     max_delay: Duration::from_secs(2),
-    factor: 2.0,
-    jitter: true,
-};
-
-/// Retries of a renewal that failed (the store did not answer). Each delay is also capped at
-/// the renewal interval, so a short lease is retried well within its life.
-const RENEW_RETRY: BackoffPolicy = BackoffPolicy {
-    min_delay: Duration::from_millis(20),
-    max_delay: Duration::from_secs(5),
     factor: 2.0,
     jitter: true,
 };
@@ -469,80 +465,6 @@ impl<H: Handler, S: IdempotencyStore + ?Sized> Dedupe<H, S> {
                 .leases_lost
                 .fetch_add(1, Ordering::Relaxed);
             tracing::error!("the key's lease was lost while its handler ran (another worker took the key over): the effect may have been applied twice; lengthen the store's lease or look at why renewals failed");
-        }
-    }
-}
-
-/// Keeps every lease of `leases` renewed, for as long as it is polled; never returns.
-async fn keep_all<S: IdempotencyStore + ?Sized>(
-    leases: &mut [Lease<'_, S>],
-) -> std::convert::Infallible {
-    // Returns only for an empty slice.
-    let _ = futures::future::join_all(leases.iter_mut().map(|l| l.keep())).await;
-    std::future::pending().await
-}
-
-/// The caller's lease on one key, renewed by [`keep`](Self::keep).
-struct Lease<'a, S: ?Sized> {
-    store: &'a S,
-    key: &'a IdempotencyKey,
-    token: LeaseToken,
-    /// A third of the store's lease; `None` when its reservations never run out.
-    every: Option<Duration>,
-    /// When the next renewal is due.
-    due: Instant,
-    /// Whether a renewal or the completion found the lease taken over.
-    lost: bool,
-}
-
-impl<'a, S: IdempotencyStore + ?Sized> Lease<'a, S> {
-    fn new(store: &'a S, key: &'a IdempotencyKey, token: LeaseToken) -> Self {
-        let now = Instant::now();
-        // A lease too long to represent as an instant never needs renewing.
-        let schedule = store
-            .lease_duration()
-            .map(|lease| (lease / 3).max(Duration::from_millis(1)))
-            .and_then(|every| Some((every, now.checked_add(every)?)));
-        Self {
-            store,
-            key,
-            token,
-            every: schedule.map(|(every, _)| every),
-            due: schedule.map_or(now, |(_, due)| due),
-            lost: false,
-        }
-    }
-
-    /// Renews the lease whenever it is due, for as long as it is polled; never returns. Stops
-    /// renewing once the lease is lost or when the store's leases never run out. Dropping the
-    /// future mid-renewal is harmless: the next call renews at once.
-    async fn keep(&mut self) -> std::convert::Infallible {
-        let Some(every) = self.every.filter(|_| !self.lost) else {
-            return std::future::pending().await;
-        };
-        let mut retries = RENEW_RETRY.delays();
-        loop {
-            tokio::time::sleep_until(self.due).await;
-            match self.store.renew(self.key, self.token).await {
-                Ok(Renewal::Renewed) => {
-                    let Some(due) = Instant::now().checked_add(every) else {
-                        return std::future::pending().await;
-                    };
-                    self.due = due;
-                    retries = RENEW_RETRY.delays();
-                }
-                Ok(Renewal::Lost) => {
-                    self.lost = true;
-                    // Reported as an error once the handler is done (`count_lost`).
-                    tracing::warn!("lease lost while the handler runs: another worker took the key over and may apply the effect too; the handler carries on");
-                    return std::future::pending().await;
-                }
-                Err(e) => {
-                    let delay = retries.next().unwrap_or(every).min(every);
-                    tracing::warn!(error = %e, ?delay, "renewing the key's lease failed; retrying");
-                    self.due = Instant::now() + delay;
-                }
-            }
         }
     }
 }
