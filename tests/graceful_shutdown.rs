@@ -1,16 +1,36 @@
 //! SIGTERM to a consumer process mid-stream, against the real RabbitMQ: the child (this test
 //! binary again, in `child_consumer_process`, running `examples/graceful_shutdown.rs`'s
-//! service) journals every payload it applied; the test publishes N messages, sends SIGTERM
-//! once some were applied, and checks that the child exits 0 within a bound, that nothing is
-//! lost (every message applied by the child or still in the queue) and that nothing the child
-//! applied comes back (it was acked before the child exited).
+//! service, 25 ms of work per message after its journal entry) journals every payload it
+//! applied; the test publishes N messages to a fresh quorum queue, sends SIGTERM once some were
+//! applied, and checks that the child exits 0 within a bound, that nothing is lost (every
+//! message applied by the child or still in the queue) and that nothing the child applied comes
+//! back: the handlers in progress at SIGTERM finish, their coalesced acks go out and the
+//! consumer is cancelled before the exit.
+//!
+//! The control runs the same child without the stop signal (`std::future::pending()`), so
+//! SIGTERM kills it. The broker requeues every delivery the dead connection held unacked: the
+//! prefetched ones no handler started, and the ones applied whose ack had not gone out. The
+//! control must show applied messages in the queue again, so the check above is known to see
+//! them. To make that deterministic rather than likely, the control child works 1 s per
+//! message (under the 5 s handler timeout) and gets SIGTERM as soon as the journal reaches 8
+//! lines: the lines new since the test's previous look at the journal belong to handlers
+//! still in their work, so their acks cannot have gone out, and the test asserts that every
+//! one of them is in the queue again (it first checks that the kill followed that look by
+//! less than the work; at 25 ms of work a loaded machine could break that, and a kill between
+//! two handlers would show nothing). Before reading the queue, both tests wait for it to have
+//! no consumer left, so the broker's requeue has happened.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 use reliable::amqp::{AmqpPublisher, AmqpSettings};
 use reliable::core::producer::{Producer, ProducerConfig};
 use reliable::core::Message;
@@ -20,33 +40,88 @@ use reliable_test_support::{require, unique_name};
 #[path = "../examples/graceful_shutdown.rs"]
 mod example;
 
-/// The child's instructions: queue and journal file, tab-separated.
+/// The child's instructions: mode, queue and journal file, tab-separated.
 const CHILD_ENV: &str = "RELIABLE_GRACEFUL_CHILD";
 const MESSAGES: usize = 400;
 /// Applied messages seen before the SIGTERM is sent.
 const BEFORE_SIGTERM: usize = 40;
+/// The child's work per message, after its journal entry and before its ack.
+const WORK: Duration = Duration::from_millis(25);
+/// The control child's work per message: far longer than the test takes from reading the
+/// journal to sending SIGTERM, and under the example's 5 s handler timeout.
+const CONTROL_WORK: Duration = Duration::from_secs(1);
+/// Applied messages seen before the control's SIGTERM: the example runs 4 handlers at once,
+/// so the first 4 are done and the next ones are in their work.
+const CONTROL_BEFORE_SIGTERM: usize = 8;
+/// How long the child may take to start applying messages.
+const START_BOUND: Duration = Duration::from_secs(60);
 /// How long the child may take to stop after SIGTERM.
 const STOP_BOUND: Duration = Duration::from_secs(30);
+/// How long the broker may take to drop the child's consumer (and requeue what it held).
+const GONE_BOUND: Duration = Duration::from_secs(10);
 
-/// The consumer process: does nothing unless started by the test below.
+/// How the child stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// `reliable::shutdown_signal()`: SIGTERM starts the clean stop.
+    Signal,
+    /// The control: the service never listens for a signal, so SIGTERM kills it.
+    NoSignal,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Signal => "signal",
+            Stop::NoSignal => "no-signal",
+        }
+    }
+
+    /// The child's work per message.
+    fn work(self) -> Duration {
+        match self {
+            Stop::Signal => WORK,
+            Stop::NoSignal => CONTROL_WORK,
+        }
+    }
+
+    /// Applied messages seen before SIGTERM is sent.
+    fn before_sigterm(self) -> usize {
+        match self {
+            Stop::Signal => BEFORE_SIGTERM,
+            Stop::NoSignal => CONTROL_BEFORE_SIGTERM,
+        }
+    }
+}
+
+/// The consumer process: does nothing unless started by the tests below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_consumer_process() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let Some((queue, journal)) = spec.split_once('\t') else {
-        panic!("bad {CHILD_ENV}");
+    let [mode, queue, journal] = spec.split('\t').collect::<Vec<_>>()[..] else {
+        panic!("bad {CHILD_ENV}: {spec}");
+    };
+    let stop = if mode == Stop::Signal.name() {
+        Stop::Signal
+    } else {
+        Stop::NoSignal
     };
     let service = example::Service {
-        url: reliable_test_support::amqp_url().expect("RabbitMQ URL"),
-        queue: queue.to_owned(),
+        broker: example::Broker::RabbitMq {
+            url: reliable_test_support::amqp_url().expect("RabbitMQ URL"),
+            queue: queue.to_owned(),
+        },
         journal: Some(journal.into()),
-        work: Duration::from_millis(25),
+        work: stop.work(),
     };
-    let stats = service
-        .serve(reliable::shutdown_signal())
-        .await
-        .expect("a clean stop");
+    let stats = if stop == Stop::Signal {
+        service.serve(reliable::shutdown_signal()).await
+    } else {
+        service.serve(std::future::pending()).await
+    }
+    .expect("a clean stop");
     println!("child stopped: {stats:?}");
 }
 
@@ -56,128 +131,277 @@ async fn sigterm_mid_stream_loses_nothing_and_redelivers_nothing_applied() {
         return;
     }
     let url = require!(reliable_test_support::amqp_url());
-    let queue = unique_name("graceful-stop");
-    let service = example::Service {
-        url: url.clone(),
-        queue: queue.clone(),
-        journal: None,
-        work: Duration::ZERO,
-    };
-    service.declare().await.expect("queue declared");
-    let publisher = AmqpPublisher::connect(&url, AmqpSettings::safe())
-        .await
-        .expect("publisher");
-    let producer = Producer::new(publisher, ProducerConfig::default());
-    let all: BTreeSet<String> = (0..MESSAGES).map(|i| format!("m{i:04}")).collect();
-    let batch = all
-        .iter()
-        .map(|p| Message::new(p.clone()).with_routing_key(&queue))
-        .collect();
-    let outcome = producer.send_many(batch).await.expect("accepted").await;
-    assert_eq!(outcome.confirmed, MESSAGES, "every message confirmed");
-    producer.close().await;
-
-    let journal = std::env::temp_dir().join(unique_name("graceful-journal"));
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "child_consumer_process", "--nocapture"])
-        .env(CHILD_ENV, format!("{queue}\t{}", journal.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("child started");
-    let applied_before = wait_for_lines(&journal, BEFORE_SIGTERM, Duration::from_secs(60)).await;
+    let run = Run::start(&url, Stop::Signal).await;
     assert!(
-        applied_before >= BEFORE_SIGTERM,
-        "the child applied {applied_before} messages in 60 s"
+        run.status.success(),
+        "the child exits 0 after SIGTERM: {:?}",
+        run.status
     );
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success(), "SIGTERM sent");
-    let sent_at = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("child status") {
-            break status;
-        }
-        if sent_at.elapsed() > STOP_BOUND {
-            let _ = child.kill();
-            panic!("the child did not stop within {STOP_BOUND:?} of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(
-        status.success(),
-        "the child exits 0 after SIGTERM: {status:?}"
-    );
-
-    let applied = std::fs::read_to_string(&journal).expect("journal");
-    let applied: Vec<&str> = applied.lines().collect();
-    let first: BTreeSet<String> = applied.iter().map(|s| (*s).to_owned()).collect();
-    assert_eq!(first.len(), applied.len(), "the child applied each once");
-    assert!(
-        first.len() < MESSAGES,
-        "SIGTERM came mid-stream ({} of {MESSAGES} applied)",
-        first.len()
-    );
-
-    // What is left in the queue: everything the child did not apply, and nothing it did.
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let channel = conn.create_channel().await.expect("channel");
-    let mut rest = BTreeSet::new();
-    let mut redelivered = Vec::new();
-    while let Some(got) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions::default())
-        .await
-        .expect("basic.get")
-    {
-        let payload = String::from_utf8_lossy(&got.delivery.data).into_owned();
-        got.delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        if first.contains(&payload) || !rest.insert(payload.clone()) {
-            redelivered.push(payload);
-        }
-    }
+    let redelivered = run.check().await;
     assert!(
         redelivered.is_empty(),
         "applied by the child (acked before exit) yet delivered again: {redelivered:?}"
     );
-    let seen: BTreeSet<String> = first.union(&rest).cloned().collect();
-    let lost: Vec<&String> = all.difference(&seen).collect();
-    assert!(lost.is_empty(), "lost: {lost:?}");
-    println!(
-        "applied by the child: {}, left in the queue: {}, stop took {:?}",
-        first.len(),
-        rest.len(),
-        sent_at.elapsed()
-    );
-
-    for q in [queue.clone(), format!("{queue}.dlq")] {
-        let _ = channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(
-            service.dead_letter_exchange().as_str().into(),
-            lapin::options::ExchangeDeleteOptions::default(),
-        )
-        .await;
-    let _ = conn.close(200, "done".into()).await;
-    let _ = std::fs::remove_file(&journal);
+    run.clean_up().await;
 }
 
-/// Waits until `path` has at least `lines` lines (or `bound` passes); the count then.
-async fn wait_for_lines(path: &std::path::Path, lines: usize, bound: Duration) -> usize {
-    let start = Instant::now();
-    loop {
-        let now = std::fs::read_to_string(path).map_or(0, |s| s.lines().count());
-        if now >= lines || start.elapsed() > bound {
-            return now;
+/// The control: without the stop signal the same SIGTERM kills the child, and the messages it
+/// applied but had not acked are in the queue again. Still nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_without_the_stop_signal_redelivers_applied_messages() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let url = require!(reliable_test_support::amqp_url());
+    let run = Run::start(&url, Stop::NoSignal).await;
+    assert_eq!(
+        run.status.signal(),
+        Some(15),
+        "the control child is killed by SIGTERM: {:?}",
+        run.status
+    );
+    // The lines new since the test's previous look at the journal were written after it, and
+    // their handlers ack only `CONTROL_WORK` later: if SIGTERM came sooner, they were unacked.
+    assert!(
+        run.kill_lag < CONTROL_WORK,
+        "the test took {:?} from its previous look at the journal to SIGTERM, not less than the \
+         child's work ({CONTROL_WORK:?}): the handlers of the new lines may have acked",
+        run.kill_lag
+    );
+    let in_progress = &run.applied[run.seen_before..];
+    assert!(!in_progress.is_empty(), "the journal grew before SIGTERM");
+    let redelivered = run.check().await;
+    let missing: Vec<&String> = in_progress
+        .iter()
+        .filter(|p| !redelivered.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "killed without a clean stop, the messages in progress at SIGTERM ({in_progress:?}, \
+         applied, not acked) should be in the queue again; not there: {missing:?} (applied and \
+         in the queue again: {redelivered:?})"
+    );
+    run.clean_up().await;
+}
+
+/// One child run: messages published, the child started, SIGTERM sent, the child's exit.
+struct Run {
+    service: example::Service,
+    queue: String,
+    conn: Connection,
+    channel: Channel,
+    /// What the child journaled, in order.
+    applied: Vec<String>,
+    /// How many lines the journal had at the test's last look before the one that reached the
+    /// SIGTERM threshold.
+    seen_before: usize,
+    /// From that look to the return of `kill`.
+    kill_lag: Duration,
+    status: ExitStatus,
+    stop_took: Duration,
+}
+
+impl Run {
+    /// Publishes the messages to a fresh queue, runs the child until `stop.before_sigterm()`
+    /// messages are applied, sends SIGTERM and waits for the child's exit (bounded).
+    async fn start(url: &str, stop: Stop) -> Run {
+        let queue = unique_name("graceful-stop");
+        let service = example::Service {
+            broker: example::Broker::RabbitMq {
+                url: url.to_owned(),
+                queue: queue.clone(),
+            },
+            journal: None,
+            work: Duration::ZERO,
+        };
+        service.declare().await.expect("queue declared");
+        let publisher = AmqpPublisher::connect(url, AmqpSettings::safe())
+            .await
+            .expect("publisher");
+        let producer = Producer::new(publisher, ProducerConfig::default());
+        let batch = (0..MESSAGES)
+            .map(|i| Message::new(format!("m{i:04}")).with_routing_key(&queue))
+            .collect();
+        let outcome = producer.send_many(batch).await.expect("accepted").await;
+        assert_eq!(outcome.confirmed, MESSAGES, "every message confirmed");
+        producer.close().await;
+
+        let journal = std::env::temp_dir().join(unique_name("graceful-journal"));
+        let spec = [stop.name(), &queue, &journal.display().to_string()].join("\t");
+        let spawned_at = Instant::now();
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "child_consumer_process", "--nocapture"])
+            .env(CHILD_ENV, spec)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("child started");
+        let Some((seen_before, looked_at)) =
+            wait_for_lines(&journal, stop.before_sigterm(), spawned_at, START_BOUND).await
+        else {
+            let _ = child.kill();
+            panic!(
+                "the child applied fewer than {} messages in {START_BOUND:?}",
+                stop.before_sigterm()
+            );
+        };
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        let kill_lag = looked_at.elapsed();
+        assert!(killed.success(), "SIGTERM sent");
+        let sent_at = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("child status") {
+                break status;
+            }
+            if sent_at.elapsed() > STOP_BOUND {
+                let _ = child.kill();
+                panic!("the child did not stop within {STOP_BOUND:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let stop_took = sent_at.elapsed();
+        let applied = std::fs::read_to_string(&journal)
+            .expect("journal")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let _ = std::fs::remove_file(&journal);
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        Run {
+            service,
+            queue,
+            conn,
+            channel,
+            applied,
+            seen_before,
+            kill_lag,
+            status,
+            stop_took,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Checks what holds with and without a clean stop: the child applied each message once
+    /// and stopped mid-stream, and what it applied together with what is left in the queue
+    /// covers every message (nothing lost). Waits for the queue to have no consumer (the
+    /// broker has closed the child's channel and requeued what it held), then empties it.
+    /// Returns the messages the child applied that the queue holds again.
+    async fn check(&self) -> Vec<String> {
+        let applied: BTreeSet<String> = self.applied.iter().cloned().collect();
+        assert_eq!(
+            applied.len(),
+            self.applied.len(),
+            "the child applied each once"
+        );
+        assert!(
+            applied.len() < MESSAGES,
+            "SIGTERM came mid-stream ({} of {MESSAGES} applied)",
+            applied.len()
+        );
+
+        let started = Instant::now();
+        loop {
+            let queue = self
+                .channel
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("passive queue.declare");
+            if queue.consumer_count() == 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < GONE_BOUND,
+                "the child's consumer still on the queue {GONE_BOUND:?} after its exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let mut rest = Vec::new();
+        let mut flagged = 0;
+        while let Some(got) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            got.delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            flagged += usize::from(got.delivery.redelivered);
+            rest.push(String::from_utf8_lossy(&got.delivery.data).into_owned());
+        }
+        let left: BTreeSet<String> = rest.iter().cloned().collect();
+        assert_eq!(left.len(), rest.len(), "the queue holds each message once");
+        let all: BTreeSet<String> = (0..MESSAGES).map(|i| format!("m{i:04}")).collect();
+        let seen: BTreeSet<String> = applied.union(&left).cloned().collect();
+        let lost: Vec<&String> = all.difference(&seen).collect();
+        assert!(lost.is_empty(), "lost: {lost:?}");
+        let redelivered: Vec<String> = applied.intersection(&left).cloned().collect();
+        println!(
+            "applied by the child: {} (SIGTERM {:?} after the look that saw {}), left in the \
+             queue: {} (of them applied already: {}, flagged redelivered: {flagged}), exit {:?}, \
+             stop took {:?}",
+            applied.len(),
+            self.kill_lag,
+            self.seen_before,
+            left.len(),
+            redelivered.len(),
+            self.status,
+            self.stop_took,
+        );
+        redelivered
+    }
+
+    async fn clean_up(self) {
+        for q in [self.queue.clone(), format!("{}.dlq", self.queue)] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.service.dead_letter_destination().as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+/// Waits until `path`, a journal still empty at `start`, has at least `lines` lines; then the
+/// count and the instant of the look before (the lines beyond that count were written after
+/// it). `None` if `bound` passes.
+async fn wait_for_lines(
+    path: &std::path::Path,
+    lines: usize,
+    start: Instant,
+    bound: Duration,
+) -> Option<(usize, Instant)> {
+    let mut before = (0, start);
+    loop {
+        let looked_at = Instant::now();
+        let now = std::fs::read_to_string(path).map_or(0, |s| s.lines().count());
+        if now >= lines {
+            return Some(before);
+        }
+        if start.elapsed() > bound {
+            return None;
+        }
+        before = (now, looked_at);
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
