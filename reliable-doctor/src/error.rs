@@ -54,7 +54,8 @@ pub enum DoctorError {
     /// The Kafka cluster could not be read.
     #[error(
         "Kafka at {bootstrap} could not be audited ({step}: {reason}); check that the brokers \
-         run and that --kafka-bootstrap lists their client listeners (host:port,...)"
+         run, that --kafka-bootstrap lists their client listeners (host:port,...) and that \
+         --kafka-security-protocol is the listeners' protocol"
     )]
     Kafka {
         /// The bootstrap servers, credentials masked.
@@ -64,6 +65,28 @@ pub enum DoctorError {
         /// rdkafka's error.
         reason: String,
     },
+    /// The Kafka cluster refused the TLS handshake or the SASL login, or a certificate or key
+    /// file cannot be read. The text says what to check and holds no user name or password.
+    #[error(
+        "Kafka at {bootstrap}: {source} (the doctor's options for these: --kafka-ca, \
+         --kafka-client-cert/--kafka-client-key, --kafka-sasl-mechanism, --kafka-sasl-user and \
+         RELIABLE_KAFKA_SASL_PASSWORD or --kafka-sasl-password-file)"
+    )]
+    KafkaSecurity {
+        /// The bootstrap servers, credentials masked.
+        bootstrap: String,
+        /// The SDK's typed TLS or login error.
+        #[source]
+        source: reliable_kafka::SecurityError,
+    },
+    /// Kafka TLS or SASL was asked of a build without the `tls` feature.
+    #[error(
+        "Kafka TLS and SASL (--kafka-security-protocol ssl or sasl_ssl) are not in this build \
+         of `reliable`: rebuild it with `--features tls` (cargo install --path reliable-doctor \
+         --features tls, or cargo build -p reliable-doctor --features tls), which needs the \
+         OpenSSL headers (Debian: libssl-dev)"
+    )]
+    TlsNotBuilt,
     /// A blocking part of the audit panicked or was cancelled.
     #[error("the audit's worker thread failed: {0}; run it again, and report it if it persists")]
     Worker(String),

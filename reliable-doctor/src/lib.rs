@@ -44,6 +44,10 @@ pub struct Options {
     pub management_url: Option<String>,
     /// Kafka bootstrap servers, comma separated.
     pub kafka_bootstrap: Option<String>,
+    /// TLS and SASL/SCRAM for the Kafka clients; `None` is plaintext. Needs the `tls` feature
+    /// (else the audit fails with [`DoctorError::TlsNotBuilt`]). A TLS handshake or login the
+    /// cluster refuses is [`DoctorError::KafkaSecurity`].
+    pub kafka_security: Option<reliable_kafka::KafkaSecurity>,
     /// Kafka consumer groups whose committed offsets and lag are checked.
     pub groups: Vec<String>,
     /// Also check every consumer group the cluster lists.
@@ -60,6 +64,7 @@ impl Default for Options {
             amqp_url: None,
             management_url: None,
             kafka_bootstrap: None,
+            kafka_security: None,
             groups: Vec::new(),
             all_groups: false,
             filter: None,
@@ -161,12 +166,20 @@ impl Finding {
 /// Audits what `options` names and returns every finding, worst first. Call it inside a
 /// Tokio runtime (either flavour): the blocking client calls run on its blocking threads.
 ///
-/// Fails with [`DoctorError::NothingToAudit`] when no broker is named, and with a connection
-/// error when a named broker cannot be reached or refuses the audit's requests.
+/// Fails with [`DoctorError::NothingToAudit`] when no broker is named,
+/// [`DoctorError::TlsNotBuilt`] when Kafka security is asked of a build without the `tls`
+/// feature, and with a connection error when a named broker cannot be reached or refuses the
+/// audit's requests (a refused TLS handshake or login: [`DoctorError::KafkaSecurity`]).
 pub async fn audit(options: &Options) -> Result<Report, DoctorError> {
     let wants_amqp = options.amqp_url.is_some() || options.management_url.is_some();
     if !wants_amqp && options.kafka_bootstrap.is_none() {
         return Err(DoctorError::NothingToAudit);
+    }
+    if options.kafka_bootstrap.is_some()
+        && options.kafka_security.is_some()
+        && !cfg!(feature = "tls")
+    {
+        return Err(DoctorError::TlsNotBuilt);
     }
     let mut report = Report::default();
     if wants_amqp {

@@ -2,11 +2,17 @@
 //! a live RabbitMQ and Kafka for settings that can lose data (see the crate's library docs).
 //!
 //! Exit codes: 0 no `unsafe` finding, 1 at least one, 2 a usage or connection error.
+//!
+//! Kafka over TLS and SASL_SSL/SCRAM (`--kafka-security-protocol ssl|sasl_ssl`) needs the
+//! `tls` feature: `cargo install --path reliable-doctor --features tls`.
+
+mod kafka_args;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use kafka_args::{KafkaSecurityArgs, PASSWORD_ENV};
 use reliable_doctor::{audit, Options};
 
 #[derive(Parser)]
@@ -25,6 +31,9 @@ enum Command {
     /// Audit a live RabbitMQ and/or Kafka and report each setting that can lose data.
     ///
     /// Exit code 0: no unsafe finding; 1: at least one; 2: usage or connection error.
+    ///
+    /// A Kafka SASL password is read from the variable RELIABLE_KAFKA_SASL_PASSWORD or from
+    /// --kafka-sasl-password-file, never from an argument.
     Doctor(DoctorArgs),
 }
 
@@ -56,6 +65,8 @@ struct DoctorArgs {
     /// Print a JSON document instead of a table
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    kafka_security: KafkaSecurityArgs,
 }
 
 fn main() -> ExitCode {
@@ -68,10 +79,22 @@ fn main() -> ExitCode {
         }
     };
     let Command::Doctor(args) = cli.command;
+    let password = match std::env::var(PASSWORD_ENV) {
+        Ok(password) => Some(password),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return usage_error(format!("the variable {PASSWORD_ENV} is not UTF-8"));
+        }
+    };
+    let kafka_security = match args.kafka_security.resolve(password) {
+        Ok(security) => security,
+        Err(message) => return usage_error(message),
+    };
     let options = Options {
         amqp_url: args.amqp_url.filter(|s| !s.is_empty()),
         management_url: args.management_url.filter(|s| !s.is_empty()),
         kafka_bootstrap: args.kafka_bootstrap.filter(|s| !s.is_empty()),
+        kafka_security,
         groups: args.groups,
         all_groups: args.all_groups,
         filter: args.filter,
@@ -101,4 +124,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Prints the usage error `message` as clap prints its own, and exits with 2.
+fn usage_error(message: String) -> ExitCode {
+    eprintln!("error: {message}\n\nFor more information, try 'reliable doctor --help'.");
+    ExitCode::from(2)
 }

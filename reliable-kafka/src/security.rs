@@ -371,6 +371,33 @@ pub(crate) async fn probe(config: &ClientConfig) -> Result<(), SecurityError> {
     })
 }
 
+/// Checks that a client with the connection settings of `config` (`bootstrap.servers`,
+/// `security.*`, `ssl.*`, `sasl.*`, `socket.*`) gets past the TLS handshake and the login: the
+/// same check the builders make before they build a client, for code that builds its own
+/// rdkafka clients (after [`KafkaSecurity::apply`]). It first checks that the certificate and
+/// key files can be read, then makes one metadata request. Call it inside a Tokio runtime: the
+/// request runs on a blocking thread.
+///
+/// Returns the TLS or login failure as a [`SecurityError`] (texts redacted). A `plaintext`
+/// configuration is `Ok` at once, and so is a cluster that does not answer within 10 seconds:
+/// the caller's own requests report that, with their own timeout.
+///
+/// ```no_run
+/// use reliable_kafka::rdkafka::ClientConfig;
+/// use reliable_kafka::security::{check_connection, KafkaSecurity};
+///
+/// # async fn run() -> Result<(), reliable_kafka::SecurityError> {
+/// let mut config = ClientConfig::new();
+/// config.set("bootstrap.servers", "kafka-1:9093");
+/// KafkaSecurity::ssl().ca_file("/etc/kafka/ca.pem").apply(&mut config);
+/// check_connection(&config).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn check_connection(config: &ClientConfig) -> Result<(), SecurityError> {
+    probe(config).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

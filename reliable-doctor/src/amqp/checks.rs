@@ -200,8 +200,12 @@ fn check_queue(q: &Effective<'_>, node: &NodeInfo, out: &mut Vec<Finding>) {
             "use a quorum queue (x-queue-type: quorum) for messages that must not be lost",
         ));
     }
-    check_dead_lettering(q, kind, node, &finding, out);
-    check_limits(q, kind, node, &finding, out);
+    // Both checks depend on it: computed once from the argument or the policy.
+    let has_dlx = q
+        .setting("x-dead-letter-exchange", "dead-letter-exchange")
+        .is_some();
+    check_dead_lettering(q, kind, has_dlx, node, &finding, out);
+    check_limits(q, kind, has_dlx, node, &finding, out);
 }
 
 type MakeFinding<'a> = dyn Fn(&str, Severity, String, &str) -> Finding + 'a;
@@ -209,13 +213,11 @@ type MakeFinding<'a> = dyn Fn(&str, Severity, String, &str) -> Finding + 'a;
 fn check_dead_lettering(
     q: &Effective<'_>,
     kind: &str,
+    has_dlx: bool,
     node: &NodeInfo,
     finding: &MakeFinding<'_>,
     out: &mut Vec<Finding>,
 ) {
-    let has_dlx = q
-        .setting("x-dead-letter-exchange", "dead-letter-exchange")
-        .is_some();
     if !has_dlx {
         // A quorum queue drops a message past its delivery limit when it has no dead-letter
         // exchange; RabbitMQ 4.x sets a limit of 20 when none is declared.
@@ -285,13 +287,11 @@ fn check_dead_lettering(
 fn check_limits(
     q: &Effective<'_>,
     kind: &str,
+    has_dlx: bool,
     node: &NodeInfo,
     finding: &MakeFinding<'_>,
     out: &mut Vec<Finding>,
 ) {
-    let has_dlx = q
-        .setting("x-dead-letter-exchange", "dead-letter-exchange")
-        .is_some();
     if kind == "quorum" {
         match q
             .setting("x-delivery-limit", "delivery-limit")

@@ -2,17 +2,20 @@
 //! `unclean.leader.election.enable` from `DescribeConfigs` (which reports the broker's default
 //! when the topic sets none), and consumer groups' committed offsets against the partitions'
 //! watermarks. Internal topics (names starting with `__`) are skipped.
+//!
+//! With [`Options::kafka_security`], every client speaks TLS (and logs in with SASL/SCRAM)
+//! through the SDK's [`KafkaSecurity`](reliable_kafka::KafkaSecurity), and the audit first
+//! makes the SDK's connection check, so a CA that did not sign the brokers' certificates or a
+//! wrong password is a typed [`DoctorError::KafkaSecurity`] at once, not a timeout.
 
 pub mod checks;
-
-use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use reliable_core::redact::redact_url;
+use reliable_core::redact::{is_secret_key, redact_url, Scrubber};
 
 use crate::{DoctorError, Finding, Options, Report};
 use checks::{GroupPartition, PartitionView, Setting, TopicView};
@@ -24,6 +27,14 @@ pub(crate) async fn audit(
     options: &Options,
     report: &mut Report,
 ) -> Result<(), DoctorError> {
+    if options.kafka_security.is_some() {
+        reliable_kafka::security::check_connection(&client_config(bootstrap, options))
+            .await
+            .map_err(|source| DoctorError::KafkaSecurity {
+                bootstrap: redact_url(bootstrap),
+                source,
+            })?;
+    }
     let runtime = tokio::runtime::Handle::current();
     let bootstrap = bootstrap.to_owned();
     let options = options.clone();
@@ -42,23 +53,38 @@ struct Audit<'a> {
     options: &'a Options,
     consumer: BaseConsumer,
     admin: AdminClient<DefaultClientContext>,
+    /// The SASL user name and password, kept out of every error text.
+    scrubber: Scrubber,
 }
 
 impl<'a> Audit<'a> {
     fn new(bootstrap: &'a str, options: &'a Options) -> Result<Self, DoctorError> {
-        let config = client_config(bootstrap, options.timeout);
+        let config = client_config(bootstrap, options);
+        let mut scrubber = Scrubber::default();
+        for name in config.config_map().into_keys() {
+            // `config_map` masks librdkafka's known secrets; read the real values.
+            if let Some(value) = config.get(name).filter(|_| is_secret_key(name)) {
+                scrubber.add(value);
+            }
+        }
         let consumer = config
             .create()
-            .map_err(|e| kafka_error(bootstrap, "creating a client", e))?;
+            .map_err(|e| kafka_error(bootstrap, &scrubber, "creating a client", e))?;
         let admin = config
             .create()
-            .map_err(|e| kafka_error(bootstrap, "creating an admin client", e))?;
+            .map_err(|e| kafka_error(bootstrap, &scrubber, "creating an admin client", e))?;
         Ok(Self {
             bootstrap,
             options,
             consumer,
             admin,
+            scrubber,
         })
+    }
+
+    /// A [`DoctorError::Kafka`] for `step`, secrets scrubbed.
+    fn error(&self, step: &'static str, e: impl std::fmt::Display) -> DoctorError {
+        kafka_error(self.bootstrap, &self.scrubber, step, e)
     }
 
     /// Audits the topics, then the groups: (topics, groups) audited, and the findings.
@@ -70,7 +96,7 @@ impl<'a> Audit<'a> {
         let metadata = self
             .consumer
             .fetch_metadata(None, timeout)
-            .map_err(|e| kafka_error(self.bootstrap, "reading the cluster's metadata", e))?;
+            .map_err(|e| self.error("reading the cluster's metadata", e))?;
         let mut topics: Vec<TopicView> = metadata
             .topics()
             .iter()
@@ -121,7 +147,7 @@ impl<'a> Audit<'a> {
             .admin
             .describe_configs(specifiers.iter(), &options)
             .await
-            .map_err(|e| kafka_error(self.bootstrap, "describing the topics' configs", e))?;
+            .map_err(|e| self.error("describing the topics' configs", e))?;
         let mut broker_defaults: Option<(Option<Setting>, Option<Setting>)> = None;
         for (topic, result) in topics.iter_mut().zip(described) {
             // A topic deleted meanwhile or not readable: its settings stay unknown and the
@@ -188,7 +214,7 @@ impl<'a> Audit<'a> {
             let list = self
                 .consumer
                 .fetch_group_list(None, self.options.timeout)
-                .map_err(|e| kafka_error(self.bootstrap, "listing the consumer groups", e))?;
+                .map_err(|e| self.error("listing the consumer groups", e))?;
             groups.extend(
                 list.groups()
                     .iter()
@@ -219,14 +245,14 @@ impl<'a> Audit<'a> {
         }
         // A consumer with the group's id only reads its offsets: it never subscribes, so it
         // joins no group and moves no partition.
-        let consumer: BaseConsumer = client_config(self.bootstrap, self.options.timeout)
+        let consumer: BaseConsumer = client_config(self.bootstrap, self.options)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()
-            .map_err(|e| kafka_error(self.bootstrap, "creating a group client", e))?;
+            .map_err(|e| self.error("creating a group client", e))?;
         let committed = consumer
             .committed_offsets(list, self.options.timeout)
-            .map_err(|e| kafka_error(self.bootstrap, "reading committed offsets", e))?;
+            .map_err(|e| self.error("reading committed offsets", e))?;
         let mut out = Vec::new();
         for element in committed.elements() {
             let offset = match element.offset() {
@@ -251,16 +277,20 @@ impl<'a> Audit<'a> {
     }
 }
 
-fn client_config(bootstrap: &str, timeout: Duration) -> ClientConfig {
+/// The settings every client of the audit shares: the brokers, the timeout and the security.
+fn client_config(bootstrap: &str, options: &Options) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)
         .set(
             "socket.timeout.ms",
-            timeout.as_millis().clamp(10, 300_000).to_string(),
+            options.timeout.as_millis().clamp(10, 300_000).to_string(),
         )
         // Connection failures come back as errors of the calls; no log lines on stderr.
         .set("log_level", "0");
+    if let Some(security) = &options.kafka_security {
+        security.apply(&mut config);
+    }
     config
 }
 
@@ -275,10 +305,15 @@ fn source_name(source: &ConfigSource) -> &'static str {
     }
 }
 
-fn kafka_error(bootstrap: &str, step: &'static str, e: impl std::fmt::Display) -> DoctorError {
+fn kafka_error(
+    bootstrap: &str,
+    scrubber: &Scrubber,
+    step: &'static str,
+    e: impl std::fmt::Display,
+) -> DoctorError {
     DoctorError::Kafka {
         bootstrap: redact_url(bootstrap),
         step,
-        reason: e.to_string(),
+        reason: scrubber.scrub(&e.to_string()),
     }
 }
