@@ -16,10 +16,14 @@
 //! | [`DEAD_LETTERED_TOTAL`] `reliable_dead_lettered_total` | counter | `transport` | a delivery was dead-lettered (copy confirmed, or rejected to the broker's dead letter) |
 //! | [`DEDUPE_HITS_TOTAL`] `reliable_dedupe_hits_total` | counter | none | `DedupeLayer` skipped a duplicate |
 //! | [`HANDLER_LATENCY_SECONDS`] `reliable_handler_latency_seconds` | histogram | `transport` | one handler attempt (a batch call counts once per message) |
+//! | [`COMMIT_LAG`] `reliable_commit_lag` | gauge | `topic`, `partition` | records of a partition this consumer owns beyond the group's committed offset (Kafka; see [`CommitLagGauge`]) |
 //!
 //! `transport` is `amqp`, `kafka`, `memory` or `custom` (see
 //! [`Transport::metrics_label`](crate::Transport::metrics_label)). No label ever carries a
-//! message id, key or queue name, so the number of series stays small and fixed.
+//! message id, key or queue name. [`COMMIT_LAG`] is the one metric labelled by topic and
+//! partition: lag is only useful per partition (one stuck partition hides in a sum), and the
+//! series stay bounded by the partitions of the subscribed topics, each consumer reporting
+//! only the ones it owns. So the number of series stays small and fixed.
 //!
 //! # Cost
 //!
@@ -108,13 +112,20 @@ pub const DEDUPE_HITS_TOTAL: &str = "reliable_dedupe_hits_total";
 /// assert_eq!(reliable_core::metrics::HANDLER_LATENCY_SECONDS, "reliable_handler_latency_seconds");
 /// ```
 pub const HANDLER_LATENCY_SECONDS: &str = "reliable_handler_latency_seconds";
+/// Records of an owned partition beyond the group's committed offset (gauge, labels `topic`
+/// and `partition`). See the [module docs](self) and [`CommitLagGauge`].
+///
+/// ```
+/// assert_eq!(reliable_core::metrics::COMMIT_LAG, "reliable_commit_lag");
+/// ```
+pub const COMMIT_LAG: &str = "reliable_commit_lag";
 
 /// Every metric name above, for dashboards and tests.
 ///
 /// ```
-/// assert_eq!(reliable_core::metrics::ALL.len(), 12);
+/// assert_eq!(reliable_core::metrics::ALL.len(), 13);
 /// ```
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     PUBLISHED_TOTAL,
     CONFIRMED_TOTAL,
     RESENT_TOTAL,
@@ -127,6 +138,7 @@ pub const ALL: [&str; 12] = [
     DEAD_LETTERED_TOTAL,
     DEDUPE_HITS_TOTAL,
     HANDLER_LATENCY_SECONDS,
+    COMMIT_LAG,
 ];
 
 /// The `transport` label value for a transport or delivery source type, from its Rust path:
@@ -162,3 +174,9 @@ mod on;
 pub(crate) use off::{DedupeMetrics, HandlerTimer, PipelineMetrics, ProducerMetrics};
 #[cfg(feature = "metrics")]
 pub(crate) use on::{DedupeMetrics, HandlerTimer, PipelineMetrics, ProducerMetrics};
+
+// Public: recorded by adapters of offset-based logs (the Kafka consumer), outside this crate.
+#[cfg(not(feature = "metrics"))]
+pub use off::CommitLagGauge;
+#[cfg(feature = "metrics")]
+pub use on::CommitLagGauge;

@@ -85,7 +85,7 @@ use crate::attempts::AttemptCounter;
 use crate::backoff::BackoffPolicy;
 use crate::metrics::PipelineMetrics;
 use crate::producer::Producer;
-use crate::transport::{ConsumeError, DeliverySource};
+use crate::transport::{ConsumeError, ConsumerLag, DeliverySource};
 
 mod batch;
 mod dedupe;
@@ -93,6 +93,8 @@ mod handler;
 mod health;
 mod poison;
 mod process;
+#[cfg(feature = "otel")]
+mod trace_layer;
 #[cfg(feature = "serde")]
 mod typed;
 
@@ -102,6 +104,8 @@ pub use handler::{
     RetryLayer, RetryPolicy, Timeout, TimeoutLayer,
 };
 pub use health::{PipelineHealth, PipelineState};
+#[cfg(feature = "otel")]
+pub use trace_layer::{TraceContext, TraceContextLayer};
 #[cfg(feature = "serde")]
 pub use typed::{json_handler, JsonHandler};
 
@@ -225,11 +229,13 @@ struct Counters {
     activity: health::Activity,
     /// The same events for the `metrics` recorder (nothing without the feature).
     metrics: PipelineMetrics,
+    /// The source's lag, for the health snapshot (`None`: the source cannot tell).
+    lag: Option<Arc<dyn ConsumerLag>>,
 }
 
 impl Counters {
     /// Zeroed counters, recording into `metrics` too.
-    fn new(metrics: PipelineMetrics) -> Self {
+    fn new(metrics: PipelineMetrics, lag: Option<Arc<dyn ConsumerLag>>) -> Self {
         Self {
             received: AtomicU64::new(0),
             succeeded: AtomicU64::new(0),
@@ -239,6 +245,7 @@ impl Counters {
             settle_failures: AtomicU64::new(0),
             activity: health::Activity::new(),
             metrics,
+            lag,
         }
     }
 
@@ -297,12 +304,13 @@ impl<S: DeliverySource, H: Handler + 'static> Pipeline<S, H> {
     /// [`HandlerBuilder`]) and dead-lettering through `dead_letter`.
     pub fn new(source: S, handler: H, dead_letter: DeadLetter) -> Self {
         let metrics = PipelineMetrics::new(source.metrics_label());
+        let lag = source.consumer_lag();
         Self {
             source,
             handler: Arc::new(handler),
             dead_letter: Arc::new(dead_letter),
             config: PipelineConfig::default(),
-            counters: Arc::new(Counters::new(metrics)),
+            counters: Arc::new(Counters::new(metrics, lag)),
             attempt_counter: None,
         }
     }

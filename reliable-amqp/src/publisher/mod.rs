@@ -71,6 +71,7 @@
 mod classify;
 mod close;
 mod confirms;
+mod health;
 mod inflight;
 mod order;
 mod submit;
@@ -576,6 +577,13 @@ impl Transport for AmqpPublisher {
             return;
         }
         AmqpPublisher::close(self).await
+    }
+
+    /// `Some(true)` while the publisher's channel and its connection are open; see
+    /// [`ProducerHealth::connected`](reliable_core::producer::ProducerHealth::connected).
+    /// After a loss it stays `false` until the next publish re-opens a channel.
+    fn connected(&self) -> Option<bool> {
+        Some(self.link_up())
     }
 }
 

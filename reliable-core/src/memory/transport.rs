@@ -180,4 +180,11 @@ impl Transport for InMemoryTransport {
         use std::hash::BuildHasher;
         rustc_hash::FxBuildHasher.hash_one(msg.destination().unwrap_or(DEFAULT_QUEUE))
     }
+
+    /// Always `Some(true)`: the broker lives in this process. A
+    /// [`lose_connection`](super::InMemoryBroker::lose_connection) fails the confirms waiting
+    /// at that moment, and the next publish goes through at once.
+    fn connected(&self) -> Option<bool> {
+        Some(true)
+    }
 }

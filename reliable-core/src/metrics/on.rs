@@ -9,6 +9,7 @@ use ::metrics::{Counter, Gauge, Histogram};
 
 use super::*;
 use crate::producer::{ResendCause, SendError};
+use crate::transport::TopicPartition;
 
 const TRANSPORT: &str = "transport";
 const CAUSE: &str = "cause";
@@ -44,6 +45,10 @@ fn describe() {
     describe_histogram!(
         HANDLER_LATENCY_SECONDS,
         "Seconds one handler attempt took (a batch call counts once per message)"
+    );
+    describe_gauge!(
+        COMMIT_LAG,
+        "Records of an owned partition beyond the consumer group's committed offset"
     );
 }
 
@@ -217,5 +222,44 @@ impl Default for DedupeMetrics {
 impl fmt::Debug for DedupeMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("DedupeMetrics")
+    }
+}
+
+/// One partition's [`COMMIT_LAG`] series (`reliable_commit_lag{topic, partition}`), kept by a
+/// consumer of an offset-based log for each partition it owns. Registered with the recorder
+/// installed when it is created; setting it then costs one atomic store. Without the feature
+/// `metrics` it is an empty type whose methods do nothing.
+///
+/// ```
+/// use reliable_core::metrics::CommitLagGauge;
+/// use reliable_core::TopicPartition;
+///
+/// let gauge = CommitLagGauge::new(&TopicPartition::new("orders", 0));
+/// gauge.set(42); // 42 records beyond the last commit
+/// gauge.set(0); // revoked, or caught up
+/// ```
+pub struct CommitLagGauge(Gauge);
+
+impl CommitLagGauge {
+    /// Registers the series of `partition` (labels `topic` and `partition`).
+    pub fn new(partition: &TopicPartition) -> Self {
+        describe();
+        Self(::metrics::gauge!(
+            COMMIT_LAG,
+            "topic" => partition.topic.to_string(),
+            "partition" => partition.partition.to_string()
+        ))
+    }
+
+    /// Sets the lag, in records.
+    pub fn set(&self, lag: u64) {
+        // Exact up to 2^53 records, far beyond any partition.
+        self.0.set(lag as f64);
+    }
+}
+
+impl fmt::Debug for CommitLagGauge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CommitLagGauge")
     }
 }

@@ -39,6 +39,14 @@ pub struct PipelineHealth {
     /// known to be busy, a long silence means the consumer is stuck or disconnected; on a
     /// quiet queue it means nothing.
     pub last_delivery_age: Option<Duration>,
+    /// Records beyond the consumer group's last commit, summed over the partitions this
+    /// consumer owns ([`ConsumerLag::total`](crate::transport::ConsumerLag::total), from the
+    /// source's [`consumer_lag`](crate::DeliverySource::consumer_lag)). `None` for sources
+    /// that cannot tell (RabbitMQ, the in-memory broker) and, on Kafka, until the client has
+    /// reported the offsets of an owned partition. A lag that grows while
+    /// [`in_progress`](Self::in_progress) stays flat means the consumer is falling behind;
+    /// per partition, see the Kafka consumer's own view (`KafkaConsumer::lag`).
+    pub lag: Option<u64>,
 }
 
 impl PipelineHealth {
@@ -104,8 +112,8 @@ impl Activity {
 }
 
 impl PipelineStatsHandle {
-    /// A snapshot for readiness and liveness probes: the run's state, deliveries in progress
-    /// and the time since the last one was taken. Take the handle with
+    /// A snapshot for readiness and liveness probes: the run's state, deliveries in progress,
+    /// the time since the last one was taken and the source's lag. Take the handle with
     /// [`Pipeline::stats`](super::Pipeline::stats) before running the pipeline.
     ///
     /// ```
@@ -125,6 +133,7 @@ impl PipelineStatsHandle {
     /// assert_eq!(health.state, PipelineState::NotStarted);
     /// let ready = health.is_ready(); // readiness: false until running, false once draining
     /// assert!(!ready && health.in_progress == 0);
+    /// assert_eq!(health.lag, None); // a queue: the broker knows its backlog, not the consumer
     /// # }
     /// ```
     pub fn health(&self) -> PipelineHealth {
@@ -135,6 +144,7 @@ impl PipelineStatsHandle {
             in_progress: stats.received.saturating_sub(settled),
             received: stats.received,
             last_delivery_age: self.0.activity.last_delivery_age(),
+            lag: self.0.lag.as_ref().and_then(|lag| lag.total()),
         }
     }
 }
@@ -198,5 +208,57 @@ mod tests {
         assert_eq!(done.state, PipelineState::Stopped);
         assert_eq!(done.in_progress, 0);
         assert_eq!(broker.acked_count("q"), 1);
+    }
+
+    /// A lag some other part of the test sets.
+    struct Fixed(std::sync::atomic::AtomicU64);
+
+    impl crate::transport::ConsumerLag for Fixed {
+        fn total(&self) -> Option<u64> {
+            Some(self.0.load(std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+
+    /// The in-memory consumer, reporting the lag of `Fixed`.
+    struct Lagging(crate::memory::InMemoryConsumer, std::sync::Arc<Fixed>);
+
+    #[async_trait::async_trait]
+    impl crate::DeliverySource for Lagging {
+        async fn next(&mut self) -> Result<Option<crate::Delivery>, crate::ConsumeError> {
+            self.0.next().await
+        }
+
+        async fn close(&mut self) -> Result<(), crate::ConsumeError> {
+            self.0.close().await
+        }
+
+        fn consumer_lag(&self) -> Option<std::sync::Arc<dyn crate::transport::ConsumerLag>> {
+            Some(self.1.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn health_reads_the_lag_of_a_source_that_knows_it_live() {
+        use crate::DeliverySource as _;
+
+        let broker = InMemoryBroker::new();
+        broker.declare_queue("q");
+        let handler = || handler_fn(|_msg: Message| async { Ok(()) });
+        let lag = std::sync::Arc::new(Fixed(5.into()));
+        let source = Lagging(broker.consumer("q"), lag.clone());
+        let pipeline = Pipeline::new(source, handler(), DeadLetter::BrokerReject);
+        let probe = pipeline.stats();
+        assert_eq!(probe.health().lag, Some(5));
+        lag.0.store(2, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            probe.health().lag,
+            Some(2),
+            "read when asked, not when built"
+        );
+
+        // Negative control: a source that cannot tell says so.
+        let plain = Pipeline::new(broker.consumer("q"), handler(), DeadLetter::BrokerReject);
+        assert!(broker.consumer("q").consumer_lag().is_none());
+        assert_eq!(plain.stats().health().lag, None);
     }
 }

@@ -19,6 +19,16 @@ pub struct ProducerHealth {
     /// nothing is unconfirmed). It grows while the broker is unreachable or stops confirming:
     /// the resends go on, but nothing settles.
     pub oldest_unconfirmed_age: Option<Duration>,
+    /// Whether the transport is connected to its broker now
+    /// ([`Transport::connected`](crate::Transport::connected)): `Some(true)` or
+    /// `Some(false)`, or `None` when the transport cannot tell (a custom transport, a Kafka
+    /// transport over an application's own producer). RabbitMQ: the publisher's channel and
+    /// connection are open (after a loss it reconnects on the next publish). Kafka: at least
+    /// one of the client's broker connections is up, per librdkafka's statistics (every
+    /// `statistics.interval.ms`, 1 s by default) and its all-brokers-down error. Messages are
+    /// kept and resent while it is `false`, so use it for readiness or an alert, not to
+    /// restart.
+    pub connected: Option<bool>,
 }
 
 impl ProducerHealth {
@@ -31,10 +41,11 @@ impl ProducerHealth {
 }
 
 impl Producer {
-    /// A snapshot for readiness and liveness probes: closed or not, messages in flight and the
+    /// A snapshot for readiness and liveness probes: closed or not, messages in flight, the
     /// age of the oldest unconfirmed one (asked of the producer's driver, like
-    /// [`unconfirmed`](Self::unconfirmed)). Whether the transport is connected is not known
-    /// here: a lost connection shows as a growing
+    /// [`unconfirmed`](Self::unconfirmed)) and whether the transport says it is
+    /// [connected](ProducerHealth::connected). With a transport that cannot tell, a lost
+    /// connection shows only as a growing
     /// [`oldest_unconfirmed_age`](ProducerHealth::oldest_unconfirmed_age).
     ///
     /// ```
@@ -51,6 +62,7 @@ impl Producer {
     /// let ready = !health.closed; // readiness: takes messages
     /// let live = !health.stalled(Duration::from_secs(120)); // liveness / alert
     /// assert!(ready && live);
+    /// assert_eq!(health.connected, Some(true)); // the in-memory broker is always reachable
     /// assert_eq!(health.in_flight, 0);
     /// # }
     /// ```
@@ -64,6 +76,7 @@ impl Producer {
             oldest_unconfirmed_age: oldest
                 .first()
                 .map(|u| now.saturating_duration_since(u.first_sent)),
+            connected: self.inner.transport.connected(),
         }
     }
 }

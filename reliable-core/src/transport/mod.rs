@@ -26,9 +26,11 @@ use futures::future::BoxFuture;
 use crate::message::Message;
 
 mod completion;
+mod lag;
 
 pub(crate) use completion::{Answer, Answers, Token};
 pub use completion::{Answered, Completion};
+pub use lag::ConsumerLag;
 
 /// How the broker's answer to a handed-off message comes back (the second half of
 /// [`Transport::submit`]).
@@ -138,6 +140,14 @@ pub trait Transport: Send + Sync + 'static {
     fn metrics_label(&self) -> &'static str {
         crate::metrics::transport_label(std::any::type_name::<Self>())
     }
+
+    /// Whether the client is connected to its broker now, for
+    /// [`ProducerHealth::connected`](crate::producer::ProducerHealth::connected): `Some(true)`
+    /// connected, `Some(false)` not, `None` when the transport cannot tell (the default).
+    /// Must be cheap and must not block: it reads state the client already keeps.
+    fn connected(&self) -> Option<bool> {
+        None
+    }
 }
 
 #[async_trait]
@@ -160,6 +170,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn metrics_label(&self) -> &'static str {
         (**self).metrics_label()
+    }
+
+    fn connected(&self) -> Option<bool> {
+        (**self).connected()
     }
 }
 
@@ -497,6 +511,14 @@ pub trait DeliverySource: Send {
     /// [`Transport::metrics_label`].
     fn metrics_label(&self) -> &'static str {
         crate::metrics::transport_label(std::any::type_name::<Self>())
+    }
+
+    /// A live view of this source's lag, for
+    /// [`PipelineHealth::lag`](crate::pipeline::PipelineHealth::lag). The pipeline asks once,
+    /// when it is built. Default `None`: the source cannot tell (a queue's backlog is the
+    /// broker's to report).
+    fn consumer_lag(&self) -> Option<Arc<dyn ConsumerLag>> {
+        None
     }
 }
 

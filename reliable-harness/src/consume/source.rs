@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use reliable_core::transport::ConsumerLag;
 use reliable_core::{ConsumeError, Delivery, DeliverySource};
 
 use super::record;
@@ -51,6 +52,14 @@ impl<S: DeliverySource> DeliverySource for Journaled<S> {
 
     fn rejects_to_dead_letter(&self) -> bool {
         self.inner.rejects_to_dead_letter()
+    }
+
+    fn metrics_label(&self) -> &'static str {
+        self.inner.metrics_label()
+    }
+
+    fn consumer_lag(&self) -> Option<Arc<dyn ConsumerLag>> {
+        self.inner.consumer_lag()
     }
 }
 

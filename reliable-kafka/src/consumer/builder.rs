@@ -13,6 +13,7 @@ use reliable_core::offsets::OffsetTracker;
 use tokio::sync::Notify;
 
 use super::commit::PeriodicCommit;
+use super::lag::{self, LagBook};
 use super::rebalance::ConsumerCtx;
 use super::{KafkaConsumer, Ordering, RawConsumer, Shared};
 use crate::config::{consumer_preset, harden_consumer_config, redact, RedactedConfig, Safety};
@@ -127,10 +128,13 @@ impl KafkaConsumerBuilder {
     }
 
     /// Validates the config, checks the topics, creates the consumer, subscribes and starts the
-    /// periodic commit. Must run inside a tokio runtime.
+    /// periodic commit. Must run inside a tokio runtime. Sets `statistics.interval.ms` to 1 s
+    /// unless the config sets it: librdkafka's statistics feed [`KafkaConsumer::lag`] (a
+    /// longer interval makes the lag staler, `0` turns it off).
     pub async fn build(self) -> Result<KafkaConsumer, Error> {
         let mut config = self.config;
         harden_consumer_config(&mut config, &self.safety)?;
+        lag::enable_statistics(&mut config);
         if config.get("group.id").is_none() {
             return Err(Error::Client {
                 client: "consumer",
@@ -161,6 +165,7 @@ impl KafkaConsumerBuilder {
             settled: Notify::new(),
             commit_lock: Mutex::new(()),
             ackers: AtomicUsize::new(0),
+            lag: Arc::new(LagBook::new(&config)),
         });
         let client_err = |e: KafkaError| Error::Client {
             client: "consumer",

@@ -69,6 +69,7 @@ pub(super) fn commit_moved(consumer: &RawConsumer, shared: &Shared) -> Result<us
         })?;
     for (tp, position) in &pending {
         shared.tracker.mark_committed(tp, *position);
+        shared.lag.committed(tp, *position);
         tracing::trace!(partition = %tp, position, "committed");
     }
     Ok(pending.len())

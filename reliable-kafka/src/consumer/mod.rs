@@ -36,6 +36,12 @@
 //! [`KafkaConsumer::offsets`] shows the watermark and the unfinished offsets per partition,
 //! read-only: only the consumer's own ackers finish offsets.
 //!
+//! [`KafkaConsumer::lag`] shows, per owned partition, how many records lie beyond the group's
+//! committed offset, from librdkafka's statistics (no extra request); the pipeline's health
+//! reports their sum and, with the `metrics` feature of `reliable-core`, each partition is the
+//! gauge `reliable_commit_lag{topic, partition}`. See the [`lag`] module for the exact
+//! definition and what happens on revoke.
+//!
 //! # Ordering
 //!
 //! The pipeline handles several deliveries at once. [`Ordering`] (set with
@@ -92,6 +98,7 @@
 mod acker;
 mod builder;
 mod commit;
+pub mod lag;
 mod ordering;
 mod rebalance;
 mod record;
@@ -108,10 +115,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::ClientConfig;
 use reliable_core::offsets::{OffsetTracker, OffsetsView};
+use reliable_core::transport::ConsumerLag;
 use reliable_core::{ConsumeError, Delivery, DeliverySource, Message, Position, TopicPartition};
 use tokio::sync::Notify;
 
 pub use builder::KafkaConsumerBuilder;
+pub use lag::{KafkaLag, PartitionLag};
 pub use ordering::Ordering;
 
 use acker::{KafkaAcker, Ticket};
@@ -146,6 +155,8 @@ struct Shared {
     commit_lock: Mutex<()>,
     /// Ackers alive: deliveries handed out and neither settled nor dropped.
     ackers: AtomicUsize,
+    /// The lag of the owned partitions (see the [`lag`] module).
+    lag: Arc<lag::LagBook>,
 }
 
 /// Locks `m`, also after a panic elsewhere poisoned it (the state stays consistent: every
@@ -160,6 +171,7 @@ impl Shared {
         let mut gate = lock(&self.gate);
         gate.forget(tp);
         lock(&self.next).remove(tp);
+        self.lag.revoked(tp);
         self.tracker.revoke(tp)
     }
 
@@ -219,6 +231,14 @@ impl KafkaConsumer {
     /// ```
     pub fn offsets(&self) -> OffsetsView<'_> {
         self.shared.tracker.view()
+    }
+
+    /// A live view of the lag of each partition this consumer owns (records beyond the
+    /// group's committed offset; see the [`lag`] module). Take it before the consumer moves
+    /// into a pipeline; the pipeline's
+    /// [`health`](reliable_core::pipeline::PipelineStatsHandle::health) reports the total.
+    pub fn lag(&self) -> KafkaLag {
+        self.shared.lag.view()
     }
 
     /// The validated client configuration.
@@ -485,6 +505,11 @@ impl DeliverySource for KafkaConsumer {
     /// Kafka has no dead letter: a reject only moves the offset past the record.
     fn rejects_to_dead_letter(&self) -> bool {
         false
+    }
+
+    /// The total of [`KafkaConsumer::lag`].
+    fn consumer_lag(&self) -> Option<Arc<dyn ConsumerLag>> {
+        Some(Arc::new(self.lag()))
     }
 }
 

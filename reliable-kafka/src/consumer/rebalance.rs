@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use reliable_core::TopicPartition;
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -34,17 +35,35 @@ use crate::config::redact;
 /// How often the drain looks whether the revoked partitions' deliveries have settled.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 
-/// The rdkafka context: drains and commits on partition revoke.
+/// The rdkafka context: drains and commits on partition revoke; keeps the lag of the owned
+/// partitions.
 pub(super) struct ConsumerCtx {
     pub(super) shared: Arc<Shared>,
 }
 
-impl ClientContext for ConsumerCtx {}
+impl ClientContext for ConsumerCtx {
+    /// librdkafka's statistics (every `statistics.interval.ms`, served while polled): the
+    /// offsets behind the lag.
+    fn stats(&self, statistics: Statistics) {
+        self.shared.lag.report(&statistics);
+    }
+}
 
 impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             self.shared.on_revoke(consumer, revoked);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            self.shared.lag.assigned(
+                assigned
+                    .elements()
+                    .iter()
+                    .map(|e| TopicPartition::new(e.topic(), e.partition())),
+            );
         }
     }
 }

@@ -119,7 +119,9 @@ impl KafkaTransportBuilder {
         self
     }
 
-    /// Validates the config, checks the topics and creates the producer.
+    /// Validates the config, checks the topics and creates the producer. Sets
+    /// `statistics.interval.ms` to 1 s unless the config sets it: librdkafka's statistics
+    /// tell whether the client is [connected](reliable_core::Transport::connected).
     pub async fn build(self) -> Result<KafkaTransport, Error> {
         let mut config = self.config;
         let timing = Timing::new(self.order, self.confirm_timeout, self.deadline);
@@ -137,6 +139,7 @@ impl KafkaTransportBuilder {
             // The topic check names TLS and login failures; without it, this one request does.
             security::probe(&config).await?;
         }
+        crate::consumer::lag::enable_statistics(&mut config);
         let link = Link::default();
         let producer = Client::create(&config, Arc::clone(&link)).map_err(|e| Error::Client {
             client: "producer",

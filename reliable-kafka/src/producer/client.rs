@@ -9,14 +9,16 @@
 //! classified on a blocking task instead: a rebuild drops the old client, whose polling
 //! thread must not be the one dropping it.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::client::{Client as RdClient, ClientContext};
-use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{
     DeliveryResult, FutureProducer, Producer as _, ProducerContext, ThreadedProducer,
 };
+use rdkafka::statistics::Statistics;
 use reliable_core::{Completion, PublishError};
 
 use super::{Inner, KafkaTransport};
@@ -32,14 +34,61 @@ pub(super) struct Delivery {
     pub(super) size: usize,
 }
 
-/// The client context: answers the completion of each delivery report.
+/// The client context: answers the completion of each delivery report, and follows whether
+/// the client is connected.
 pub(super) struct Reports {
     link: Link,
     /// Where refusals that need the transport are classified.
     runtime: Option<tokio::runtime::Handle>,
+    /// [`UNKNOWN`], [`UP`] or [`DOWN`].
+    connection: AtomicU8,
 }
 
-impl ClientContext for Reports {}
+/// Nothing reported yet (no statistics, no delivery, no all-brokers-down error).
+const UNKNOWN: u8 = 0;
+/// A broker connection is up.
+const UP: u8 = 1;
+/// No broker connection is up.
+const DOWN: u8 = 2;
+
+impl Reports {
+    /// Whether the client is connected: see [`Transport::connected`](reliable_core::Transport::connected)
+    /// for the [`KafkaTransport`].
+    fn connected(&self) -> Option<bool> {
+        match self.connection.load(Ordering::Relaxed) {
+            UP => Some(true),
+            DOWN => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Whether any real broker connection (a configured bootstrap address or a broker learned from
+/// metadata; not librdkafka's internal or logical brokers) is up in `stats`.
+fn any_broker_up(stats: &Statistics) -> bool {
+    stats
+        .brokers
+        .values()
+        .any(|b| b.state == "UP" && (b.source == "learned" || b.source == "configured"))
+}
+
+impl ClientContext for Reports {
+    /// librdkafka's statistics (every `statistics.interval.ms`): up when any broker
+    /// connection is.
+    fn stats(&self, statistics: Statistics) {
+        let state = if any_broker_up(&statistics) { UP } else { DOWN };
+        self.connection.store(state, Ordering::Relaxed);
+    }
+
+    /// Logs client-level errors, as rdkafka's default does; all brokers down means not
+    /// connected until the next statistics or delivery say otherwise.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.connection.store(DOWN, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "librdkafka producer error; it reconnects on its own");
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = Box<Delivery>;
@@ -51,7 +100,11 @@ impl ProducerContext for Reports {
             size,
         } = *delivery;
         let error = match result {
-            Ok(_) => return done.complete(Ok(())),
+            Ok(_) => {
+                // A broker just acknowledged a record: connected.
+                self.connection.store(UP, Ordering::Relaxed);
+                return done.complete(Ok(()));
+            }
             Err((error, _)) => error,
         };
         let Some(inner) = self.link.get().and_then(Weak::upgrade) else {
@@ -96,6 +149,7 @@ impl Client {
         let context = Reports {
             link,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            connection: AtomicU8::new(UNKNOWN),
         };
         config.create_with_context(context).map(Self::Callback)
     }
@@ -111,6 +165,15 @@ impl Client {
         match self {
             Self::Callback(p) => p.in_flight_count(),
             Self::Future(p) => p.in_flight_count(),
+        }
+    }
+
+    /// Whether the client is connected; `None` for an application's producer, whose
+    /// context reports nothing to the transport.
+    pub(super) fn connected(&self) -> Option<bool> {
+        match self {
+            Self::Callback(p) => p.client().context().connected(),
+            Self::Future(_) => None,
         }
     }
 

@@ -45,6 +45,15 @@ impl Transport for KafkaTransport {
     async fn close(&self) {
         KafkaTransport::close(self).await;
     }
+
+    /// Whether any of the client's broker connections is up: from librdkafka's statistics
+    /// (every `statistics.interval.ms`, which the builder sets to 1 s unless the config sets
+    /// it), set to `false` at once by librdkafka's all-brokers-down error and to `true` by
+    /// each confirmed delivery. `None` until the first of these, and always for a transport
+    /// over an application's producer ([`KafkaTransport::from_producer`]).
+    fn connected(&self) -> Option<bool> {
+        self.current().1.connected()
+    }
 }
 
 impl KafkaTransport {
