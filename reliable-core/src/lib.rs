@@ -33,6 +33,8 @@ pub mod pipeline;
 pub mod producer;
 pub mod redact;
 mod stats;
+#[cfg(feature = "otel")]
+pub mod trace_context;
 pub mod transport;
 
 pub use message::{IdempotencyKey, Message, MessageId};

@@ -264,8 +264,8 @@ impl Producer {
     ///
     /// Fails at once with [`SendError::Closed`] after [`close`](Self::close), also when the
     /// close began while this send waited for window space.
-    pub async fn send(&self, msg: Message) -> Result<SendHandle, SendError> {
-        match self.admit(std::slice::from_ref(&msg)).await {
+    pub async fn send(&self, mut msg: Message) -> Result<SendHandle, SendError> {
+        match self.admit(std::slice::from_mut(&mut msg)).await {
             Ok(mut claims) => Ok(self.start_one(msg, claims.pop())),
             Err(refusal) => Err(refusal.hand_back(vec![msg]).error),
         }
@@ -280,11 +280,11 @@ impl Producer {
     /// Fails with [`SendError::BatchTooLarge`] when the batch exceeds the window, and with
     /// [`SendError::Closed`] after [`close`](Self::close), also when the close began while
     /// this batch waited for window space.
-    pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendHandle>, BatchError> {
+    pub async fn send_batch(&self, mut msgs: Vec<Message>) -> Result<Vec<SendHandle>, BatchError> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
-        let claims = match self.admit(&msgs).await {
+        let claims = match self.admit(&mut msgs).await {
             Ok(claims) => claims,
             Err(refusal) => return Err(refusal.hand_back(msgs)),
         };
@@ -298,7 +298,10 @@ impl Producer {
     /// Takes window space for all of `msgs` in one step and commits them to the outbox (if
     /// any): their claims in order, or why the batch is refused (nothing taken then). The
     /// window slots are forgotten here; the driver gives each back when its message settles.
-    async fn admit(&self, msgs: &[Message]) -> Result<Vec<Claim>, Refusal> {
+    /// With `otel`, first adds the caller's trace context (caller's task, before the outbox).
+    async fn admit(&self, msgs: &mut [Message]) -> Result<Vec<Claim>, Refusal> {
+        #[cfg(feature = "otel")]
+        crate::trace_context::inject_current_all(msgs);
         let size = msgs.len();
         let Some(needed) = u32::try_from(size)
             .ok()
@@ -348,12 +351,12 @@ impl Producer {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn send_many(&self, msgs: Vec<Message>) -> Result<BatchHandle, BatchError> {
+    pub async fn send_many(&self, mut msgs: Vec<Message>) -> Result<BatchHandle, BatchError> {
         let (handle, replies) = batch::batch(msgs.len());
         if msgs.is_empty() {
             return Ok(handle);
         }
-        let claims = match self.admit(&msgs).await {
+        let claims = match self.admit(&mut msgs).await {
             Ok(claims) => claims,
             Err(refusal) => return Err(refusal.hand_back(msgs)),
         };
