@@ -22,7 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
@@ -39,6 +39,9 @@ use reliable_test_support::{require, unique_name};
 #[allow(dead_code)] // `main` and the env parsing serve the example binary
 #[path = "../examples/graceful_shutdown.rs"]
 mod example;
+
+mod child;
+use child::Stop;
 
 /// The child's instructions: mode, queue and journal file, tab-separated.
 const CHILD_ENV: &str = "RELIABLE_GRACEFUL_CHILD";
@@ -60,23 +63,7 @@ const STOP_BOUND: Duration = Duration::from_secs(30);
 /// How long the broker may take to drop the child's consumer (and requeue what it held).
 const GONE_BOUND: Duration = Duration::from_secs(10);
 
-/// How the child stops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stop {
-    /// `reliable::shutdown_signal()`: SIGTERM starts the clean stop.
-    Signal,
-    /// The control: the service never listens for a signal, so SIGTERM kills it.
-    NoSignal,
-}
-
 impl Stop {
-    fn name(self) -> &'static str {
-        match self {
-            Stop::Signal => "signal",
-            Stop::NoSignal => "no-signal",
-        }
-    }
-
     /// The child's work per message.
     fn work(self) -> Duration {
         match self {
@@ -103,11 +90,7 @@ async fn child_consumer_process() {
     let [mode, queue, journal] = spec.split('\t').collect::<Vec<_>>()[..] else {
         panic!("bad {CHILD_ENV}: {spec}");
     };
-    let stop = if mode == Stop::Signal.name() {
-        Stop::Signal
-    } else {
-        Stop::NoSignal
-    };
+    let stop = Stop::from_name(mode);
     let service = example::Service {
         broker: example::Broker::RabbitMq {
             url: reliable_test_support::amqp_url().expect("RabbitMQ URL"),
@@ -229,14 +212,9 @@ impl Run {
         let journal = std::env::temp_dir().join(unique_name("graceful-journal"));
         let spec = [stop.name(), &queue, &journal.display().to_string()].join("\t");
         let spawned_at = Instant::now();
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "child_consumer_process", "--nocapture"])
-            .env(CHILD_ENV, spec)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("child started");
+        let mut child = child::spawn(CHILD_ENV, &spec);
         let Some((seen_before, looked_at)) =
-            wait_for_lines(&journal, stop.before_sigterm(), spawned_at, START_BOUND).await
+            child::wait_for_lines(&journal, stop.before_sigterm(), spawned_at, START_BOUND).await
         else {
             let _ = child.kill();
             panic!(
@@ -244,30 +222,9 @@ impl Run {
                 stop.before_sigterm()
             );
         };
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        let kill_lag = looked_at.elapsed();
-        assert!(killed.success(), "SIGTERM sent");
-        let sent_at = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("child status") {
-                break status;
-            }
-            if sent_at.elapsed() > STOP_BOUND {
-                let _ = child.kill();
-                panic!("the child did not stop within {STOP_BOUND:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let stop_took = sent_at.elapsed();
-        let applied = std::fs::read_to_string(&journal)
-            .expect("journal")
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let _ = std::fs::remove_file(&journal);
+        let stopped = child::terminate(&mut child, STOP_BOUND).await;
+        let kill_lag = stopped.sent_at.duration_since(looked_at);
+        let applied = child::take_journal(&journal);
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("connect");
@@ -280,8 +237,8 @@ impl Run {
             applied,
             seen_before,
             kill_lag,
-            status,
-            stop_took,
+            status: stopped.status,
+            stop_took: stopped.took,
         }
     }
 
@@ -379,29 +336,5 @@ impl Run {
             )
             .await;
         let _ = self.conn.close(200, "done".into()).await;
-    }
-}
-
-/// Waits until `path`, a journal still empty at `start`, has at least `lines` lines; then the
-/// count and the instant of the look before (the lines beyond that count were written after
-/// it). `None` if `bound` passes.
-async fn wait_for_lines(
-    path: &std::path::Path,
-    lines: usize,
-    start: Instant,
-    bound: Duration,
-) -> Option<(usize, Instant)> {
-    let mut before = (0, start);
-    loop {
-        let looked_at = Instant::now();
-        let now = std::fs::read_to_string(path).map_or(0, |s| s.lines().count());
-        if now >= lines {
-            return Some(before);
-        }
-        if start.elapsed() > bound {
-            return None;
-        }
-        before = (now, looked_at);
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

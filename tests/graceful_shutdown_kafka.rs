@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -34,6 +34,9 @@ use reliable_test_support::{kafka, require, unique_name, KafkaCluster};
 #[path = "../examples/graceful_shutdown.rs"]
 mod example;
 
+mod child;
+use child::Stop;
+
 /// The child's instructions: mode, bootstrap, topic, group and journal file, tab-separated.
 const CHILD_ENV: &str = "RELIABLE_GRACEFUL_KAFKA_CHILD";
 const RECORDS: usize = 400;
@@ -46,24 +49,6 @@ const START_BOUND: Duration = Duration::from_secs(60);
 const STOP_BOUND: Duration = Duration::from_secs(30);
 /// How long the second consumer may take to reach the end of every partition.
 const READ_BOUND: Duration = Duration::from_secs(30);
-
-/// How the child stops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stop {
-    /// `reliable::shutdown_signal()`: SIGTERM starts the clean stop.
-    Signal,
-    /// The control: the service never listens for a signal, so SIGTERM kills it.
-    NoSignal,
-}
-
-impl Stop {
-    fn name(self) -> &'static str {
-        match self {
-            Stop::Signal => "signal",
-            Stop::NoSignal => "no-signal",
-        }
-    }
-}
 
 /// The consumer process: does nothing unless started by the tests below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +68,7 @@ async fn child_consumer_process() {
         journal: Some(journal.into()),
         work: Duration::from_millis(25),
     };
-    let stats = if mode == Stop::Signal.name() {
+    let stats = if Stop::from_name(mode) == Stop::Signal {
         service.serve(reliable::shutdown_signal()).await
     } else {
         service.serve(std::future::pending()).await
@@ -188,16 +173,13 @@ impl Run {
             &journal.display().to_string(),
         ]
         .join("\t");
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "child_consumer_process", "--nocapture"])
-            .env(CHILD_ENV, spec)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("child started");
-        let applied_before = wait_for_lines(&journal, BEFORE_SIGTERM, START_BOUND).await;
-        if applied_before < BEFORE_SIGTERM {
+        let mut child = child::spawn(CHILD_ENV, &spec);
+        if child::wait_for_lines(&journal, BEFORE_SIGTERM, Instant::now(), START_BOUND)
+            .await
+            .is_none()
+        {
             let _ = child.kill();
-            panic!("the child applied {applied_before} records in {START_BOUND:?}");
+            panic!("the child applied fewer than {BEFORE_SIGTERM} records in {START_BOUND:?}");
         }
         // And a periodic commit has landed, so what the control shows is redelivery of the
         // records applied after a commit, not of a group that never committed.
@@ -210,35 +192,14 @@ impl Run {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(killed.success(), "SIGTERM sent");
-        let sent_at = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("child status") {
-                break status;
-            }
-            if sent_at.elapsed() > STOP_BOUND {
-                let _ = child.kill();
-                panic!("the child did not stop within {STOP_BOUND:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let stop_took = sent_at.elapsed();
-        let applied = std::fs::read_to_string(&journal)
-            .expect("journal")
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let _ = std::fs::remove_file(&journal);
+        let stopped = child::terminate(&mut child, STOP_BOUND).await;
+        let applied = child::take_journal(&journal);
         Run {
             topic,
             group,
             applied,
-            status,
-            stop_took,
+            status: stopped.status,
+            stop_took: stopped.took,
         }
     }
 
@@ -394,17 +355,5 @@ async fn read_rest(bootstrap: &str, run: &Run, reader: Reader) -> Rest {
     Rest {
         payloads,
         committed: GroupOffsets::new(bootstrap, &run.group, &run.topic).now(),
-    }
-}
-
-/// Waits until `path` has at least `lines` lines (or `bound` passes); the count then.
-async fn wait_for_lines(path: &std::path::Path, lines: usize, bound: Duration) -> usize {
-    let start = Instant::now();
-    loop {
-        let now = std::fs::read_to_string(path).map_or(0, |s| s.lines().count());
-        if now >= lines || start.elapsed() > bound {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

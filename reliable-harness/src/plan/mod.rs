@@ -70,8 +70,11 @@ pub enum Scenario {
     KafkaNemesis,
 }
 
-/// The fewest messages a nemesis run sends.
-const NEMESIS_MESSAGES: u64 = 24_000;
+/// The fewest messages a nemesis run sends: 128 s at the short mode's rate, so the producer is
+/// still sending when a long fault ends. A Kafka follower killed with -9 and restarted holds
+/// the partitions' high watermark (acks=all waits for every in-sync replica) until it leaves
+/// the ISR or catches up, up to about a minute here, and the paced producer sends on meanwhile.
+const NEMESIS_MESSAGES: u64 = 64_000;
 
 /// What a scenario's fault hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +187,7 @@ impl Scenario {
         }
     }
 
-    /// Messages of one run of this scenario: a nemesis run lasts long enough (at least 48 s
+    /// Messages of one run of this scenario: a nemesis run lasts long enough (at least 128 s
     /// at the short mode's rate) for its faults, back to back, to strike while the producer
     /// still sends.
     pub fn messages(self, sizes: &Sizes) -> u64 {
