@@ -19,8 +19,6 @@ use reliable::amqp::tls::TlsConfig;
 use reliable::amqp::{AmqpConsumer, AmqpError, AmqpPublisher, AmqpSettings};
 use reliable::core::producer::Producer;
 use reliable::core::{DeliverySource, Message};
-use reliable::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use reliable::kafka::rdkafka::client::DefaultClientContext;
 use reliable::kafka::rdkafka::ClientConfig;
 use reliable::kafka::{
     Error as KafkaError, KafkaConsumer, KafkaSecurity, KafkaTransport, Scram, SecurityError,
@@ -43,17 +41,7 @@ async fn create_topic(bootstrap: &str, security: &KafkaSecurity, topic: &str) {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);
     security.apply(&mut config);
-    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
-    let results = admin
-        .create_topics(
-            [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .expect("create_topics");
-    for result in results {
-        result.expect("topic created");
-    }
+    reliable_test_support::create_single_replica_topic(&config, topic).await;
 }
 
 /// Produces 5 messages through the SDK and consumes them back, both over `security`.

@@ -9,9 +9,8 @@
 //! made here have replication factor 1.
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use reliable_kafka::{KafkaSecurity, Scram};
@@ -70,17 +69,7 @@ async fn create_topic(bootstrap: &str, security: &KafkaSecurity, topic: &str) {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);
     security.apply(&mut config);
-    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
-    let results = admin
-        .create_topics(
-            [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .expect("create_topics");
-    for result in results {
-        result.expect("topic created");
-    }
+    reliable_test_support::create_single_replica_topic(&config, topic).await;
 }
 
 /// Deletes `topic` over `security` (errors ignored: cleanup).

@@ -143,6 +143,27 @@ impl KafkaCluster {
     }
 }
 
+/// Creates topic `name` with one partition and replication factor 1 through a client made
+/// from `config` (its `bootstrap.servers` and security settings), for one-broker clusters such
+/// as the TLS broker of `scripts/tls-brokers`. Panics, failing the test, when it cannot.
+pub async fn create_single_replica_topic(config: &ClientConfig, name: &str) {
+    let admin: AdminClient<DefaultClientContext> = config
+        .create()
+        .unwrap_or_else(|e| panic!("admin client: {e}"));
+    let created = admin
+        .create_topics(
+            [&NewTopic::new(name, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create_topics request for {name}: {e}"));
+    for result in created {
+        if let Err((topic, code)) = result {
+            panic!("creating topic {topic}: {code}");
+        }
+    }
+}
+
 /// A reachable Kafka cluster with at least `min_brokers` brokers registered.
 pub fn kafka(min_brokers: usize) -> Result<KafkaCluster, Missing> {
     let configured = std::env::var(KAFKA_BOOTSTRAP_ENV).ok();
