@@ -345,6 +345,18 @@ pub fn consumer_preset(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
     config
 }
 
+/// How often librdkafka reports its statistics when the config does not say: the freshness of
+/// the consumer's lag ([`KafkaConsumer::lag`](crate::KafkaConsumer::lag)) and of the
+/// producer's connection state ([`Transport::connected`](reliable_core::Transport::connected)).
+pub(crate) const STATISTICS_INTERVAL_MS: &str = "1000";
+
+/// Sets `statistics.interval.ms` to [`STATISTICS_INTERVAL_MS`] unless `config` sets it.
+pub(crate) fn enable_statistics(config: &mut ClientConfig) {
+    if config.get("statistics.interval.ms").is_none() {
+        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    }
+}
+
 /// Debug view of a [`ClientConfig`] with every secret masked (invariant 8): the values of
 /// secret settings (rdkafka's own `Debug` masks only a fixed list, not `ssl.key.pem` or
 /// `sasl.oauthbearer.config`), and credentials inside other values (a bootstrap list written

@@ -13,7 +13,7 @@ use reliable_core::offsets::OffsetTracker;
 use tokio::sync::Notify;
 
 use super::commit::PeriodicCommit;
-use super::lag::{self, LagBook};
+use super::lag::LagBook;
 use super::rebalance::ConsumerCtx;
 use super::{KafkaConsumer, Ordering, RawConsumer, Shared};
 use crate::config::{consumer_preset, harden_consumer_config, redact, RedactedConfig, Safety};
@@ -134,7 +134,7 @@ impl KafkaConsumerBuilder {
     pub async fn build(self) -> Result<KafkaConsumer, Error> {
         let mut config = self.config;
         harden_consumer_config(&mut config, &self.safety)?;
-        lag::enable_statistics(&mut config);
+        crate::config::enable_statistics(&mut config);
         if config.get("group.id").is_none() {
             return Err(Error::Client {
                 client: "consumer",

@@ -41,17 +41,6 @@ use reliable_core::metrics::CommitLagGauge;
 use reliable_core::transport::ConsumerLag;
 use reliable_core::TopicPartition;
 
-/// How often librdkafka reports its statistics when the config does not say: the freshness of
-/// the lag (and of the producer's connection state).
-pub(crate) const STATISTICS_INTERVAL_MS: &str = "1000";
-
-/// Sets `statistics.interval.ms` to [`STATISTICS_INTERVAL_MS`] unless `config` sets it.
-pub(crate) fn enable_statistics(config: &mut ClientConfig) {
-    if config.get("statistics.interval.ms").is_none() {
-        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
-    }
-}
-
 /// A live view of a [`KafkaConsumer`](super::KafkaConsumer)'s lag per owned partition; see
 /// the [module docs](self) for what is counted. Cheap to clone; stays readable after the
 /// consumer moved into a pipeline (and after it is dropped, then empty of news).

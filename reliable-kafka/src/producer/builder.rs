@@ -139,7 +139,7 @@ impl KafkaTransportBuilder {
             // The topic check names TLS and login failures; without it, this one request does.
             security::probe(&config).await?;
         }
-        crate::consumer::lag::enable_statistics(&mut config);
+        crate::config::enable_statistics(&mut config);
         let link = Link::default();
         let producer = Client::create(&config, Arc::clone(&link)).map_err(|e| Error::Client {
             client: "producer",
