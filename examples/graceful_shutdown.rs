@@ -239,10 +239,12 @@ impl Service {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let (consumer, producer) = (probe.health(), probed.health().await);
                 println!(
-                    "health: ready {} in progress {} last delivery {:?} ago; producer in flight {} oldest unconfirmed {:?}",
+                    "health: ready {} in progress {} last delivery {:?} ago lag {:?}; producer connected {:?} in flight {} oldest unconfirmed {:?}",
                     consumer.is_ready(),
                     consumer.in_progress,
                     consumer.last_delivery_age,
+                    consumer.lag,
+                    producer.connected,
                     producer.in_flight,
                     producer.oldest_unconfirmed_age,
                 );
