@@ -160,6 +160,15 @@ async fn every_confirmed_publish_survives_a_kill_9_and_restart_and_the_control_s
         .unwrap();
     drop(ch);
     drop(conn);
+    // Queues declared moments before a kill -9 can be missing or empty after the restart on
+    // RabbitMQ 3.10 (README, "Known broker limitation"); a clean restart writes their
+    // definitions, as a long-lived queue's are, so what the test counts is lost messages.
+    tokio::task::spawn_blocking(|| {
+        brokers("rabbit-stop");
+        brokers("rabbit-restart");
+    })
+    .await
+    .unwrap();
 
     let safe = Producer::new(
         AmqpPublisher::connect(&url, AmqpSettings::safe())
