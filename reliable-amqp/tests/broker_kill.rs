@@ -59,16 +59,11 @@ fn producer_config() -> ProducerConfig {
 
 /// Sends `MESSAGES` paced messages to `queue`; returns the ids whose send resolved Ok.
 fn stream(producer: Producer, queue: String) -> JoinHandle<(Vec<MessageId>, usize)> {
+    let sends = common::paced_sends(producer, queue, MESSAGES, PACE);
     tokio::spawn(async move {
-        let mut handles = Vec::with_capacity(MESSAGES);
-        for i in 0..MESSAGES {
-            let msg = Message::new(format!("m{i}").into_bytes()).with_routing_key(&queue);
-            handles.push(producer.send(msg).await.expect("producer open"));
-            tokio::time::sleep(PACE).await;
-        }
         let mut ok = Vec::new();
         let mut failed = 0;
-        for h in handles {
+        for h in sends.await.expect("sender") {
             match h.await {
                 Ok(c) => ok.push(c.id),
                 Err(_) => failed += 1,

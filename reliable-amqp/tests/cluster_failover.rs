@@ -161,18 +161,7 @@ async fn publish_across_a_node_loss(how: Loss) {
         },
     );
 
-    let sender = {
-        let (producer, queue) = (producer.clone(), queue.clone());
-        tokio::spawn(async move {
-            let mut handles = Vec::with_capacity(MESSAGES);
-            for i in 0..MESSAGES {
-                let msg = Message::new(format!("m{i}").into_bytes()).with_routing_key(&queue);
-                handles.push(producer.send(msg).await.expect("producer open"));
-                tokio::time::sleep(PACE).await;
-            }
-            handles
-        })
-    };
+    let sender = common::paced_sends(producer.clone(), queue.clone(), MESSAGES, PACE);
 
     tokio::time::sleep(Duration::from_millis(800)).await;
     let sent_before_loss = producer.stats().sent;

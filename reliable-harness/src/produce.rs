@@ -219,13 +219,17 @@ async fn build(
             } else {
                 KafkaTransport::builder(&args.brokers.kafka_bootstrap)
             };
-            // A partition outlasts any per-attempt timeout, so that run keeps the preset's
-            // timing: librdkafka owns each record (retrying in order) for the whole delivery
-            // deadline; a record it gave up on after a short timeout would be resent behind
-            // newer ones of its key.
+            // A broker fault (a leader killed and back, a partition) can outlast any
+            // per-attempt timeout, so those runs keep the preset's timing: librdkafka owns each
+            // record (retrying in order) for the whole delivery deadline; a record it gave up
+            // on after a short timeout would be resent behind newer ones of its key, which the
+            // order check counts.
             let preset_timing = matches!(
                 args.scenario,
-                Scenario::KafkaPartition | Scenario::KafkaClientPartition | Scenario::KafkaNemesis
+                Scenario::KafkaLeaderKill
+                    | Scenario::KafkaPartition
+                    | Scenario::KafkaClientPartition
+                    | Scenario::KafkaNemesis
             );
             let builder = builder.default_topic(spec);
             let builder = if preset_timing {

@@ -120,3 +120,23 @@ pub async fn read_back(
     let _ = ch.close(200, "read back".into()).await;
     copies
 }
+
+/// Sends `messages` messages (`m0`, `m1`, ...) to `queue`, one every `pace`, and returns their
+/// handles unresolved: the fault tests strike while this runs, then await each handle.
+pub fn paced_sends(
+    producer: reliable_core::producer::Producer,
+    queue: String,
+    messages: usize,
+    pace: Duration,
+) -> tokio::task::JoinHandle<Vec<reliable_core::producer::SendHandle>> {
+    tokio::spawn(async move {
+        let mut handles = Vec::with_capacity(messages);
+        for i in 0..messages {
+            let msg =
+                reliable_core::Message::new(format!("m{i}").into_bytes()).with_routing_key(&queue);
+            handles.push(producer.send(msg).await.expect("producer open"));
+            tokio::time::sleep(pace).await;
+        }
+        handles
+    })
+}

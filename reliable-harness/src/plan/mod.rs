@@ -366,7 +366,7 @@ pub fn describe(scenario: Scenario, variant: Variant) -> &'static str {
             "auto-ack into an in-memory buffer, no dedupe"
         }
         (Scenario::KafkaLeaderKill, Variant::Safe) => {
-            "RF 3, min.isr 2, acks=all + idempotence, manual commit, dedupe inbox"
+            "RF 3, min.isr 2, acks=all + idempotence (120 s delivery deadline), manual commit, dedupe inbox"
         }
         (Scenario::KafkaLeaderKill, Variant::Control) => "acks=1, no idempotence",
         (Scenario::KafkaConsumerKill, Variant::Safe) => {
