@@ -14,16 +14,7 @@ use reliable_amqp::{AmqpConsumer, AmqpPublisher};
 use reliable_core::{Delivery, DeliverySource, Message, Transport};
 use reliable_test_support::{require, unique_name};
 
-const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The next delivery, within 10 s.
-async fn next(consumer: &mut AmqpConsumer) -> Delivery {
-    tokio::time::timeout(NEXT_TIMEOUT, consumer.next())
-        .await
-        .expect("a delivery within 10 s")
-        .expect("consumer ok")
-        .expect("stream open")
-}
+use common::next;
 
 /// Whether a delivery arrives within `wait`.
 async fn anything_within(consumer: &mut AmqpConsumer, wait: Duration) -> Option<u32> {

@@ -18,8 +18,10 @@ use reliable_amqp::topology::{self, DeadLetterTarget, QueueSpec};
 use reliable_amqp::AmqpConsumer;
 use reliable_core::idempotency::InMemoryIdempotencyStore;
 use reliable_core::pipeline::{handler_fn, DeadLetter, DedupeLayer, HandlerBuilder, Pipeline};
-use reliable_core::{Delivery, DeliverySource, Message};
+use reliable_core::{DeliverySource, Message};
 use reliable_test_support::{require, unique_name};
+
+use common::next;
 
 /// Publishes `body` to `queue` as a plain lapin client would: persistent, no `message-id`,
 /// no SDK headers; `headers` become AMQP headers. Waits for the broker's confirm.
@@ -42,15 +44,6 @@ async fn publish_raw(ch: &Channel, queue: &str, body: &[u8], headers: &[(&str, &
     .expect("publish")
     .await
     .expect("confirm");
-}
-
-/// The next delivery, bounded.
-async fn next(consumer: &mut AmqpConsumer) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.next())
-        .await
-        .expect("a delivery within 10 s")
-        .expect("consume")
-        .expect("not closed")
 }
 
 /// A fresh quorum queue (its redeliveries carry `x-delivery-count`, which must not change the

@@ -10,8 +10,7 @@ use reliable_core::message::headers;
 use reliable_core::{DeliverySource, Message, Transport};
 use reliable_test_support::{require, unique_name};
 
-use crate::common;
-use crate::{next, NEXT_TIMEOUT};
+use crate::common::{self, next, NEXT_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumed_messages_are_acked_and_unacked_ones_come_back_redelivered() {

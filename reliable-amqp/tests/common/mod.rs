@@ -9,6 +9,20 @@ use reliable_amqp::lapin::options::{
 };
 use reliable_amqp::lapin::types::FieldTable;
 use reliable_amqp::lapin::{Channel, Connection, ConnectionProperties};
+use reliable_amqp::AmqpConsumer;
+use reliable_core::{Delivery, DeliverySource};
+
+/// How long a test waits for a delivery it expects.
+pub const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The next delivery from the SDK's consumer, within `NEXT_TIMEOUT`.
+pub async fn next(consumer: &mut AmqpConsumer) -> Delivery {
+    tokio::time::timeout(NEXT_TIMEOUT, consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("consumer ok")
+        .expect("stream open")
+}
 
 /// A connection and channel for test setup and inspection.
 pub async fn open(url: &str) -> (Connection, Channel) {
